@@ -1,0 +1,7 @@
+"""resnet_jax: the seed Keras ResNet v1 on CIFAR-10, reproduced in JAX/Flax."""
+
+from resnet_jax.config import Config, tiny
+from resnet_jax.errors import UserError
+from resnet_jax.models import ResNet
+from resnet_jax.optim import lr_for_epoch, make_optimizer, scale_by_keras_adam, schedule
+from resnet_jax.steps import TrainState, create_train_state, eval_step, l2_penalty, predict, train_step

@@ -1,0 +1,69 @@
+"""ResNet v1 of the seed run (Keras `cifar10_resnet.py`, stages 3, 3, 2) as a Flax linen Module."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+he_normal = nn.initializers.he_normal()  # truncated normal, fan_in, scale 2
+
+
+class Block(nn.Module):
+    """y = bn(conv(relu(bn(conv(x, s))))); x = conv1x1(x, s) when s > 1; out = relu(x + y)."""
+
+    filters: int
+    strides: int
+    conv: Any
+    norm: Any
+
+    @nn.compact
+    def __call__(self, x):
+        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), name="conv2")(y)
+        y = self.norm(name="bn2")(y)
+        if self.strides != 1 or x.shape[-1] != self.filters:
+            x = self.conv(self.filters, (1, 1), (self.strides, self.strides), name="proj")(x)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """`__call__(x, train) -> float32 logits`. Variables: {'params', 'batch_stats'}.
+
+    Any HxWxC input works: the head pools globally. `dtype` is the compute dtype; parameters and
+    batch statistics are float32.
+    """
+
+    stage_sizes: Sequence[int] = (3, 3, 2)
+    num_filters: int = 32
+    num_classes: int = 10
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        conv = functools.partial(nn.Conv, padding="SAME", use_bias=True, kernel_init=he_normal,
+                                 dtype=self.dtype, param_dtype=jnp.float32)
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                                 momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                                 dtype=self.dtype, param_dtype=jnp.float32)
+        x = jnp.asarray(x, self.dtype)
+        x = nn.relu(norm(name="bn_init")(conv(self.num_filters, (3, 3), name="conv_init")(x)))
+        for i, blocks in enumerate(self.stage_sizes):
+            for j in range(blocks):
+                strides = 2 if i > 0 and j == 0 else 1
+                x = Block(self.num_filters * 2**i, strides, conv, norm, name=f"stage{i + 1}_block{j + 1}")(x)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(self.num_classes, kernel_init=he_normal, dtype=self.dtype,
+                     param_dtype=jnp.float32, name="head")(x)
+        return jnp.asarray(x, jnp.float32)
+
+
+def from_config(config) -> ResNet:
+    return ResNet(stage_sizes=tuple(config.stage_sizes), num_filters=config.num_filters,
+                  num_classes=config.num_classes, dtype=jnp.dtype(config.dtype),
+                  bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon)

@@ -1,0 +1,65 @@
+"""Keras-form Adam and the seed's piecewise-constant learning rate, in optax terms."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class KerasAdamState(NamedTuple):
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7):
+    """Adam as Keras 2 computes it: epsilon is added to sqrt(v) *before* bias correction.
+
+        u = sqrt(1 - b2**t) / (1 - b1**t) * m / (sqrt(v) + eps)
+
+    which is optax's Adam with the time-varying epsilon eps / sqrt(1 - b2**t). The rate and its
+    sign come from a following `optax.scale_by_learning_rate`.
+    """
+
+    def init(params):
+        zeros = lambda p: jnp.zeros_like(p, jnp.float32)
+        return KerasAdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
+                              jax.tree.map(zeros, params))
+
+    def update(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
+        count = state.count + 1
+        t = count.astype(jnp.float32)
+        scale = jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        out = jax.tree.map(lambda m, v: scale * m / (jnp.sqrt(v) + eps), mu, nu)
+        return out, KerasAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def schedule(config, steps_per_epoch: int) -> optax.Schedule:
+    """Rate by step: constant within an epoch, scaled at the config's epoch boundaries."""
+    boundaries = {int(e) * steps_per_epoch: float(f)
+                  for e, f in zip(config.lr_epochs, config.lr_factors)}
+    return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+
+
+def lr_for_epoch(config, epoch: int) -> float:
+    """The rate of 1-based `epoch`, as the seed log prints it (`Learning rate: ...`)."""
+    rate = config.learning_rate
+    for boundary, factor in zip(config.lr_epochs, config.lr_factors):
+        if epoch > boundary:
+            rate *= factor
+    return rate
+
+
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    return optax.chain(
+        scale_by_keras_adam(config.adam_b1, config.adam_b2, config.adam_eps),
+        optax.scale_by_learning_rate(schedule(config, steps_per_epoch)),
+    )

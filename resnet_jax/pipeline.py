@@ -1,0 +1,123 @@
+"""The on-device input path: the whole dataset lives on the devices as uint8; each epoch is a
+fresh permutation, and each device call runs many train steps (lax.scan) with the augmentation
+inside jit. Evaluation is one device call over the padded, masked test set.
+
+Randomness: epoch e's key is fold_in(data_key, e), split into a permutation key and an
+augmentation key; step i of the epoch augments with fold_in(augmentation key, i). So the data of any step of any epoch can be
+recomputed from (data_key, epoch, step): a run resumed mid-epoch sees the same batches.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax import parallel
+from resnet_jax.augment import augment
+from resnet_jax.data import Dataset
+from resnet_jax.steps import eval_step, train_step
+
+
+class DeviceData(NamedTuple):
+    train_images: jax.Array  # uint8 (N, H, W, C), replicated
+    train_labels: jax.Array  # int32 (N,)
+    test_images: jax.Array  # uint8 (M', H, W, C), padded to a multiple of the eval batch
+    test_labels: jax.Array
+    test_weights: jax.Array  # float32 (M',): 1 for real rows, 0 for padding
+    pixel_mean: jax.Array  # float32 (H, W, C)
+
+
+def steps_per_epoch(num_train: int, batch_size: int) -> int:
+    """Full batches plus one partial batch if the data does not divide (kept, as Keras does)."""
+    return -(-num_train // batch_size)
+
+
+def eval_batch(config, mesh) -> int:
+    n = mesh.size
+    return -(-config.eval_batch_size // n) * n
+
+
+def to_device(dataset: Dataset, mean: np.ndarray, config, mesh) -> DeviceData:
+    """Place the dataset on every device, the test set padded for exact batched evaluation."""
+    b = eval_batch(config, mesh)
+    m = len(dataset.test_images)
+    pad = -m % b
+    test_images = np.concatenate([dataset.test_images,
+                                  np.zeros((pad,) + dataset.image_shape, np.uint8)])
+    test_labels = np.concatenate([dataset.test_labels, np.zeros(pad, np.int32)])
+    weights = np.concatenate([np.ones(m, np.float32), np.zeros(pad, np.float32)])
+    return DeviceData(*parallel.replicate(
+        (dataset.train_images, dataset.train_labels, test_images, test_labels, weights,
+         np.asarray(mean, np.float32)), mesh))
+
+
+def epoch_key(data_key: jax.Array, epoch: int) -> jax.Array:
+    return jax.random.fold_in(data_key, epoch)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def permutation(key: jax.Array, n: int) -> jax.Array:
+    return jax.random.permutation(jax.random.split(key)[0], n).astype(jnp.int32)
+
+
+def preprocess(images_u8, mean):
+    return images_u8.astype(jnp.float32) / 255.0 - mean
+
+
+def _train_chunk(state, data: DeviceData, perm, offset, step0, key, *, length, batch, mesh):
+    """`length` train steps of `batch` images from perm[offset:]; step i uses key fold_in(key, step0+i)."""
+    rows = jax.lax.dynamic_slice_in_dim(perm, offset, length * batch).reshape(length, batch)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.split(key)[1], step0 + jnp.arange(length))
+
+    def body(state, inputs):
+        idx, k = inputs
+        idx = parallel.constrain_batch(idx, mesh)
+        images = augment(k, preprocess(data.train_images[idx], data.pixel_mean), state.config)
+        return train_step(state, images, data.train_labels[idx])
+
+    return jax.lax.scan(body, state, (rows, keys))
+
+
+def make_train_chunk(mesh):
+    """jit of `_train_chunk` (state donated); returns (state, per-step metrics of shape [length])."""
+    return jax.jit(functools.partial(_train_chunk, mesh=mesh), static_argnames=("length", "batch"),
+                   donate_argnums=0)
+
+
+def _evaluate(state, data: DeviceData, *, batch, mesh):
+    def body(total, i):
+        sl = lambda a: parallel.constrain_batch(jax.lax.dynamic_slice_in_dim(a, i * batch, batch), mesh)
+        images = preprocess(sl(data.test_images), data.pixel_mean)
+        m = eval_step(state, images, sl(data.test_labels), sl(data.test_weights))
+        return jax.tree.map(jnp.add, total, m), None
+
+    zero = {"loss": jnp.float32(0), "correct": jnp.float32(0), "count": jnp.float32(0)}
+    total, _ = jax.lax.scan(body, zero, jnp.arange(data.test_labels.shape[0] // batch))
+    return total
+
+
+def make_evaluate(config, mesh):
+    """jit of the test-set evaluation: summed metrics over every real test image."""
+    return jax.jit(functools.partial(_evaluate, batch=eval_batch(config, mesh), mesh=mesh))
+
+
+def epoch_plan(num_train: int, batch_size: int, steps_per_call: int, start_step: int = 0):
+    """Device calls of one epoch as (offset, step0, length, batch), from `start_step` on.
+
+    Chunks are aligned to the epoch start (steps 0, K, 2K, ...), so a run resumed at a chunk
+    boundary makes the same calls as one that never stopped. The partial batch is its own call.
+    """
+    full = num_train // batch_size
+    calls = []
+    step = start_step
+    while step < full:
+        length = min(steps_per_call - step % steps_per_call, full - step)
+        calls.append((step * batch_size, step, length, batch_size))
+        step += length
+    if num_train % batch_size and start_step <= full:
+        calls.append((full * batch_size, full, 1, num_train % batch_size))
+    return calls

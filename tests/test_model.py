@@ -1,0 +1,118 @@
+"""The default model is the seed's: parameter counts and per-layer shapes of its summary."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import resnet_jax as rj
+
+# (kind, output shape, parameter count) of every Conv / BatchNorm / Dense layer in the seed's
+# Keras model summary, in its order (shared/seed/000_0413040105300225.txt).
+C, B = "conv", "bn"
+SEED = ([(C, (32, 32, 32), 896), (B, (32, 32, 32), 128)]
+        + [(C, (32, 32, 32), 9248), (B, (32, 32, 32), 128)] * 6
+        + [(C, (16, 16, 64), 18496), (B, (16, 16, 64), 256), (C, (16, 16, 64), 36928),
+           (C, (16, 16, 64), 2112), (B, (16, 16, 64), 256)]
+        + [(C, (16, 16, 64), 36928), (B, (16, 16, 64), 256)] * 4
+        + [(C, (8, 8, 128), 73856), (B, (8, 8, 128), 512), (C, (8, 8, 128), 147584),
+           (C, (8, 8, 128), 8320), (B, (8, 8, 128), 512)]
+        + [(C, (8, 8, 128), 147584), (B, (8, 8, 128), 512)] * 2
+        + [("dense", (10,), 1290)])
+
+
+def count(tree):
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+@pytest.fixture(scope="module")
+def seed_model():
+    model = rj.ResNet()
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, inter = model.apply(variables, x, train=False, capture_intermediates=True)
+    return variables, inter["intermediates"]
+
+
+def test_parameter_counts_match_seed(seed_model):
+    variables, _ = seed_model
+    assert set(variables) == {"params", "batch_stats"}
+    assert count(variables["params"]) == 790_090
+    assert count(variables["batch_stats"]) == 2_240
+    assert count(variables) == 792_330
+
+
+def keras_order(variables, inter):
+    """Our layers listed the way Keras summarises them (conv1, bn1, conv2, proj, bn2 per block)."""
+    params, stats = variables["params"], variables["batch_stats"]
+    rows = []
+
+    def conv(scope, name):
+        p = params[scope][name] if scope else params[name]
+        out = (inter[scope][name] if scope else inter[name])["__call__"][0]
+        rows.append((C, out.shape[1:], count(p)))
+
+    def bn(scope, name):
+        p = params[scope][name] if scope else params[name]
+        s = stats[scope][name] if scope else stats[name]
+        out = (inter[scope][name] if scope else inter[name])["__call__"][0]
+        rows.append((B, out.shape[1:], count(p) + count(s)))
+
+    conv(None, "conv_init"), bn(None, "bn_init")
+    blocks = sorted((k for k in params if k.startswith("stage")), key=lambda k: (k[5], int(k[12:])))
+    for blk in blocks:
+        conv(blk, "conv1"), bn(blk, "bn1"), conv(blk, "conv2")
+        if "proj" in params[blk]:
+            conv(blk, "proj")
+        bn(blk, "bn2")
+    rows.append(("dense", inter["head"]["__call__"][0].shape[1:], count(params["head"])))
+    return rows
+
+
+def test_layer_shapes_and_counts_match_seed_summary(seed_model):
+    assert keras_order(*seed_model) == SEED
+
+
+def test_three_three_three_is_the_larger_model():
+    v = rj.ResNet(stage_sizes=(3, 3, 3)).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    assert count(v) == 1_088_522
+
+
+def test_batchnorm_settings_and_initial_values(seed_model):
+    variables, _ = seed_model
+    bn = variables["batch_stats"]["bn_init"]
+    np.testing.assert_array_equal(bn["mean"], 0)
+    np.testing.assert_array_equal(bn["var"], 1)
+    np.testing.assert_array_equal(variables["params"]["bn_init"]["scale"], 1)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]):
+        if path[-1].key == "bias":
+            np.testing.assert_array_equal(leaf, 0)
+    model = rj.ResNet()
+    assert (model.bn_momentum, model.bn_epsilon) == (0.99, 1e-3)
+
+
+def test_kernels_are_he_normal():
+    """Truncated normal, fan_in, scale 2: std sqrt(2 / fan_in), nothing past 2 std."""
+    v = rj.ResNet().init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)
+    k = np.asarray(v["params"]["stage3_block2"]["conv1"]["kernel"])
+    std = np.sqrt(2 / (3 * 3 * 128))
+    assert abs(k.std() / std - 1) < 0.02
+    assert np.abs(k).max() <= 2 * std / 0.87962566 + 1e-6
+
+
+@pytest.mark.parametrize("shape", [(20, 28, 1), (32, 32, 3), (9, 9, 5)])
+def test_any_input_size_and_channels(shape):
+    model = rj.ResNet(stage_sizes=(1, 1), num_filters=4, num_classes=7)
+    x = jnp.ones((2,) + shape)
+    v = model.init(jax.random.key(0), x, train=False)
+    assert model.apply(v, x, train=False).shape == (2, 7)
+
+
+def test_bfloat16_compute_keeps_float32_variables():
+    model = rj.ResNet(stage_sizes=(1, 1), num_filters=4, dtype=jnp.bfloat16)
+    x = jnp.ones((2, 16, 16, 3))
+    v = model.init(jax.random.key(0), x, train=False)
+    assert {leaf.dtype for leaf in jax.tree.leaves(v)} == {jnp.dtype(jnp.float32)}
+    _, inter = model.apply(v, x, train=False, capture_intermediates=True)
+    assert inter["intermediates"]["conv_init"]["__call__"][0].dtype == jnp.bfloat16
+    assert model.apply(v, x, train=False).dtype == jnp.float32
