@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -38,7 +39,8 @@ def create_train_state(config: Config, rng: jax.Array, image_shape, steps_per_ep
     model = models.from_config(config)
     tx = optim.make_optimizer(config, steps_per_epoch)
 
-    @jax.jit
+    # Runs once: XLA's backend optimisations would cost seconds of compile for nothing.
+    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
     def init(rng):
         variables = model.init(rng, jnp.zeros((1,) + image_shape, jnp.float32), train=False)
         params = variables["params"]

@@ -1,0 +1,84 @@
+"""Keras-form Adam against its closed form, and the seed's learning rate for all 50 epochs."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import resnet_jax as rj
+
+# The seed log's "Learning rate:" line for each 1-based epoch.
+SEED_LR = {e: 1e-3 if e <= 26 else 1e-4 if e <= 36 else 1e-6 if e <= 46 else 5e-7 for e in range(1, 51)}
+
+
+def keras_adam_reference(grads, lr, b1=0.9, b2=0.999, eps=1e-7):
+    """RECIPE.md's closed form, in float64 numpy: the parameter change of each step."""
+    m = np.zeros_like(grads[0], np.float64)
+    v = np.zeros_like(m)
+    out = []
+    for t, g in enumerate(grads, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        out.append(-lr * np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps))
+    return out
+
+
+def run(tx, grads):
+    """The parameter change of each step (the updates optax.apply_updates adds)."""
+    params = jnp.zeros(grads[0].shape, jnp.float32)
+    state = tx.init(params)
+    out = []
+    for g in grads:
+        updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
+        out.append(np.asarray(updates))
+    return out
+
+
+def test_keras_adam_matches_closed_form():
+    rng = np.random.default_rng(0)
+    # Tiny gradients make epsilon matter: there Keras and optax disagree most.
+    grads = [rng.normal(size=(50,)) * s for s in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1, 1e-6, 3e-7)]
+    tx = optax.chain(rj.scale_by_keras_adam(), optax.scale_by_learning_rate(1e-3))
+    ours, ref = run(tx, grads), keras_adam_reference(grads, 1e-3)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=2e-6)
+    # ...where plain optax.adam(eps=1e-7) is visibly different during the first steps.
+    plain = run(optax.adam(1e-3, eps=1e-7), grads)
+    assert np.max(np.abs(plain[0] - ref[0]) / np.abs(ref[0])) > 1e-2
+
+
+def test_schedule_gives_seed_rate_for_every_epoch():
+    config, spe = rj.Config(), 1563
+    sched = rj.schedule(config, spe)
+    for epoch, lr in SEED_LR.items():
+        first, last = (epoch - 1) * spe, epoch * spe - 1
+        assert float(sched(first)) == pytest.approx(lr, rel=1e-6), epoch
+        assert float(sched(last)) == pytest.approx(lr, rel=1e-6), epoch
+        assert rj.lr_for_epoch(config, epoch) == pytest.approx(lr, rel=1e-12)
+        assert f"{rj.lr_for_epoch(config, epoch):g}" in ("0.001", "0.0001", "1e-06", "5e-07")
+
+
+@pytest.mark.parametrize("spe", [1, 7, 391])
+def test_schedule_boundaries_follow_steps_per_epoch(spe):
+    sched = rj.schedule(rj.Config(), spe)
+    for boundary, before, after in ((26, 1e-3, 1e-4), (36, 1e-4, 1e-6), (46, 1e-6, 5e-7)):
+        assert float(sched(boundary * spe - 1)) == pytest.approx(before, rel=1e-6)
+        assert float(sched(boundary * spe)) == pytest.approx(after, rel=1e-6)
+
+
+def test_optimizer_applies_schedule_per_step():
+    """make_optimizer = Keras Adam then the scheduled rate: step k uses the rate of its epoch."""
+    config = dataclasses.replace(rj.Config(), lr_epochs=(2,), lr_factors=(0.5,))
+    tx = rj.make_optimizer(config, steps_per_epoch=3)
+    unit = optax.chain(rj.scale_by_keras_adam(), optax.scale_by_learning_rate(1.0))
+    params = jnp.zeros(4)
+    state, unit_state = tx.init(params), unit.init(params)
+    for k in range(9):
+        g = jnp.full((4,), 0.1 * (k + 1))
+        u, state = tx.update(g, state, params)
+        ref, unit_state = unit.update(g, unit_state, params)
+        rate = 1e-3 if k < 6 else 5e-4
+        np.testing.assert_allclose(u, rate * ref, rtol=1e-6)
