@@ -68,9 +68,14 @@ def preprocess(images_u8, mean):
     return images_u8.astype(jnp.float32) / 255.0 - mean
 
 
+def chunk_rows(perm, offset, length: int, batch: int):
+    """Dataset indices of `length` consecutive batches starting at perm[offset]: (length, batch)."""
+    return jax.lax.dynamic_slice_in_dim(perm, offset, length * batch).reshape(length, batch)
+
+
 def _train_chunk(state, data: DeviceData, perm, offset, step0, key, *, length, batch, mesh):
     """`length` train steps of `batch` images from perm[offset:]; step i uses key fold_in(key, step0+i)."""
-    rows = jax.lax.dynamic_slice_in_dim(perm, offset, length * batch).reshape(length, batch)
+    rows = chunk_rows(perm, offset, length, batch)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.split(key)[1], step0 + jnp.arange(length))
 
     def body(state, inputs):

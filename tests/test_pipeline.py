@@ -1,0 +1,79 @@
+"""On-device input path: each image once per epoch, fresh orders, the partial batch kept, exact eval."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import resnet_jax as rj
+from resnet_jax import parallel, pipeline
+from conftest import random_dataset
+
+
+def test_seed_epoch_is_1563_steps_with_the_partial_batch_kept():
+    plan = pipeline.epoch_plan(50_000, 32, 100)
+    assert sum(length for _, _, length, _ in plan) == 1563
+    assert pipeline.steps_per_epoch(50_000, 32) == 1563
+    assert plan[-1] == (1562 * 32, 1562, 1, 16)
+    # contiguous: every call starts where the last ended
+    ends = [off + length * batch for off, _, length, batch in plan]
+    assert [off for off, *_ in plan[1:]] == ends[:-1] and ends[-1] == 50_000
+
+
+@pytest.mark.parametrize("start", [0, 100, 700, 1562])
+def test_resumed_plan_is_the_tail_of_the_full_plan(start):
+    full = pipeline.epoch_plan(50_000, 32, 100)
+    assert pipeline.epoch_plan(50_000, 32, 100, start) == [c for c in full if c[1] >= start]
+
+
+def test_every_image_once_per_epoch_in_a_fresh_order():
+    n, batch = 203, 16
+    orders = []
+    for epoch in range(3):
+        key = pipeline.epoch_key(jax.random.key(0), epoch)
+        perm = pipeline.permutation(key, n)
+        seen = np.concatenate([np.asarray(pipeline.chunk_rows(perm, off, length, b)).ravel()
+                               for off, _, length, b in pipeline.epoch_plan(n, batch, 5)])
+        assert sorted(seen) == list(range(n))
+        orders.append(seen)
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+
+
+def test_train_chunks_match_single_steps_on_the_same_batches(tiny_config):
+    """The scanned device path = gather + preprocess + augment + train_step, step by step."""
+    ds = random_dataset(n_train=40)
+    mean = rj.data.pixel_mean(ds.train_images)
+    mesh = parallel.make_mesh()
+    data = pipeline.to_device(ds, mean, tiny_config, mesh)
+    key = pipeline.epoch_key(jax.random.key(1), 0)
+    perm = pipeline.permutation(key, 40)
+    state = rj.create_train_state(tiny_config, jax.random.key(0), (32, 32, 3), 5)
+    chunk = pipeline.make_train_chunk(mesh)
+    s1, m1 = chunk(state, data, perm, 0, 0, key, length=3, batch=8)
+
+    state = rj.create_train_state(tiny_config, jax.random.key(0), (32, 32, 3), 5)
+    step = jax.jit(rj.train_step)
+    aug_key = jax.random.split(key)[1]
+    losses = []
+    for i in range(3):
+        idx = np.asarray(perm[i * 8:(i + 1) * 8])
+        x = (ds.train_images[idx].astype(np.float32) / 255 - mean)
+        x = rj.augment(jax.random.fold_in(aug_key, i), jnp.asarray(x), tiny_config)
+        state, m = step(state, x, ds.train_labels[idx])
+        losses.append(float(m["loss"]))
+    np.testing.assert_allclose(np.asarray(m1["loss"]), losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s1.params, state.params)
+
+
+def test_evaluation_is_exact_over_all_test_images(tiny_config):
+    ds = random_dataset(n_test=37)  # not a multiple of the eval batch (16): padded and masked
+    mean = rj.data.pixel_mean(ds.train_images)
+    mesh = parallel.make_mesh()
+    data = pipeline.to_device(ds, mean, tiny_config, mesh)
+    state = rj.create_train_state(tiny_config, jax.random.key(0), (32, 32, 3), 5)
+    got = jax.device_get(pipeline.make_evaluate(tiny_config, mesh)(state, data))
+    x = ds.test_images.astype(np.float32) / 255 - mean
+    ref = jax.device_get(rj.eval_step(state, jnp.asarray(x), ds.test_labels))
+    assert got["count"] == 37
+    assert got["correct"] == ref["correct"]
+    assert got["loss"] == pytest.approx(float(ref["loss"]), rel=1e-5)
