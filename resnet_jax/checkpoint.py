@@ -1,0 +1,106 @@
+"""Orbax checkpoints of a run: the latest states and the best one by val_acc, in one manager.
+
+Each checkpoint holds the state's arrays and a JSON `meta` record (epoch, step within the epoch,
+best so far, history, running sums of a half-done epoch). Epoch-end saves carry the metric
+`rank`: the epoch number when val_acc strictly improved, else -1. The preservation policy keeps
+the two latest checkpoints (a corrupt newest one falls back to the one before) plus the highest
+rank, which is the last strict improvement. Orbax writes to a temporary folder and renames it, so a
+kill at any moment leaves every finished checkpoint readable; nothing here ever deletes one
+except through that policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from resnet_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+FOLDER = "checkpoints"
+
+
+def arrays_of(state) -> dict:
+    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state, "pixel_mean": state.pixel_mean}
+
+
+class Checkpoints:
+    def __init__(self, workdir: str, read_only: bool = False):
+        self.path = os.path.join(os.path.abspath(workdir), FOLDER)
+        keep = policies.AnyPreservationPolicy([
+            policies.LatestN(n=2),
+            policies.BestN(get_metric_fn=lambda m: m["rank"], n=1,
+                           keep_checkpoints_without_metrics=False),
+        ])
+        # best_fn is needed too: without it orbax stores no metrics and BestN sees none.
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=keep, best_fn=lambda m: m["rank"], best_mode="max", enable_async_checkpointing=False, create=not read_only,
+            read_only=read_only, cleanup_tmp_directories=not read_only)
+        self.manager = ocp.CheckpointManager(self.path, options=options, item_names=("state", "meta"))
+
+    def steps(self):
+        return sorted(self.manager.all_steps())
+
+    def save(self, state, meta: dict, rank: Optional[int]):
+        """Save at the state's step; `rank` None for mid-epoch saves (not candidates for best)."""
+        step = int(jax.device_get(state.step))
+        if step in self.steps():
+            return
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(arrays_of(state)), meta=ocp.args.JsonSave(meta)),
+            metrics=None if rank is None else {"rank": rank}, force=True)
+        self.manager.wait_until_finished()
+
+    def best_step(self) -> Optional[int]:
+        ranked = []
+        for step in self.steps():
+            try:
+                metrics = self.manager.metrics(step)
+            except Exception:  # unreadable metrics: not a candidate
+                continue
+            if metrics and metrics.get("rank", -1) >= 0:
+                ranked.append((metrics["rank"], step))
+        return max(ranked)[1] if ranked else None
+
+    def restore(self, template, which: str = "latest"):
+        """(state, meta) from the chosen checkpoint, or None if there is none yet.
+
+        `latest` falls back to older checkpoints when the newest cannot be read (and says so);
+        `best` is the last epoch whose val_acc strictly improved.
+        """
+        if which == "best":
+            step = self.best_step()
+            candidates = [] if step is None else [step]
+        else:
+            candidates = self.steps()[::-1]
+        errors = []
+        for step in candidates:
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_abstract(arrays_of(template))),
+                    meta=ocp.args.JsonRestore()))
+            except Exception as e:  # corrupt or foreign: try the previous one, delete nothing
+                errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                log.warning("checkpoint at step %d is unreadable, trying an older one", step)
+                continue
+            if errors:
+                print(f"warning: skipped unreadable checkpoint(s) in {self.path}: {'; '.join(errors)}")
+            state = template.replace(**restored["state"])
+            return state, dict(restored["meta"])
+        if errors:
+            raise UserError(f"no readable checkpoint in {self.path} ({'; '.join(errors)}); "
+                            "nothing was deleted: move the folder away or use another --workdir")
+        return None
+
+    def close(self):
+        self.manager.close()
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

@@ -1,0 +1,101 @@
+"""The command line, generated from Config: one flag per field, spelled like the field."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import threading
+import typing
+
+from resnet_jax.config import Config
+from resnet_jax.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage too)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parse_tuple(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(v) for v in text.split(",") if v.strip() != "")
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}")
+    parse.__name__ = f"comma-separated {kind.__name__}s"
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="train.py", description="Train the seed ResNet (resnet_jax); every flag "
+                     "is a field of resnet_jax.Config, defaults are the seed recipe.",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--workdir", default="ckpt", help="checkpoints, metrics.jsonl, curves.png")
+    hints = typing.get_type_hints(Config)
+    for field in dataclasses.fields(Config):
+        hint, flag = hints[field.name], f"--{field.name}"
+        args = typing.get_args(hint)
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        elif typing.get_origin(hint) is tuple:
+            parser.add_argument(flag, type=_parse_tuple(args[0]), default=field.default,
+                                metavar=",".join(str(v) for v in field.default) or "A,B")
+        elif type(None) in args:  # Optional[str]
+            parser.add_argument(flag, type=args[0], default=field.default)
+        else:
+            parser.add_argument(flag, type=hint, default=field.default)
+    parser.add_argument("--eval_only", action="store_true",
+                        help="evaluate a saved checkpoint on the test set instead of training")
+    parser.add_argument("--which", choices=("best", "latest"), default=None,
+                        help="checkpoint for --eval_only (default best)")
+    parser.add_argument("--quiet", action="store_true", help="print only errors")
+    parser.add_argument("--verbose", type=int, default=None,
+                        help="0 silent, 1 epoch lines, 2 plus a progress bar on terminals (default 2)")
+    return parser
+
+
+def config_from_args(args) -> Config:
+    return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.which is not None and not args.eval_only:
+        parser.error("--which applies only with --eval_only")
+    if args.quiet and args.verbose:
+        parser.error("--quiet and --verbose contradict each other; pass one")
+    verbosity = 0 if args.quiet else (2 if args.verbose is None else args.verbose)
+    stop = threading.Event()
+    try:
+        config = config_from_args(args)
+        from resnet_jax import loop  # imports JAX: after the cheap checks
+
+        if args.eval_only:
+            loss, acc = loop.evaluate_checkpoint(args.workdir, args.which or "best",
+                                                 data_dir=args.data_dir)
+            print(f"Test loss: {loss}")
+            print(f"Test accuracy: {acc}")
+            return 0
+
+        def request_stop(signum, frame):
+            if stop.is_set():  # a second Ctrl-C: give up at once (checkpoints stay intact)
+                raise KeyboardInterrupt
+            stop.set()
+            print(f"\n{signal.Signals(signum).name}: saving the latest state after this device "
+                  "call...", file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        loop.train_and_evaluate(config, args.workdir, verbosity=verbosity, stop=stop)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - Interrupted and friends
+        if type(e).__name__ == "Interrupted":
+            print(str(e), file=sys.stderr)
+            return 130
+        raise

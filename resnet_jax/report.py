@@ -1,0 +1,90 @@
+"""What a run shows: Keras-style console lines, TensorBoard events and curves.png."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+
+class Console:
+    """Prints the seed log's story. verbosity 0: nothing; 1: epoch lines; 2: plus a progress bar.
+
+    The bar is drawn only on a terminal, updated once per device call.
+    """
+
+    def __init__(self, verbosity: int = 1, stream=None):
+        self.stream = stream or sys.stdout
+        self.verbosity = verbosity
+        self.bar = verbosity >= 2 and getattr(self.stream, "isatty", lambda: False)()
+
+    def line(self, text: str, level: int = 1):
+        if self.verbosity >= level:
+            print(text, file=self.stream, flush=True)
+
+    def progress(self, done: int, total: int, loss: float, acc: float, start: float):
+        if not self.bar:
+            return
+        width = 30
+        filled = int(width * done / total)
+        arrow = "=" * max(filled - 1, 0) + (">" if done < total else "=") if filled else ""
+        eta = (time.monotonic() - start) / max(done, 1) * (total - done)
+        print(f"\r{done}/{total} [{arrow:<{width}}] - ETA: {eta:.0f}s - loss: {loss:.4f} - acc: {acc:.4f}",
+              end="", file=self.stream, flush=True)
+
+    def end_bar(self):
+        if self.bar:
+            print("\r", end="", file=self.stream)
+
+
+def epoch_line(steps: int, rec: dict) -> str:
+    ms = 1000 * rec["seconds"] / max(steps, 1)
+    return (f"{steps}/{steps} [==============================] - {rec['seconds']:.0f}s {ms:.0f}ms/step"
+            f" - loss: {rec['loss']:.4f} - acc: {rec['acc']:.4f} - val_loss: {rec['val_loss']:.4f}"
+            f" - val_acc: {rec['val_acc']:.4f}")
+
+
+class TensorBoard:
+    """Per-epoch scalars as TensorBoard events under workdir/tensorboard (tensorboardX)."""
+
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, rec: dict):
+        for name in ("loss", "acc", "val_loss", "val_acc", "lr", "seconds"):
+            self.writer.add_scalar(name, rec[name], rec["epoch"])
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+def plot_curves(history, path: str, lr_epochs=()):
+    """Loss and accuracy, train vs val, by epoch; dotted lines where the rate changes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "loss", "loss (with L2)"), (axes[1], "acc", "accuracy")):
+        ax.plot(epochs, [r[key] for r in history], "o-", ms=3, label=f"train {key}")
+        ax.plot(epochs, [r["val_" + key] for r in history], "o-", ms=3, label=f"val {key}")
+        for i, boundary in enumerate(e for e in lr_epochs if epochs and e < epochs[-1]):
+            ax.axvline(boundary + 0.5, color="gray", ls=":", lw=1,
+                       label="learning rate drops" if i == 0 else None)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if history:
+        axes[1].set_title(f"accuracy (last val_acc {history[-1]['val_acc']:.4f}, "
+                          f"lr {history[-1]['lr']:g})")
+    fig.tight_layout()
+    tmp = os.path.join(os.path.dirname(path), ".tmp-curves.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)

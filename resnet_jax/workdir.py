@@ -1,0 +1,112 @@
+"""The work directory: its checks, its lock, run.json (config + shapes) and metrics.jsonl."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import tempfile
+
+from resnet_jax.config import MODEL_FIELDS, RUN_FIELDS, Config
+from resnet_jax.errors import UserError
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"
+
+
+def prepare(workdir: str) -> str:
+    """Create the workdir if needed and check that it is a writable directory."""
+    path = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"workdir {path} is a file, not a directory; pass another --workdir")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create workdir {path} ({e.strerror}); pass a writable --workdir") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"workdir {path} is not writable; pass a writable --workdir")
+    return path
+
+
+class Lock:
+    """One run per workdir: an flock on workdir/.lock, released by the kernel if the run dies."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise UserError(f"workdir {os.path.dirname(self.path)} is in use by a running training "
+                            f"(pid {holder}); wait for it or pass another --workdir") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing releases the flock
+
+
+def write_atomic(path: str, text: str):
+    """Write via a temporary file and rename: readers see the old or the new file, never half."""
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_run(workdir: str):
+    """(config, info) saved in workdir/run.json, or None for a new workdir."""
+    path = os.path.join(workdir, RUN_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        return Config.from_json(json.dumps(raw["config"])), raw
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is unreadable ({e}); it is not a resnet_jax run or was damaged. "
+                        "Use another --workdir (nothing was deleted)") from None
+
+
+def check_compatible(saved: Config, config: Config, workdir: str):
+    """Refuse to continue a run with other settings; `epochs` and data paths may change."""
+    diff = [f for f in RUN_FIELDS if getattr(saved, f) != getattr(config, f)]
+    if not diff:
+        return
+    what = ", ".join(f"{f} {getattr(saved, f)!r} (now {getattr(config, f)!r})" for f in diff)
+    kind = "a different model" if set(diff) & set(MODEL_FIELDS) else "different settings"
+    raise UserError(f"workdir {workdir} holds a run of {kind}: {what}; rerun with the same "
+                    "settings to resume, or pass another --workdir (nothing was deleted)")
+
+
+def write_run(workdir: str, config: Config, image_shape, steps_per_epoch: int, num_train: int):
+    info = {"config": dataclasses.asdict(config), "image_shape": list(image_shape),
+            "steps_per_epoch": steps_per_epoch, "num_train": num_train}
+    write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(info, indent=1))
+
+
+def rewrite_metrics(workdir: str, history):
+    """metrics.jsonl = the checkpointed history, one line per completed epoch (no duplicates)."""
+    write_atomic(os.path.join(workdir, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in history))
+
+
+def append_metrics(workdir: str, record: dict):
+    with open(os.path.join(workdir, METRICS_FILE), "a") as f:
+        f.write(json.dumps(record) + "\n")
