@@ -23,7 +23,8 @@ class Config:
     epochs: int = 50
     batch_size: int = 32  # global batch over all devices; the final partial batch is kept
     seed: int = 0  # init and data keys derive from it
-    steps_per_call: int = 100  # train steps per device call (lax.scan); metrics come back per call
+    steps_per_call: int = 100  # train steps per device call; metrics come back once per call
+    device_loop: str = "auto"  # scan | python | auto (scan on GPU/TPU, python on CPU; see pipeline)
     eval_batch_size: int = 1000  # exact over the whole test set (padded and masked)
     # Optimisation (resnet_jax.optim): Keras-form Adam, piecewise-constant rate.
     learning_rate: float = 1e-3
@@ -54,6 +55,8 @@ class Config:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
         if not self.stage_sizes or any(not isinstance(s, int) or s <= 0 for s in self.stage_sizes):
             raise UserError(f"stage_sizes must be positive integers like 3,3,2, got {self.stage_sizes!r}")
+        if self.device_loop not in ("auto", "scan", "python"):
+            raise UserError(f"device_loop must be auto, scan or python, got {self.device_loop!r}")
         if self.dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if unknown := set(self.l2_layers) - set(L2_LAYERS):
@@ -85,10 +88,10 @@ class Config:
 
 # Fields that change what a checkpoint holds or how the run unfolds; a saved run refuses to
 # resume with different values. Others (epochs, data_dir, steps_per_call, eval_batch_size) may
-# change between invocations without changing the numbers of the epochs already run.
+# change between invocations (so may device_loop) without changing the numbers of the epochs already run.
 MODEL_FIELDS = ("num_filters", "stage_sizes", "num_classes", "dtype")
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(Config)
-                   if f.name not in ("epochs", "data_dir", "steps_per_call", "eval_batch_size"))
+                   if f.name not in ("epochs", "data_dir", "steps_per_call", "device_loop", "eval_batch_size"))
 
 
 def tiny(**overrides) -> Config:

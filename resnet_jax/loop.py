@@ -108,7 +108,7 @@ def _train(config, path, dataset, mesh, spe, state, meta, ckpts, console, stop, 
     n = len(dataset.train_images)
     state = parallel.replicate(jax.device_get(state), mesh)
     data = pipeline.to_device(dataset, np.asarray(state.pixel_mean), config, mesh)
-    train_chunk = pipeline.make_train_chunk(mesh)
+    train_chunk = pipeline.make_train_chunk(mesh, config.device_loop)
     evaluate = pipeline.make_evaluate(config, mesh)
     tb = report.TensorBoard(path) if _is_primary() else None
     try:

@@ -1,0 +1,16 @@
+"""scikit-learn's digits as a small real dataset: 8x8 upsampled to 32x32x3 uint8."""
+
+import numpy as np
+
+import resnet_jax as rj
+
+
+def digits_dataset(n_test=360, seed=0):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.kron(d.images, np.ones((4, 4)))  # 8x8 -> 32x32, nearest
+    images = np.repeat((images * (255 / 16)).round().astype(np.uint8)[..., None], 3, axis=-1)
+    order = np.random.default_rng(seed).permutation(len(images))
+    test, train = order[:n_test], order[n_test:]
+    return rj.Dataset(images[train], d.target[train], images[test], d.target[test], num_classes=10)
