@@ -39,7 +39,8 @@ def test_every_image_once_per_epoch_in_a_fresh_order():
     assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
 
 
-def test_train_chunks_match_single_steps_on_the_same_batches(tiny_config):
+@pytest.mark.parametrize("loop", ["scan", "python"])
+def test_train_chunks_match_single_steps_on_the_same_batches(tiny_config, loop):
     """The scanned device path = gather + preprocess + augment + train_step, step by step."""
     ds = random_dataset(n_train=40)
     mean = rj.data.pixel_mean(ds.train_images)
@@ -48,7 +49,7 @@ def test_train_chunks_match_single_steps_on_the_same_batches(tiny_config):
     key = pipeline.epoch_key(jax.random.key(1), 0)
     perm = pipeline.permutation(key, 40)
     state = rj.create_train_state(tiny_config, jax.random.key(0), (32, 32, 3), 5)
-    chunk = pipeline.make_train_chunk(mesh)
+    chunk = pipeline.make_train_chunk(mesh, loop)
     s1, m1 = chunk(state, data, perm, 0, 0, key, length=3, batch=8)
 
     state = rj.create_train_state(tiny_config, jax.random.key(0), (32, 32, 3), 5)
@@ -65,7 +66,7 @@ def test_train_chunks_match_single_steps_on_the_same_batches(tiny_config):
     # Conv biases feeding a BatchNorm get float-noise gradients that Adam scales up: skip them.
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s1.params), jax.tree.leaves(state.params)):
         if not (path[-1].key == "bias" and path[-2].key in ("conv_init", "conv1", "conv2")):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  s1.batch_stats, state.batch_stats)
 
