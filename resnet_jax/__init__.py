@@ -11,3 +11,4 @@ from resnet_jax.errors import UserError
 from resnet_jax.models import ResNet
 from resnet_jax.optim import lr_for_epoch, make_optimizer, scale_by_keras_adam, schedule
 from resnet_jax.steps import TrainState, create_train_state, eval_step, l2_penalty, predict, train_step
+from resnet_jax.loop import evaluate_checkpoint, restore, train_and_evaluate

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import signal
 import sys
 import threading
@@ -28,31 +30,38 @@ def _parse_tuple(kind):
     return parse
 
 
+def _field_help() -> dict:
+    """Each Config field's trailing comment in config.py, as its --help text."""
+    source = inspect.getsource(Config)
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): [^#\n]*# (.*)$", source, re.M)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="train.py", description="Train the seed ResNet (resnet_jax); every flag "
                      "is a field of resnet_jax.Config, defaults are the seed recipe.",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--workdir", default="ckpt", help="checkpoints, metrics.jsonl, curves.png")
-    hints = typing.get_type_hints(Config)
+    hints, helps = typing.get_type_hints(Config), _field_help()
     for field in dataclasses.fields(Config):
         hint, flag = hints[field.name], f"--{field.name}"
         args = typing.get_args(hint)
+        kw = dict(default=field.default, help=helps.get(field.name, " "))
         if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(hint) is tuple:
-            parser.add_argument(flag, type=_parse_tuple(args[0]), default=field.default,
+            parser.add_argument(flag, type=_parse_tuple(args[0]), **kw,
                                 metavar=",".join(str(v) for v in field.default) or "A,B")
         elif type(None) in args:  # Optional[str]
-            parser.add_argument(flag, type=args[0], default=field.default)
+            parser.add_argument(flag, type=args[0], **kw)
         else:
-            parser.add_argument(flag, type=hint, default=field.default)
+            parser.add_argument(flag, type=hint, **kw)
     parser.add_argument("--eval_only", action="store_true",
                         help="evaluate a saved checkpoint on the test set instead of training")
     parser.add_argument("--which", choices=("best", "latest"), default=None,
                         help="checkpoint for --eval_only (default best)")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
-    parser.add_argument("--verbose", type=int, default=None,
-                        help="0 silent, 1 epoch lines, 2 plus a progress bar on terminals (default 2)")
+    parser.add_argument("--verbose", type=int, default=None, choices=(0, 1, 2),
+                        help="0 silent, 1 epoch lines, 2 plus a progress bar on terminals (default: 2)")
     return parser
 
 

@@ -20,18 +20,18 @@ class Config:
     dataset: str = "cifar10"  # cifar10 | cifar100 (tfds or official archive)
     data_dir: Optional[str] = None  # tfds data_dir, or a folder / archive in the official layout
     # Loop (resnet_jax.loop).
-    epochs: int = 50
+    epochs: int = 50  # passes over the training set
     batch_size: int = 32  # global batch over all devices; the final partial batch is kept
     seed: int = 0  # init and data keys derive from it
     steps_per_call: int = 100  # train steps per device call; metrics come back once per call
     device_loop: str = "auto"  # scan | python | auto (scan on GPU/TPU, python on CPU; see pipeline)
     eval_batch_size: int = 1000  # exact over the whole test set (padded and masked)
     # Optimisation (resnet_jax.optim): Keras-form Adam, piecewise-constant rate.
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # rate of the first epochs
     lr_epochs: tuple[int, ...] = (26, 36, 46)  # boundaries, in epochs
     lr_factors: tuple[float, ...] = (0.1, 0.01, 0.5)  # optax scales: each multiplies the rate so far
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
+    adam_b1: float = 0.9  # Adam first-moment decay
+    adam_b2: float = 0.999  # Adam second-moment decay
     adam_eps: float = 1e-7  # added to the uncorrected sqrt(v), as Keras does
     l2_weight: float = 1e-4  # weight * sum(kernel**2), inside the loss, no 0.5 factor
     l2_layers: tuple[str, ...] = ("conv",)  # which kernels it covers: conv and/or dense
@@ -39,11 +39,11 @@ class Config:
     shift_range: float = 0.1  # fraction of height / width; real-valued bilinear shift
     flip: bool = True  # left-right with p = 0.5
     # Model (resnet_jax.models).
-    num_filters: int = 32
-    stage_sizes: tuple[int, ...] = (3, 3, 2)
+    num_filters: int = 32  # width of the first stage; doubles per stage
+    stage_sizes: tuple[int, ...] = (3, 3, 2)  # residual blocks per stage
     num_classes: int = 10  # train_and_evaluate sets it from the dataset
-    bn_momentum: float = 0.99
-    bn_epsilon: float = 1e-3
+    bn_momentum: float = 0.99  # moving = momentum * moving + (1 - momentum) * batch
+    bn_epsilon: float = 1e-3  # Keras default (Flax: 1e-5)
     dtype: str = "float32"  # compute dtype; parameters, optimizer and BN statistics stay float32
 
     def __post_init__(self):

@@ -1,0 +1,42 @@
+"""Learning on real data: scikit-learn's digits through train_and_evaluate, restore and predict."""
+
+import re
+
+import numpy as np
+import pytest
+
+import resnet_jax as rj
+from digits import digits_dataset
+
+pytest.importorskip("sklearn")
+
+DIGITS = rj.Config(num_filters=8, stage_sizes=(1, 1, 1), epochs=16, flip=False, lr_epochs=(12,),
+                   lr_factors=(0.1,), steps_per_call=45)
+
+
+def test_digits_reach_95_percent_and_predict_agrees(tmp_path):
+    ds = digits_dataset()
+    state, history = rj.train_and_evaluate(DIGITS, str(tmp_path / "digits"), ds, verbosity=0)
+    assert history[-1]["val_acc"] >= 0.95, history
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    for which, expected in (("latest", history[-1]["val_acc"]), ("best", max(h["val_acc"] for h in history))):
+        restored = rj.restore(str(tmp_path / "digits"), which)
+        probs = rj.predict(restored, ds.test_images)
+        assert probs.shape == (len(ds.test_images), 10)
+        np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+        assert np.mean(probs.argmax(1) == ds.test_labels) == pytest.approx(expected)
+
+
+def test_readme_notebook_snippet_runs(tmp_path):
+    """The README's notebook snippet, with its data and workdir pointed at small local files."""
+    from cifar_files import write_cifar
+
+    write_cifar(tmp_path / "data", rows=(16, 16, 16, 16, 16), test_rows=16)
+    readme = open(__file__.rsplit("/tests/", 1)[0] + "/README.md").read()
+    code = re.search(r"<!-- notebook -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    code = code.replace('DATA_DIR = "~/data"', f'DATA_DIR = "{tmp_path / "data"}"')
+    code = code.replace('WORKDIR = "runs/notebook"', f'WORKDIR = "{tmp_path / "nb"}"')
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["probs"].shape == (8, 10)
+    assert len(scope["history"]) == scope["config"].epochs
