@@ -1,0 +1,93 @@
+"""Surviving preemption and mistakes: SIGTERM mid-epoch, NaN guard, one run per workdir, corrupt
+checkpoints."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+import resnet_jax as rj
+from test_train import ENV, ROOT, TINY, archive, full_run, metrics, train, without_seconds  # noqa: F401
+
+
+def start(workdir, archive, *extra):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--workdir", workdir, "--data_dir",
+           archive, *TINY, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for(predicate, seconds=300):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_mid_epoch_saves_and_resumes_exactly(full_run, archive, tmp_path):
+    _, reference = full_run
+    workdir = str(tmp_path / "w")
+    # steps_per_call 1: a device call per step, so the stop lands mid-epoch
+    proc = start(workdir, archive, "--epochs", "3", "--steps_per_call", "1")
+    assert wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+                    and len(metrics(workdir)) >= 1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Run the same command to resume" in err
+    resumed = train("--workdir", workdir, "--data_dir", archive, "--epochs", "3", *TINY,
+                    "--steps_per_call", "1").stdout
+    assert "Resuming" in resumed
+    assert without_seconds(metrics(workdir)) == without_seconds(metrics(reference))
+    a, b = rj.restore(workdir, "latest"), rj.restore(reference, "latest")
+    jax.tree.map(np.testing.assert_array_equal, (a.params, a.batch_stats), (b.params, b.batch_stats))
+
+
+def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_checkpoints(archive, tmp_path):
+    workdir = str(tmp_path / "w")
+    # epoch 1 is sane; from epoch 2 the rate is absurd
+    proc = train("--workdir", workdir, "--data_dir", archive, "--epochs", "3", "--lr_epochs", "1",
+                 "--lr_factors", "1e35", *TINY, check=False)
+    assert proc.returncode == 2
+    assert "at epoch 2, step" in proc.stderr and "last good checkpoint" in proc.stderr
+    assert len(metrics(workdir)) == 1
+    state = rj.restore(workdir, "best")
+    assert int(state.step) == 7
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+def test_one_run_per_workdir_and_no_stuck_lock(archive, tmp_path):
+    workdir = str(tmp_path / "w")
+    first = start(workdir, archive, "--epochs", "50")
+    lock = os.path.join(workdir, ".lock")
+    assert wait_for(lambda: os.path.exists(lock) and open(lock).read().strip() == str(first.pid))
+    second = train("--workdir", workdir, "--data_dir", archive, "--epochs", "50", *TINY, check=False)
+    assert second.returncode == 2 and f"in use by a running training (pid {first.pid})" in second.stderr
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    third = train("--workdir", workdir, "--data_dir", archive, "--epochs", "1", *TINY, check=False)
+    assert third.returncode == 0, third.stderr
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_keeps_best(full_run, archive, tmp_path):
+    import shutil
+
+    _, reference = full_run
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference, workdir)
+    ckdir = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(s) for s in os.listdir(ckdir) if s.isdigit())
+    latest = os.path.join(ckdir, str(steps[-1]), "state")
+    for root, _, files in os.walk(latest):
+        for f in files:
+            open(os.path.join(root, f), "wb").close()  # emptied: unreadable
+    out = train("--workdir", workdir, "--data_dir", archive, "--eval_only", "--which", "latest")
+    assert "skipped unreadable checkpoint" in out.stdout
+    assert sorted(int(s) for s in os.listdir(ckdir) if s.isdigit()) == steps  # nothing deleted
+    rj.restore(workdir, "best")  # still readable
