@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--which", choices=("best", "latest"), default=None,
                         help="checkpoint for --eval_only (default best)")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
+    multi = parser.add_argument_group("many hosts (jax.distributed; see README)")
+    multi.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run; with no other flag JAX detects the cluster "
+                       "(SLURM, Open MPI, TPU, Kubernetes)")
+    multi.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    multi.add_argument("--num_processes", type=int, default=None)
+    multi.add_argument("--process_id", type=int, default=None)
+    multi.add_argument("--init_timeout", type=int, default=120,
+                       help="seconds to wait for all processes to join")
     parser.add_argument("--verbose", type=int, default=None, choices=(0, 1, 2),
                         help="0 silent, 1 epoch lines, 2 plus a progress bar on terminals (default: 2)")
     return parser
@@ -80,6 +89,11 @@ def main(argv=None) -> int:
     stop = threading.Event()
     try:
         config = config_from_args(args)
+        if args.distributed or args.coordinator_address or args.num_processes or args.process_id is not None:
+            from resnet_jax import distributed
+
+            distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                                   args.init_timeout)
         from resnet_jax import loop  # imports JAX: after the cheap checks
 
         if args.eval_only:

@@ -49,7 +49,7 @@ def train_and_evaluate(config: Config, workdir: str, dataset: Optional[Dataset] 
     ends the run after the current device call with the state saved (raises Interrupted).
     """
     path = wd.prepare(workdir)
-    with wd.Lock(path):
+    with wd.Lock(path, enabled=_is_primary()):  # one lock per run, held by process 0
         return _run(config, path, dataset, report.Console(verbosity if _is_primary() else 0),
                     stop or threading.Event())
 

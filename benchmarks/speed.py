@@ -1,0 +1,117 @@
+"""Training and evaluation speed of resnet_jax on this machine's devices, optionally side by side
+with the Keras original (benchmarks/keras_baseline.py) in the same run.
+
+    python benchmarks/speed.py [--batch_size 32] [--num_filters 32] [--stage_sizes 3,3,2]
+                               [--dtype float32] [--steps 40] [--keras]
+
+Prints one JSON line: train_images_per_s (on-device input path + train step, steady state),
+eval_images_per_s, compile_s, tflops (achieved, from an analytic FLOP count: 2 x MACs of every conv
+and the dense layer, x3 for forward + backward), device kind and count; with --keras also the
+Keras figure and the ratio.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import resnet_jax as rj
+from resnet_jax import parallel, pipeline
+
+
+def forward_flops(config, image_shape) -> float:
+    """2 x multiply-adds per image of every conv and the dense layer, from the traced shapes."""
+    model = rj.models.from_config(config)
+    x = jnp.zeros((1,) + tuple(image_shape))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    _, inter = jax.eval_shape(lambda v: model.apply(v, x, train=False, capture_intermediates=True), variables)
+    flops = 0.0
+    params = variables["params"]
+
+    def walk(p, i):
+        nonlocal flops
+        for name, sub in p.items():
+            if "kernel" in sub:
+                out = i[name]["__call__"][0].shape  # (1, H, W, C) or (1, C)
+                k = sub["kernel"].shape
+                flops += 2 * np.prod(out[1:-1] or (1,)) * np.prod(k)
+            else:
+                walk(sub, i[name])
+
+    walk(params, inter["intermediates"])
+    return float(flops)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--num_filters", type=int, default=32)
+    p.add_argument("--stage_sizes", default="3,3,2")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--steps", type=int, default=40, help="train steps timed (after a warm-up call)")
+    p.add_argument("--device_loop", default="auto")
+    p.add_argument("--keras", action="store_true", help="also run benchmarks/keras_baseline.py")
+    a = p.parse_args()
+    stages = tuple(int(s) for s in a.stage_sizes.split(","))
+    config = rj.Config(batch_size=a.batch_size, num_filters=a.num_filters, stage_sizes=stages,
+                       dtype=a.dtype, steps_per_call=a.steps, device_loop=a.device_loop)
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.batch_size, mesh)
+    n_train, n_test = 50_000, 10_000
+    rng = np.random.default_rng(0)
+    ds = rj.Dataset(rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n_train),
+                    rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n_test))
+    data = pipeline.to_device(ds, rj.data.pixel_mean(ds.train_images), config, mesh)
+    state = parallel.replicate(jax.device_get(
+        rj.create_train_state(config, jax.random.key(0), (32, 32, 3), 1563)), mesh)
+    key = pipeline.epoch_key(jax.random.key(1), 0)
+    perm = pipeline.permutation(key, n_train)
+    chunk = pipeline.make_train_chunk(mesh, config.device_loop)
+    evaluate = pipeline.make_evaluate(config, mesh)
+
+    start = time.perf_counter()
+    state, m = chunk(state, data, perm, 0, 0, key, length=a.steps, batch=a.batch_size)
+    jax.block_until_ready(m)
+    first_call = time.perf_counter() - start
+    start = time.perf_counter()
+    state, m = chunk(state, data, perm, a.steps * a.batch_size, a.steps, key, length=a.steps,
+                     batch=a.batch_size)
+    jax.block_until_ready(m)
+    train_s = time.perf_counter() - start
+    compile_s = max(first_call - train_s, 0.0)
+    jax.block_until_ready(evaluate(state, data))
+    start = time.perf_counter()
+    jax.block_until_ready(evaluate(state, data))
+    eval_s = time.perf_counter() - start
+
+    images_per_s = a.steps * a.batch_size / train_s
+    flops = 3 * forward_flops(config, (32, 32, 3))
+    result = {
+        "device": jax.devices()[0].device_kind, "devices": mesh.size, "batch_size": a.batch_size,
+        "model": f"{a.num_filters}x{a.stage_sizes}", "dtype": a.dtype,
+        "device_loop": config.device_loop, "train_images_per_s": round(images_per_s, 1),
+        "eval_images_per_s": round(n_test / eval_s, 1), "compile_s": round(compile_s, 2),
+        "tflops": round(flops * images_per_s / 1e12, 4),
+        "epoch_s_at_this_speed": round(n_train / images_per_s, 1)}
+    if a.keras:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run([sys.executable, os.path.join(here, "keras_baseline.py"),
+                              "--batch_size", str(a.batch_size), "--num_filters", str(a.num_filters),
+                              "--stage_sizes", a.stage_sizes], capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"keras baseline failed: {out.stderr.strip().splitlines()[-1:]}")
+        keras = json.loads(out.stdout.strip().splitlines()[-1])
+        result["keras_train_images_per_s"] = keras["train_images_per_s"]
+        result["keras"] = keras["framework"]
+        result["speedup_vs_keras"] = round(images_per_s / keras["train_images_per_s"], 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
