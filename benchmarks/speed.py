@@ -37,6 +37,8 @@ def forward_flops(config, image_shape) -> float:
     def walk(p, i):
         nonlocal flops
         for name, sub in p.items():
+            if not isinstance(sub, dict):
+                continue
             if "kernel" in sub:
                 out = i[name]["__call__"][0].shape  # (1, H, W, C) or (1, C)
                 k = sub["kernel"].shape

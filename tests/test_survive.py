@@ -91,3 +91,43 @@ def test_corrupt_latest_checkpoint_falls_back_and_keeps_best(full_run, archive, 
     assert "skipped unreadable checkpoint" in out.stdout
     assert sorted(int(s) for s in os.listdir(ckdir) if s.isdigit()) == steps  # nothing deleted
     rj.restore(workdir, "best")  # still readable
+
+
+def test_sigkill_at_random_moments_never_loses_the_run(archive, tmp_path):
+    """10 seeded SIGKILLs (some timed to land inside a checkpoint save), a restart after each;
+    the finished run equals an uninterrupted one bit for bit and the best checkpoint always reads."""
+    import random
+
+    reference = str(tmp_path / "ref")
+    epochs = "25"
+    train("--workdir", reference, "--data_dir", archive, "--epochs", epochs, *TINY)
+    workdir = str(tmp_path / "w")
+    ckdir = os.path.join(workdir, "checkpoints")
+    rng = random.Random(1234)
+    kills, during_save = 0, 0
+    for i in range(20):
+        if kills == 10:
+            break
+        proc = start(workdir, archive, "--epochs", epochs)
+        if i % 3 == 0:  # aim for a save: kill as soon as orbax's temporary folder appears
+            hit = wait_for(lambda: os.path.isdir(ckdir) and any(
+                "tmp" in n for n in os.listdir(ckdir)), seconds=60)
+            during_save += hit
+        else:
+            time.sleep(rng.uniform(2.0, 9.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if os.path.isdir(ckdir) and any(n.isdigit() for n in os.listdir(ckdir)):
+            state = rj.restore(workdir, "best")  # always readable
+            assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+    print(f"{kills} kills, {during_save} timed to a checkpoint save")
+    assert kills == 10 and during_save >= 1
+    train("--workdir", workdir, "--data_dir", archive, "--epochs", epochs, *TINY)
+    assert without_seconds(metrics(workdir)) == without_seconds(metrics(reference))
+    a, b = rj.restore(workdir, "latest"), rj.restore(reference, "latest")
+    jax.tree.map(np.testing.assert_array_equal, (a.params, a.batch_stats, a.opt_state),
+                 (b.params, b.batch_stats, b.opt_state))
+    a, b = rj.restore(workdir, "best"), rj.restore(reference, "best")
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
