@@ -78,7 +78,18 @@ def config_from_args(args) -> Config:
     return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
 
+def _quiet_tensorflow():
+    """The console is ours: no TensorFlow / tfds start-up chatter on stderr (tfds only reads)."""
+    import logging
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 def main(argv=None) -> int:
+    _quiet_tensorflow()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.which is not None and not args.eval_only:
@@ -115,7 +126,7 @@ def main(argv=None) -> int:
         loop.train_and_evaluate(config, args.workdir, verbosity=verbosity, stop=stop)
         return 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - Interrupted and friends
         if type(e).__name__ == "Interrupted":

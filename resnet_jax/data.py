@@ -159,8 +159,9 @@ def _read_members(path: str, names) -> dict:
                 if member.isfile() and base in names:
                     out[base] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise UserError(f"{path} is truncated or not a CIFAR tar.gz archive ({e}); download it again"
-                        ) from None
+        reason = str(e).splitlines()[0].rstrip(":")
+        raise UserError(f"{path} is truncated or not a CIFAR tar.gz archive ({reason}); download it "
+                        "again") from None
     return out
 
 
@@ -196,6 +197,7 @@ def _reachable(address, timeout: float = 5.0) -> bool:
 
 def _tfds():
     """tensorflow_datasets with TensorFlow kept off every GPU (JAX owns the accelerators)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")

@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import pytest
 import numpy as np
 
 import resnet_jax as rj
@@ -131,3 +132,75 @@ def test_sigkill_at_random_moments_never_loses_the_run(archive, tmp_path):
                  (b.params, b.batch_stats, b.opt_state))
     a, b = rj.restore(workdir, "best"), rj.restore(reference, "best")
     jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+
+
+def _archive_with(tmp_path, mutate):
+    """A small extracted cifar10 folder whose first batch is rewritten by `mutate(dict)`."""
+    import pickle
+
+    from cifar_files import write_cifar
+
+    folder, _ = write_cifar(tmp_path / "data", rows=(20,), test_rows=10, tar=False)
+    path = os.path.join(folder, "data_batch_1")
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    with open(path, "wb") as f:
+        f.write(pickle.dumps(mutate(batch), protocol=2))
+    return folder
+
+
+def _bad_data(kind, tmp_path):
+    from cifar_files import write_cifar
+
+    if kind == "missing":
+        return str(tmp_path / "nowhere"), "does not exist"
+    if kind == "empty":
+        p = tmp_path / "cifar-10-python.tar.gz"
+        p.write_bytes(b"")
+        return str(p), "truncated or not a CIFAR tar.gz"
+    if kind == "truncated":
+        path, _ = write_cifar(tmp_path)
+        raw = open(path, "rb").read()
+        open(path, "wb").write(raw[:2000])
+        return path, "truncated or not a CIFAR tar.gz"
+    if kind == "foreign":
+        import tarfile
+
+        p = tmp_path / "cifar-10-python.tar.gz"
+        with tarfile.open(p, "w:gz") as t:
+            t.add(__file__, arcname="something/else.py")
+        return str(p), "not a complete cifar10 archive"
+    if kind == "wrong pickle":
+        return _archive_with(tmp_path, lambda b: {b"pixels": b[b"data"]}), "lacks the 'data' and 'labels'"
+    if kind == "labels out of range":
+        return _archive_with(tmp_path, lambda b: {**b, b"labels": [12] * 20}), r"labels must be in [0, 10)"
+    if kind == "mismatched lengths":
+        return _archive_with(tmp_path, lambda b: {**b, b"labels": [1] * 7}), "7 labels for 20 images"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "foreign", "wrong pickle",
+                                  "labels out of range", "mismatched lengths"])
+def test_bad_data_through_the_command_line(kind, tmp_path):
+    data_dir, message = _bad_data(kind, tmp_path)
+    workdir = tmp_path / "w"
+    proc = train("--workdir", str(workdir), "--data_dir", data_dir, *TINY, check=False)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (workdir / "checkpoints").exists()
+
+
+def test_offline_tfds_through_the_command_line(tmp_path):
+    """train.py's main with the network cut (socket patched in the child, no traffic sent)."""
+    code = ("import socket, sys\n"
+            "def cut(*a, **k): raise OSError('network is unreachable')\n"
+            "socket.create_connection = cut\n"
+            "from resnet_jax.cli import main\n"
+            f"sys.exit(main(['--workdir', {str(tmp_path / 'w')!r}, '--data_dir', {str(tmp_path)!r}]))\n")
+    start_time = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "cifar-10-python.tar.gz" in lines[0] and "TFDS_DATA_DIR" in lines[0], proc.stderr
+    assert time.monotonic() - start_time < 60  # imports included; the network wait itself is none
