@@ -32,7 +32,9 @@ def main():
     p.add_argument("--num_filters", type=int, default=32)
     p.add_argument("--stage_sizes", default="3,3,2")
     p.add_argument("--num_train", type=int, default=50_000)
+    p.add_argument("--cpu_devices", default="1", help="as train.py; 1 compares the step alone")
     a = p.parse_args()
+    parallel.configure_cpu_devices(a.cpu_devices, a.batch_size)
     config = rj.Config(batch_size=a.batch_size, num_filters=a.num_filters,
                        stage_sizes=tuple(int(s) for s in a.stage_sizes.split(",")), steps_per_call=a.steps)
     rng = np.random.default_rng(0)

@@ -59,7 +59,9 @@ def main():
     p.add_argument("--steps", type=int, default=40, help="train steps timed (after a warm-up call)")
     p.add_argument("--device_loop", default="auto")
     p.add_argument("--keras", action="store_true", help="also run benchmarks/keras_baseline.py")
+    p.add_argument("--cpu_devices", default="auto", help="as train.py: CPU split into per-core devices")
     a = p.parse_args()
+    parallel.configure_cpu_devices(a.cpu_devices, a.batch_size)
     stages = tuple(int(s) for s in a.stage_sizes.split(","))
     config = rj.Config(batch_size=a.batch_size, num_filters=a.num_filters, stage_sizes=stages,
                        dtype=a.dtype, steps_per_call=a.steps, device_loop=a.device_loop)

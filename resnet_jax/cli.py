@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     multi.add_argument("--process_id", type=int, default=None)
     multi.add_argument("--init_timeout", type=int, default=120,
                        help="seconds to wait for all processes to join")
+    multi.add_argument("--cpu_devices", default="auto",
+                       help="CPU only: JAX devices to split the CPU into (data parallel over cores); "
+                       "auto: one per core, a divisor of --batch_size")
     parser.add_argument("--verbose", type=int, default=None, choices=(0, 1, 2),
                         help="0 silent, 1 epoch lines, 2 plus a progress bar on terminals (default: 2)")
     return parser
@@ -100,6 +103,9 @@ def main(argv=None) -> int:
     stop = threading.Event()
     try:
         config = config_from_args(args)
+        from resnet_jax import parallel  # imports JAX, before any device is touched
+
+        parallel.configure_cpu_devices(args.cpu_devices, config.batch_size)
         if args.distributed or args.coordinator_address or args.num_processes or args.process_id is not None:
             from resnet_jax import distributed
 

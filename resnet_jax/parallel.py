@@ -11,6 +11,33 @@ from resnet_jax.errors import UserError
 AXIS = "data"
 
 
+def configure_cpu_devices(setting, batch_size: int) -> int | None:
+    """Split the CPU into several JAX devices, one per core, before JAX starts its backends.
+
+    XLA:CPU runs many of a step's ops on one thread; data parallelism over per-core CPU devices
+    keeps every core busy (seed model on 2 cores: 91 -> 133 images/s, README "Speed"). `setting`
+    is "auto" (the largest divisor of batch_size not above the core count) or a number. A count
+    already set through XLA_FLAGS or JAX_NUM_CPU_DEVICES wins. GPUs and TPUs are unaffected.
+    """
+    import os
+
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or \
+            os.environ.get("JAX_NUM_CPU_DEVICES"):
+        return None
+    if setting == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        n = max(d for d in range(1, max(cores or 1, 1) + 1) if batch_size % d == 0)
+    else:
+        try:
+            n = int(setting)
+        except ValueError:
+            n = 0
+        if n <= 0:
+            raise UserError(f"cpu_devices must be 'auto' or a positive integer, got {setting!r}")
+    jax.config.update("jax_num_cpu_devices", n)
+    return n
+
+
 def make_mesh(devices=None) -> Mesh:
     """A 1-D mesh named 'data' over all devices of all processes (or the given ones)."""
     devices = jax.devices() if devices is None else list(devices)
