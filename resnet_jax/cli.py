@@ -12,7 +12,7 @@ import threading
 import typing
 
 from resnet_jax.config import Config
-from resnet_jax.errors import UserError
+from resnet_jax.errors import Interrupted, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,8 +134,6 @@ def main(argv=None) -> int:
     except UserError as e:
         print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - Interrupted and friends
-        if type(e).__name__ == "Interrupted":
-            print(str(e), file=sys.stderr)
-            return 130
-        raise
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130

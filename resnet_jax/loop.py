@@ -14,13 +14,9 @@ import numpy as np
 from resnet_jax import checkpoint, parallel, pipeline, report, workdir as wd
 from resnet_jax.config import Config
 from resnet_jax.data import Dataset, load_dataset, pixel_mean
-from resnet_jax.errors import UserError
+from resnet_jax.errors import Interrupted, UserError
 from resnet_jax.optim import lr_for_epoch
 from resnet_jax.steps import TrainState, create_train_state
-
-
-class Interrupted(Exception):
-    """The run was asked to stop (SIGTERM / Ctrl-C); its latest state is saved."""
 
 
 class NonFinite(UserError):

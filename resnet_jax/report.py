@@ -29,12 +29,12 @@ class Console:
         filled = int(width * done / total)
         arrow = "=" * max(filled - 1, 0) + (">" if done < total else "=") if filled else ""
         eta = (time.monotonic() - start) / max(done, 1) * (total - done)
-        print(f"\r{done}/{total} [{arrow:<{width}}] - ETA: {eta:.0f}s - loss: {loss:.4f} - acc: {acc:.4f}",
-              end="", file=self.stream, flush=True)
+        print(f"\r{done}/{total} [{arrow:<{width}}] - ETA: {eta:.0f}s - loss: {loss:.4f} - acc: {acc:.4f}"
+              "\x1b[K", end="", file=self.stream, flush=True)  # \x1b[K: clear the rest of the line
 
     def end_bar(self):
         if self.bar:
-            print("\r", end="", file=self.stream)
+            print("\r\x1b[K", end="", file=self.stream)
 
 
 def epoch_line(steps: int, rec: dict) -> str:
