@@ -65,11 +65,11 @@ def _setup(config: Config, path: str, dataset: Optional[Dataset]):
     if saved is not None:
         wd.check_compatible(saved[0], config, path)
     spe = pipeline.steps_per_epoch(n, config.batch_size)
-    return config, dataset, mesh, spe, saved is not None
+    return config, dataset, mesh, spe
 
 
 def _run(config, path, dataset, console, stop):
-    config, dataset, mesh, spe, existing = _setup(config, path, dataset)
+    config, dataset, mesh, spe = _setup(config, path, dataset)
     n = len(dataset.train_images)
     init_key, data_key = keys(config)
     template = create_train_state(config, init_key, dataset.image_shape, spe)
