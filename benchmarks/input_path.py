@@ -12,10 +12,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import resnet_jax as rj
-from resnet_jax import parallel, pipeline
+from common import add_model_args, setup
+from resnet_jax import pipeline
 
 
 def timed(fn, steps):
@@ -28,26 +28,10 @@ def timed(fn, steps):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--num_filters", type=int, default=32)
-    p.add_argument("--stage_sizes", default="3,3,2")
     p.add_argument("--num_train", type=int, default=50_000)
-    p.add_argument("--cpu_devices", default="1", help="as train.py; 1 compares the step alone")
+    add_model_args(p, cpu_devices="1")  # 1: the step alone, as the bare step runs it
     a = p.parse_args()
-    parallel.configure_cpu_devices(a.cpu_devices, a.batch_size)
-    config = rj.Config(batch_size=a.batch_size, num_filters=a.num_filters,
-                       stage_sizes=tuple(int(s) for s in a.stage_sizes.split(",")), steps_per_call=a.steps)
-    rng = np.random.default_rng(0)
-    ds = rj.Dataset(rng.integers(0, 256, (a.num_train, 32, 32, 3), dtype=np.uint8),
-                    rng.integers(0, 10, a.num_train), rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8),
-                    rng.integers(0, 10, 100))
-    mesh = parallel.make_mesh()
-    config.batch_size % mesh.size == 0 or parallel.check_batch_size(config.batch_size, mesh)
-    data = pipeline.to_device(ds, rj.data.pixel_mean(ds.train_images), config, mesh)
-    state = parallel.replicate(jax.device_get(
-        rj.create_train_state(config, jax.random.key(0), (32, 32, 3), 1563)), mesh)
-    key = pipeline.epoch_key(jax.random.key(1), 0)
-    perm = pipeline.permutation(key, a.num_train)
+    config, mesh, data, state, key, perm = setup(a, a.num_train, 100, steps_per_call=a.steps)
     B, n = a.batch_size, a.steps
 
     @jax.jit

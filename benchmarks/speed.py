@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import resnet_jax as rj
-from resnet_jax import parallel, pipeline
+from common import add_model_args, setup
+from resnet_jax import pipeline
 
 
 def forward_flops(config, image_shape) -> float:
@@ -52,30 +53,15 @@ def forward_flops(config, image_shape) -> float:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--num_filters", type=int, default=32)
-    p.add_argument("--stage_sizes", default="3,3,2")
+    add_model_args(p)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--steps", type=int, default=40, help="train steps timed (after a warm-up call)")
     p.add_argument("--device_loop", default="auto")
     p.add_argument("--keras", action="store_true", help="also run benchmarks/keras_baseline.py")
-    p.add_argument("--cpu_devices", default="auto", help="as train.py: CPU split into per-core devices")
     a = p.parse_args()
-    parallel.configure_cpu_devices(a.cpu_devices, a.batch_size)
-    stages = tuple(int(s) for s in a.stage_sizes.split(","))
-    config = rj.Config(batch_size=a.batch_size, num_filters=a.num_filters, stage_sizes=stages,
-                       dtype=a.dtype, steps_per_call=a.steps, device_loop=a.device_loop)
-    mesh = parallel.make_mesh()
-    parallel.check_batch_size(config.batch_size, mesh)
     n_train, n_test = 50_000, 10_000
-    rng = np.random.default_rng(0)
-    ds = rj.Dataset(rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n_train),
-                    rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n_test))
-    data = pipeline.to_device(ds, rj.data.pixel_mean(ds.train_images), config, mesh)
-    state = parallel.replicate(jax.device_get(
-        rj.create_train_state(config, jax.random.key(0), (32, 32, 3), 1563)), mesh)
-    key = pipeline.epoch_key(jax.random.key(1), 0)
-    perm = pipeline.permutation(key, n_train)
+    config, mesh, data, state, key, perm = setup(a, n_train, n_test, dtype=a.dtype,
+                                                 steps_per_call=a.steps, device_loop=a.device_loop)
     chunk = pipeline.make_train_chunk(mesh, config.device_loop)
     evaluate = pipeline.make_evaluate(config, mesh)
 
