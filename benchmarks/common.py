@@ -17,9 +17,10 @@ def add_model_args(parser, cpu_devices="auto"):
 
 def setup(args, n_train, n_test, **config_fields):
     """(config, mesh, device data, replicated state, epoch key, permutation) for timing."""
-    parallel.configure_cpu_devices(args.cpu_devices, args.batch_size)
     config = rj.Config(batch_size=args.batch_size, num_filters=args.num_filters,
                        stage_sizes=tuple(int(s) for s in args.stage_sizes.split(",")), **config_fields)
+    parallel.configure_cpu_devices(args.cpu_devices, args.batch_size,
+                                   args.batch_size * rj.models.forward_flops(config))
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     rng = np.random.default_rng(0)

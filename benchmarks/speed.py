@@ -18,37 +18,10 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 import resnet_jax as rj
 from common import add_model_args, setup
 from resnet_jax import pipeline
-
-
-def forward_flops(config, image_shape) -> float:
-    """2 x multiply-adds per image of every conv and the dense layer, from the traced shapes."""
-    model = rj.models.from_config(config)
-    x = jnp.zeros((1,) + tuple(image_shape))
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-    _, inter = jax.eval_shape(lambda v: model.apply(v, x, train=False, capture_intermediates=True), variables)
-    flops = 0.0
-    params = variables["params"]
-
-    def walk(p, i):
-        nonlocal flops
-        for name, sub in p.items():
-            if not isinstance(sub, dict):
-                continue
-            if "kernel" in sub:
-                out = i[name]["__call__"][0].shape  # (1, H, W, C) or (1, C)
-                k = sub["kernel"].shape
-                flops += 2 * np.prod(out[1:-1] or (1,)) * np.prod(k)
-            else:
-                walk(sub, i[name])
-
-    walk(params, inter["intermediates"])
-    return float(flops)
 
 
 def main():
@@ -81,7 +54,7 @@ def main():
     eval_s = time.perf_counter() - start
 
     images_per_s = a.steps * a.batch_size / train_s
-    flops = 3 * forward_flops(config, (32, 32, 3))
+    flops = 3 * rj.models.forward_flops(config, (32, 32, 3))
     result = {
         "device": jax.devices()[0].device_kind, "devices": mesh.size, "batch_size": a.batch_size,
         "model": f"{a.num_filters}x{a.stage_sizes}", "dtype": a.dtype,

@@ -103,9 +103,10 @@ def main(argv=None) -> int:
     stop = threading.Event()
     try:
         config = config_from_args(args)
-        from resnet_jax import parallel  # imports JAX, before any device is touched
+        from resnet_jax import models, parallel  # imports JAX, before any device is touched
 
-        parallel.configure_cpu_devices(args.cpu_devices, config.batch_size)
+        parallel.configure_cpu_devices(args.cpu_devices, config.batch_size,
+                                       config.batch_size * models.forward_flops(config))
         if args.distributed or args.coordinator_address or args.num_processes or args.process_id is not None:
             from resnet_jax import distributed
 

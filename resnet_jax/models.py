@@ -67,3 +67,25 @@ def from_config(config) -> ResNet:
     return ResNet(stage_sizes=tuple(config.stage_sizes), num_filters=config.num_filters,
                   num_classes=config.num_classes, dtype=jnp.dtype(config.dtype),
                   bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon)
+
+
+def forward_flops(config, image_shape=(32, 32, 3)) -> float:
+    """2 x multiply-adds of one image's forward pass through every conv and the dense layer.
+
+    Counted from the architecture alone (no JAX), so it can size the run before JAX starts.
+    """
+    h, w, c = (int(d) for d in image_shape)
+    f = config.num_filters
+    macs = h * w * 9 * c * f  # stem
+    c = f
+    for i, blocks in enumerate(config.stage_sizes):
+        f = config.num_filters * 2**i
+        for j in range(blocks):
+            s = 2 if i > 0 and j == 0 else 1
+            h, w = -(-h // s), -(-w // s)
+            macs += h * w * 9 * (c * f + f * f)
+            if s != 1 or c != f:
+                macs += h * w * c * f  # 1x1 shortcut
+            c = f
+    macs += c * config.num_classes
+    return 2.0 * macs

@@ -116,3 +116,31 @@ def test_bfloat16_compute_keeps_float32_variables():
     _, inter = model.apply(v, x, train=False, capture_intermediates=True)
     assert inter["intermediates"]["conv_init"]["__call__"][0].dtype == jnp.bfloat16
     assert model.apply(v, x, train=False).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("fields,shape", [({}, (32, 32, 3)), (dict(num_filters=4, stage_sizes=(1, 1, 1)), (32, 32, 3)),
+                                          (dict(num_filters=6, stage_sizes=(2, 1), num_classes=3), (15, 9, 1))])
+def test_forward_flops_counts_every_conv_and_the_head(fields, shape):
+    """The analytic count (used before JAX starts) equals 2 x MACs read off the traced layers."""
+    config = rj.Config(**fields)
+    model = rj.models.from_config(config)
+    x = jnp.zeros((1,) + shape)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    _, inter = jax.eval_shape(lambda v: model.apply(v, x, train=False, capture_intermediates=True), variables)
+    traced = 0
+
+    def walk(params, out):
+        nonlocal traced
+        for name, sub in params.items():
+            if not isinstance(sub, dict):
+                continue
+            if "kernel" in sub:
+                spatial = out[name]["__call__"][0].shape[1:-1]
+                traced += 2 * int(np.prod(spatial)) * int(np.prod(sub["kernel"].shape))
+            else:
+                walk(sub, out[name])
+
+    walk(variables["params"], inter["intermediates"])
+    assert rj.models.forward_flops(config, shape) == traced
+    if not fields:
+        assert traced == 286_984_704  # the seed model: 0.287 GFLOP an image

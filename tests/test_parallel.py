@@ -109,6 +109,16 @@ def test_batch_size_must_divide_over_devices():
         parallel.check_batch_size(32, fake)
 
 
+def test_auto_cpu_devices_splits_only_models_worth_splitting():
+    tiny, seed = rj.config.tiny(), rj.Config()
+    flops = {c: 32 * rj.models.forward_flops(c) for c in (tiny, seed)}
+    assert parallel.auto_cpu_devices(2, 32, flops[tiny]) == 1  # overhead-bound: one device
+    assert parallel.auto_cpu_devices(2, 32, flops[seed]) == 2  # one device per core
+    assert parallel.auto_cpu_devices(4, 30, flops[seed]) == 3  # a divisor of the batch
+    assert parallel.auto_cpu_devices(16, 7, flops[seed]) == 7
+    assert parallel.auto_cpu_devices(2, 32) == 2  # size unknown: split
+
+
 def test_unreachable_coordinator_and_bad_process_id_fail_fast():
     from resnet_jax import distributed
 
