@@ -12,11 +12,11 @@ AXIS = "data"
 
 
 # Below this many forward FLOPs per step, one CPU device beats one per core: the step is
-# overhead-bound and the cross-device BatchNorm sums cost more than the second core gives back.
+# made of small ops and the cross-device BatchNorm sums cost more than the second core gives back.
 # Measured on 2 cores, batch 32 (`benchmarks/speed.py --cpu_devices 1|2`, images/s):
 #   4 filters 1,1,1 (0.06 GFLOP/step): 2,565 vs 2,114     8 filters 1,1,1 (0.21): 2,059 vs 1,718
 #   8 filters 3,3,2 (0.58):            513 vs 676         16 filters 1,1,1 (0.80): 839 vs 1,046
-#   seed, 32 filters 3,3,2 (9.5):      86 vs 130
+#   seed, 32 filters 3,3,2 (9.2):      86 vs 130
 SPLIT_MIN_FLOPS = 3.5e8
 
 
