@@ -20,7 +20,8 @@ def materialize(x):
     inside each convolution-gradient transpose (about 20 % of the seed step). XLA never duplicates a
     division, and `lax.optimization_barrier` does not survive XLA:CPU's pipeline, so divide by
     ones that XLA cannot fold (`x * 0 + 1` is not constant under IEEE rules; a scalar divisor
-    would be turned into a multiplication). x / 1 == x exactly, element by element.
+    would be turned into a multiplication). x / 1 == x exactly, element by element (subnormals
+    excepted: XLA:CPU flushes them to zero in any arithmetic, a multiplication by one included).
     """
     return _divide_by_ones(x)
 

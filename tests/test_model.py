@@ -144,3 +144,15 @@ def test_forward_flops_counts_every_conv_and_the_head(fields, shape):
     assert rj.models.forward_flops(config, shape) == traced
     if not fields:
         assert traced == 286_984_704  # the seed model: 0.287 GFLOP an image
+
+
+def test_materialize_is_an_exact_identity_that_xla_keeps():
+    """models.materialize must not change a value or a gradient, and must survive compilation
+    (a division XLA does not fold), else the residual stream is recomputed again (README "Speed")."""
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3)) * 1e3
+    x = x.at[0, 0, 0, 0].set(0.0).at[0, 0, 0, 1].set(-1e-30)  # (XLA:CPU flushes subnormals in any op)
+    f = jax.jit(rj.models.materialize)
+    np.testing.assert_array_equal(f(x), x)
+    g = jax.grad(lambda x: jnp.sum(rj.models.materialize(x) * jnp.arange(x.size).reshape(x.shape)))(x)
+    np.testing.assert_array_equal(g, jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape))
+    assert "divide" in f.lower(x).compile().as_text()
