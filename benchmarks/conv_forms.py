@@ -24,6 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resnet_jax.config import Config
+from resnet_jax.models import conv_layers
+
 
 def same_pads(n, k, s):
     out = -(-n // s)
@@ -85,22 +88,6 @@ def conv_lax(x, w, s):
     return lax.conv_general_dilated(x, w, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def layer_shapes(num_filters, stage_sizes):
-    """(cin, cout, size, stride, kernel) of every distinct conv layer of the ResNet."""
-    shapes, cin, size = [(3, num_filters, 32, 1, 3)], num_filters, 32
-    for i, blocks in enumerate(stage_sizes):
-        f = num_filters * 2**i
-        for j in range(blocks):
-            s = 2 if i > 0 and j == 0 else 1
-            shapes.append((cin, f, size, s, 3))
-            if s != 1 or cin != f:
-                shapes.append((cin, f, size, s, 1))
-            size = -(-size // s)
-            shapes.append((f, f, size, 1, 3))
-            cin = f
-    return list(dict.fromkeys(shapes))
-
-
 def timed(f, *args, n=50):
     f = jax.jit(f)
     jax.block_until_ready(f(*args))
@@ -117,7 +104,8 @@ def main():
     p.add_argument("--stage_sizes", default="1,1,1")
     p.add_argument("--batch_size", type=int, default=32)
     a = p.parse_args()
-    for cin, cout, size, s, k in layer_shapes(a.num_filters, [int(v) for v in a.stage_sizes.split(",")]):
+    config = Config(num_filters=a.num_filters, stage_sizes=tuple(int(v) for v in a.stage_sizes.split(",")))
+    for size, _, cin, cout, k, s in dict.fromkeys(conv_layers(config)):  # each distinct shape once
         keys = jax.random.split(jax.random.key(0), 3)
         x = jax.random.normal(keys[0], (a.batch_size, size, size, cin))
         w = jax.random.normal(keys[1], (k, k, cin, cout)) * 0.1

@@ -100,23 +100,30 @@ def from_config(config) -> ResNet:
                   bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon)
 
 
-def forward_flops(config, image_shape=(32, 32, 3)) -> float:
-    """2 x multiply-adds of one image's forward pass through every conv and the dense layer.
+def conv_layers(config, image_shape=(32, 32, 3)):
+    """(input height, input width, in channels, out channels, kernel, stride) of every conv, in order.
 
-    Counted from the architecture alone (no JAX), so it can size the run before JAX starts.
+    Read from the architecture alone (no JAX), so it can size a run before JAX starts.
     """
     h, w, c = (int(d) for d in image_shape)
-    f = config.num_filters
-    macs = h * w * 9 * c * f  # stem
-    c = f
+    layers = [(h, w, c, config.num_filters, 3, 1)]  # stem
+    c = config.num_filters
     for i, blocks in enumerate(config.stage_sizes):
         f = config.num_filters * 2**i
         for j in range(blocks):
             s = 2 if i > 0 and j == 0 else 1
-            h, w = -(-h // s), -(-w // s)
-            macs += h * w * 9 * (c * f + f * f)
+            layers.append((h, w, c, f, 3, s))
             if s != 1 or c != f:
-                macs += h * w * c * f  # 1x1 shortcut
+                layers.append((h, w, c, f, 1, s))  # 1x1 shortcut
+            h, w = -(-h // s), -(-w // s)
+            layers.append((h, w, f, f, 3, 1))
             c = f
-    macs += c * config.num_classes
-    return 2.0 * macs
+    return layers
+
+
+def forward_flops(config, image_shape=(32, 32, 3)) -> float:
+    """2 x multiply-adds of one image's forward pass through every conv and the dense layer."""
+    macs = sum(-(-h // s) * -(-w // s) * k * k * cin * cout
+               for h, w, cin, cout, k, s in conv_layers(config, image_shape))
+    top = config.num_filters * 2 ** (len(config.stage_sizes) - 1)
+    return 2.0 * (macs + top * config.num_classes)
