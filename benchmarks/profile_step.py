@@ -29,21 +29,37 @@ WRAPPERS = ("ThunkExecutor", "$", "Pjit", "Common", "Parse", "Slinky", "Handle",
 
 
 def hlo_ops(text):
-    """{instruction name: (shape, jax op name)} from compiled HLO text."""
+    """{instruction name: (shape, jax op name, runs a convolution)} from compiled HLO text.
+
+    Whether an op is a convolution is read off the HLO (the op itself or the fusion it calls),
+    not off its jax op name: XLA drops the name of weight-gradient convolutions and keeps
+    "conv" in the names of the transposes and elementwise ops around them."""
+    conv_computations = set()
+    computation = None
+    for line in text.splitlines():
+        head = re.match(r"%?([\w.\-]+) \(.*\{$", line)
+        if head:
+            computation = head.group(1)
+        elif computation and re.search(r" convolution\(", line):
+            conv_computations.add(computation)
     ops = {}
     for line in text.splitlines():
         m = re.match(r"\s*%?([\w.\-]+) = (\S+) ", line)
         if m:
             op = re.search(r'op_name="([^"]*)"', line)
-            ops[m.group(1)] = (m.group(2), op.group(1) if op else "")
+            op_name = op.group(1) if op else ""
+            calls = re.search(r"calls=%?([\w.\-]+)", line)
+            is_conv = " convolution(" in line or bool(calls and calls.group(1) in conv_computations)
+            ops[m.group(1)] = (m.group(2), op_name, is_conv)
     return ops
 
 
-def kind(name, op_name):
-    text = f"{name} {op_name}"
-    for k, pattern in (("convolution", r"conv"), ("transpose", r"transpose_copy|copy_transpose"),
-                       ("reduction", r"reduce")):
-        if re.search(pattern, text):
+def kind(name, is_conv):
+    if is_conv:
+        return "convolution"
+    for k, pattern in (("transpose", r"transpose|copy"), ("reduction", r"reduce"),
+                       ("collective", r"all-reduce|all-gather|collective")):
+        if re.search(pattern, name):
             return k
     return "elementwise/other"
 
@@ -86,9 +102,9 @@ def main():
             count[e["name"]] += 1
     by_kind = collections.Counter()
     for name, ms in total.items():
-        by_kind[kind(name, ops.get(name, ("", ""))[1])] += ms
+        by_kind[kind(name, ops.get(name, ("", "", False))[2])] += ms
     top = [{"op": n, "ms": round(ms, 3), "shape": ops.get(n, ("?",))[0],
-            "from": ops.get(n, ("", ""))[1][-80:]} for n, ms in total.most_common(a.top)]
+            "from": ops.get(n, ("", ""))[1][-80:] or ("convolution" if ops.get(n, ("", "", False))[2] else "")} for n, ms in total.most_common(a.top)]
     print(json.dumps({
         "device": jax.devices()[0].device_kind, "devices": mesh.size, "model": f"{a.num_filters}x{a.stage_sizes}",
         "batch_size": a.batch_size, "wall_ms_per_step": round(wall_ms, 2),
