@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-he_normal = nn.initializers.he_normal()  # truncated normal, fan_in, scale 2
+from resnet_jax.layers import BatchNorm, Conv, he_normal
 
 
 def materialize(x):
@@ -43,7 +43,9 @@ _divide_by_ones.defvjp(_fwd, _bwd)
 
 
 class Block(nn.Module):
-    """y = bn(conv(relu(bn(conv(x, s))))); x = conv1x1(x, s) when s > 1; out = relu(x + y)."""
+    """y = bn(conv(relu(bn(conv(x, s))))); x = conv1x1(x, s) when s > 1; out = relu(x + y).
+
+    The 3x3 convs hand their biases to the BatchNorm that follows (see `layers`)."""
 
     filters: int
     strides: int
@@ -52,10 +54,10 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
-        y = self.conv(self.filters, (3, 3), name="conv2")(y)
-        y = self.norm(name="bn2")(y)
+        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), fold_bias=True, name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(*y))
+        y = self.conv(self.filters, (3, 3), fold_bias=True, name="conv2")(y)
+        y = self.norm(name="bn2")(*y)
         if self.strides != 1 or x.shape[-1] != self.filters:
             x = self.conv(self.filters, (1, 1), (self.strides, self.strides), name="proj")(x)
         return materialize(nn.relu(x + y))
@@ -77,13 +79,12 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = functools.partial(nn.Conv, padding="SAME", use_bias=True, kernel_init=he_normal,
-                                 dtype=self.dtype, param_dtype=jnp.float32)
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                                 momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                                 dtype=self.dtype, param_dtype=jnp.float32)
+        conv = functools.partial(Conv, dtype=self.dtype, param_dtype=jnp.float32)
+        norm = functools.partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                                 epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32)
         x = jnp.asarray(x, self.dtype)
-        x = materialize(nn.relu(norm(name="bn_init")(conv(self.num_filters, (3, 3), name="conv_init")(x))))
+        x = conv(self.num_filters, (3, 3), fold_bias=True, name="conv_init")(x)
+        x = materialize(nn.relu(norm(name="bn_init")(*x)))
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 strides = 2 if i > 0 and j == 0 else 1

@@ -71,7 +71,8 @@ def test_batch_stats_move_by_momentum(state):
     _, inter = state.model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
                                  train=True, mutable=["batch_stats", "intermediates"],
                                  capture_intermediates=True)
-    h = np.asarray(inter["intermediates"]["conv_init"]["__call__"][0], np.float64)
+    conv_out, bias = inter["intermediates"]["conv_init"]["__call__"][0]  # bias folded into bn_init
+    h = np.asarray(conv_out, np.float64) + np.asarray(bias, np.float64)
     mean, var = h.mean((0, 1, 2)), h.var((0, 1, 2))
     new, _ = jax.jit(rj.train_step)(state, x, y)
     bn = new.batch_stats["bn_init"]
