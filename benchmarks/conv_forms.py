@@ -26,6 +26,7 @@ from jax import lax
 
 from resnet_jax.config import Config
 from resnet_jax.models import conv_layers
+from resnet_jax.hugepages import reexec_with_huge_pages
 
 
 def same_pads(n, k, s):
@@ -128,4 +129,5 @@ def main():
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as train.py: huge-page malloc (resnet_jax/hugepages.py)
     main()

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import resnet_jax as rj
 from common import add_model_args, setup
 from resnet_jax import pipeline
+from resnet_jax.hugepages import reexec_with_huge_pages
 
 
 def timed(fn, steps):
@@ -73,4 +74,5 @@ def main():
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as train.py: huge-page malloc (resnet_jax/hugepages.py)
     main()

@@ -23,6 +23,7 @@ import jax
 import resnet_jax as rj
 from common import add_model_args, setup
 from resnet_jax import parallel
+from resnet_jax.hugepages import reexec_with_huge_pages
 
 WRAPPERS = ("ThunkExecutor", "$", "Pjit", "Common", "Parse", "Slinky", "Handle", "Thunk", "end: ",
             "Allocate", "Wait for")
@@ -113,4 +114,5 @@ def main():
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as train.py: huge-page malloc (resnet_jax/hugepages.py)
     main()

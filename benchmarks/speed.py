@@ -23,6 +23,7 @@ import jax
 import resnet_jax as rj
 from common import add_model_args, setup
 from resnet_jax import pipeline
+from resnet_jax.hugepages import reexec_with_huge_pages
 
 
 def main():
@@ -71,7 +72,8 @@ def main():
         "device_loop": config.device_loop, "train_images_per_s": round(images_per_s, 1),
         "eval_images_per_s": round(n_test / eval_s, 1), "compile_s": round(compile_s, 2),
         "tflops": round(flops * images_per_s / 1e12, 4),
-        "epoch_s_at_this_speed": round(n_train / images_per_s, 1)}
+        "epoch_s_at_this_speed": round(n_train / images_per_s, 1),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}  # Keras below runs with the same
     if a.keras:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run([sys.executable, os.path.join(here, "keras_baseline.py"),
@@ -88,4 +90,5 @@ def main():
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as train.py: huge-page malloc (resnet_jax/hugepages.py)
     main()
