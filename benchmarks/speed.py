@@ -23,7 +23,7 @@ import jax
 import resnet_jax as rj
 from common import add_model_args, setup
 from resnet_jax import pipeline
-from resnet_jax.hugepages import reexec_with_huge_pages
+from resnet_jax.hugepages import environ_before_restart, reexec_with_huge_pages
 
 
 def main():
@@ -73,18 +73,20 @@ def main():
         "eval_images_per_s": round(n_test / eval_s, 1), "compile_s": round(compile_s, 2),
         "tflops": round(flops * images_per_s / 1e12, 4),
         "epoch_s_at_this_speed": round(n_train / images_per_s, 1),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}  # Keras below runs with the same
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     if a.keras:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run([sys.executable, os.path.join(here, "keras_baseline.py"),
                               "--batch_size", str(a.batch_size), "--num_filters", str(a.num_filters),
                               "--stage_sizes", a.stage_sizes, "--steps", str(a.steps),
-                              "--repeats", str(a.repeats)], capture_output=True, text=True)
+                              "--repeats", str(a.repeats)], capture_output=True, text=True,
+                             env=environ_before_restart())  # Keras as users run it
         if out.returncode != 0:
             sys.exit(f"keras baseline failed: {out.stderr.strip().splitlines()[-1:]}")
         keras = json.loads(out.stdout.strip().splitlines()[-1])
         result["keras_train_images_per_s"] = keras["train_images_per_s"]
         result["keras"] = keras["framework"]
+        result["keras_glibc_tunables"] = environ_before_restart().get("GLIBC_TUNABLES", "")
         result["speedup_vs_keras"] = round(images_per_s / keras["train_images_per_s"], 2)
     print(json.dumps(result))
 

@@ -23,6 +23,7 @@ import sys
 
 TUNABLE = "glibc.malloc.hugetlb"
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+ORIGINAL = "RESNET_JAX_GLIBC_TUNABLES_BEFORE_RESTART"  # set by the restart: what the user had
 
 
 def thp_mode(path: str = THP_MODE) -> str | None:
@@ -64,4 +65,18 @@ def reexec_with_huge_pages() -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables})
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables,
+                                              ORIGINAL: os.environ.get("GLIBC_TUNABLES", "")})
+
+
+def environ_before_restart(environ=None) -> dict:
+    """The environment as the user started the command, for subprocesses that should not inherit
+    the restart's tunable (benchmarks/speed.py runs the Keras baseline the way users run Keras)."""
+    env = dict(os.environ if environ is None else environ)
+    if ORIGINAL in env:
+        original = env.pop(ORIGINAL)
+        if original:
+            env["GLIBC_TUNABLES"] = original
+        else:
+            env.pop("GLIBC_TUNABLES", None)
+    return env

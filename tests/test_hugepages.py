@@ -53,7 +53,9 @@ CHILD = textwrap.dedent("""
         for line in open("/proc/self/smaps_rollup"):
             if line.startswith("AnonHugePages:"):
                 huge = int(line.split()[1])
-    print("argv", sys.argv[1:], "tunables", os.environ.get("GLIBC_TUNABLES"), "huge_kb", huge)
+    from resnet_jax.hugepages import environ_before_restart
+    before = environ_before_restart().get("GLIBC_TUNABLES")
+    print("argv", sys.argv[1:], "tunables", os.environ.get("GLIBC_TUNABLES"), "huge_kb", huge, "before", before)
 """)
 
 
@@ -68,7 +70,16 @@ def test_restart_keeps_the_command_and_puts_memory_on_huge_pages(tmp_path):
     last = out[-1]
     assert "argv ['--workdir', 'a b']" in last
     if expected is None:  # nothing to gain on this system: no restart, nothing changed
-        assert out.count("start") == 1 and "tunables None" in last
+        assert out.count("start") == 1 and "tunables None" in last and "before None" in last
     else:
         assert out.count("start") == 2 and f"tunables {expected}" in last
+        assert "before None" in last  # what the user had: no tunables at all
         assert int(last.split("huge_kb ")[1].split()[0]) >= 32 << 10  # most of the 64 MiB
+
+
+def test_environment_before_restart_is_the_users():
+    assert hugepages.environ_before_restart({"A": "1"}) == {"A": "1"}  # no restart happened
+    restarted = {"A": "1", "GLIBC_TUNABLES": "x=1:glibc.malloc.hugetlb=1", hugepages.ORIGINAL: "x=1"}
+    assert hugepages.environ_before_restart(restarted) == {"A": "1", "GLIBC_TUNABLES": "x=1"}
+    restarted = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", hugepages.ORIGINAL: ""}
+    assert hugepages.environ_before_restart(restarted) == {}
