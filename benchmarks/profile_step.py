@@ -6,6 +6,8 @@ Runs the jitted train step under the JAX profiler (a Perfetto trace, no TensorBo
 prints one JSON line: wall ms a step, how many ops ran a step and their summed time (the rest of
 the wall time is dispatch overhead between ops), the time per kind of op (convolution,
 transpose, reduction, elementwise), and the slowest ops with the jax operation they came from.
+With several devices (one per core on CPU) op times are summed over the devices: divide by
+`devices` for one device's share of the wall time.
 """
 
 import argparse
