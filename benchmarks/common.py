@@ -1,4 +1,7 @@
-"""What the benchmarks share: model flags and a CIFAR-shaped random dataset placed on the devices."""
+"""What the benchmarks share: model flags, a CIFAR-shaped random dataset placed on the devices, and
+a timer for one jitted function."""
+
+import time
 
 import jax
 import numpy as np
@@ -31,3 +34,14 @@ def setup(args, n_train, n_test, **config_fields):
         rj.create_train_state(config, jax.random.key(0), (32, 32, 3), 1563)), mesh)
     key = pipeline.epoch_key(jax.random.key(1), 0)
     return config, mesh, data, state, key, pipeline.permutation(key, n_train)
+
+
+def timed(f, *args, n=50):
+    """Milliseconds per call of jax.jit(f)(*args): the mean of n calls after a finished warm-up."""
+    f = jax.jit(f)
+    jax.block_until_ready(f(*args))
+    start = time.perf_counter()
+    for _ in range(n):
+        out = f(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / n * 1e3

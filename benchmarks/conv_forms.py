@@ -18,12 +18,12 @@ barriers on CPU, so they cannot be stopped). So resnet_jax keeps lax convolution
 import argparse
 import functools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from common import timed
 from resnet_jax.config import Config
 from resnet_jax.models import conv_layers
 from resnet_jax.hugepages import reexec_with_huge_pages
@@ -87,16 +87,6 @@ conv_elementwise.defvjp(_fwd, _bwd)
 
 def conv_lax(x, w, s):
     return lax.conv_general_dilated(x, w, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def timed(f, *args, n=50):
-    f = jax.jit(f)
-    jax.block_until_ready(f(*args))
-    start = time.perf_counter()
-    for _ in range(n):
-        out = f(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / n * 1e3
 
 
 def main():
