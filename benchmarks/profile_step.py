@@ -23,7 +23,7 @@ import time
 import jax
 
 import resnet_jax as rj
-from common import add_model_args, setup
+from common import add_model_args, configure_devices, model_config, random_cifar, setup
 from resnet_jax import parallel
 from resnet_jax.hugepages import reexec_with_huge_pages
 
@@ -68,12 +68,14 @@ def kind(name, is_conv):
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)
     add_model_args(p)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=15)
     a = p.parse_args()
-    _, mesh, _, state, _, _ = setup(a, 4 * a.batch_size, a.batch_size)
+    configure_devices(a, model_config(a, batch_size=a.batch_size))
+    _, mesh, _, state, _, _ = setup(a, random_cifar(4 * a.batch_size, a.batch_size),
+                                    batch_size=a.batch_size)
     images = jax.device_put(jax.random.normal(jax.random.key(0), (a.batch_size, 32, 32, 3)),
                             parallel.batch_sharded(mesh))
     labels = jax.device_put(jax.random.randint(jax.random.key(1), (a.batch_size,), 0, 10),

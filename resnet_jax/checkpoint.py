@@ -39,23 +39,44 @@ class Checkpoints:
                            keep_checkpoints_without_metrics=False),
         ])
         # best_fn is needed too: without it orbax stores no metrics and BestN sees none.
+        # Async saves: `save` returns once the arrays are copied off the devices and the files
+        # are written in the background (the next save, `restore` and `close` wait for them).
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=keep, best_fn=lambda m: m["rank"], best_mode="max", enable_async_checkpointing=False, create=not read_only,
-            read_only=read_only, cleanup_tmp_directories=not read_only)
+            preservation_policy=keep, best_fn=lambda m: m["rank"], best_mode="max",
+            enable_async_checkpointing=not read_only, create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only)
         self.manager = ocp.CheckpointManager(self.path, options=options, item_names=("state", "meta"))
+        self._after_save = []  # callbacks of saves still being written
 
     def steps(self):
         return sorted(self.manager.all_steps())
 
-    def save(self, state, meta: dict, rank: Optional[int]):
-        """Save at the state's step; `rank` None for mid-epoch saves (not candidates for best)."""
+    def save(self, state, meta: dict, rank: Optional[int], then=None):
+        """Save at the state's step; `rank` None for mid-epoch saves (not candidates for best).
+
+        Returns once the arrays are off the devices; `then()` runs (from `poll` or `wait`) once
+        the checkpoint is on disk, so what it records never gets ahead of what is saved."""
+        self.wait()  # the previous save (long finished, an epoch ago) and its callbacks
         step = int(jax.device_get(state.step))
-        if step in self.steps():
-            return
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(arrays_of(state)), meta=ocp.args.JsonSave(meta)),
-            metrics=None if rank is None else {"rank": rank}, force=True)
+        if step not in self.steps():
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(arrays_of(state)), meta=ocp.args.JsonSave(meta)),
+                metrics=None if rank is None else {"rank": rank}, force=True)
+        if then is not None:
+            self._after_save.append(then)
+
+    def poll(self):
+        """Run the callbacks of saves that have reached the disk (cheap; call it often)."""
+        saving = getattr(self.manager, "is_saving_in_progress", lambda: True)  # orbax >= 0.11
+        if self._after_save and not saving():
+            self.wait()
+
+    def wait(self):
+        """Block until every save is on disk (raising if one failed), then run their callbacks."""
         self.manager.wait_until_finished()
+        callbacks, self._after_save = self._after_save, []
+        for f in callbacks:
+            f()
 
     def best_step(self) -> Optional[int]:
         ranked = []
@@ -74,6 +95,7 @@ class Checkpoints:
         `latest` falls back to older checkpoints when the newest cannot be read (and says so);
         `best` is the last epoch whose val_acc strictly improved.
         """
+        self.manager.wait_until_finished()
         if which == "best":
             step = self.best_step()
             candidates = [] if step is None else [step]
@@ -99,7 +121,11 @@ class Checkpoints:
         return None
 
     def close(self):
-        self.manager.close()
+        """Finish the saves in flight (their callbacks run only if all of them succeeded)."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def _abstract(tree):

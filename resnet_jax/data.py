@@ -9,7 +9,7 @@ import pickle
 import socket
 import tarfile
 import zlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -177,6 +177,52 @@ def read_archive(name: str, path: str) -> Dataset:
     return Dataset(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
                    np.concatenate([x for x, _ in test]), np.concatenate([y for _, y in test]),
                    num_classes=100 if name == "cifar100" else 10)
+
+
+def write_archive(root: str, dataset: Dataset, name: str = "cifar10", tar: bool = True,
+                  rows: Optional[Sequence[int]] = None, bytes_keys: bool = True) -> str:
+    """Write `dataset` under `root` in the official CIFAR python layout; returns its path.
+
+    The inverse of `read_archive`: a tar.gz (or, with tar=False, the extracted folder) holding
+    pickled batch dicts of channel-major uint8 rows, as the official download does. `rows` splits
+    the training images over the first len(rows) training files (default: all, evenly); `bytes_keys` pickles the
+    dict keys as bytes, as the official Python 2 files do. Lets tests and benchmarks make
+    CIFAR-shaped data offline.
+    """
+    archive, folder, train_files, test_files, label_key = ARCHIVES[name]
+    if dataset.image_shape != (32, 32, 3):
+        raise UserError(f"the CIFAR layout holds 32x32x3 images, got {dataset.image_shape}")
+    n = len(dataset.train_images)
+    if rows is None:
+        rows = [n // len(train_files) + (i < n % len(train_files)) for i in range(len(train_files))]
+    if not 0 < len(rows) <= len(train_files) or sum(rows) != n:
+        raise UserError(f"rows must split the {n} training images over {len(train_files)} files")
+    ends = np.cumsum([0] + list(rows))
+    parts = [(f, dataset.train_images[a:b], dataset.train_labels[a:b])
+             for f, a, b in zip(train_files, ends[:-1], ends[1:])]
+    parts.append((test_files[0], dataset.test_images, dataset.test_labels))
+
+    def pickled(images, labels):
+        d = {"data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072),
+             label_key: labels.astype(np.int64).tolist(), "batch_label": "resnet_jax"}
+        return pickle.dumps({k.encode(): v for k, v in d.items()} if bytes_keys else d, protocol=2)
+
+    os.makedirs(root, exist_ok=True)
+    if not tar:
+        path = os.path.join(root, folder)
+        os.makedirs(path, exist_ok=True)
+        for fname, images, labels in parts:
+            with open(os.path.join(path, fname), "wb") as f:
+                f.write(pickled(images, labels))
+        return path
+    path = os.path.join(root, archive)
+    with tarfile.open(path, "w:gz") as t:
+        for fname, images, labels in parts:
+            raw = pickled(images, labels)
+            info = tarfile.TarInfo(f"{folder}/{fname}")
+            info.size = len(raw)
+            t.addfile(info, io.BytesIO(raw))
+    return path
 
 
 def _offline_error(name: str, data_dir) -> UserError:

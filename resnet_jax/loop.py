@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -106,7 +107,7 @@ def _train(config, path, dataset, mesh, spe, state, meta, ckpts, console, stop, 
     data = pipeline.to_device(dataset, np.asarray(state.pixel_mean), config, mesh)
     train_chunk = pipeline.make_train_chunk(mesh, config.device_loop)
     evaluate = pipeline.make_evaluate(config, mesh)
-    tb = report.TensorBoard(path) if _is_primary() else None
+    writer = report.EpochWriter(path, config.lr_epochs) if _is_primary() else None
     try:
         for epoch in range(meta["epoch"], config.epochs):
             lr = lr_for_epoch(config, epoch + 1)
@@ -120,6 +121,7 @@ def _train(config, path, dataset, mesh, spe, state, meta, ckpts, console, stop, 
                     n, config.batch_size, config.steps_per_call, meta["step_in_epoch"]):
                 state, m = train_chunk(state, data, perm, offset, step0, key, length=length, batch=batch)
                 m = jax.device_get(m)
+                ckpts.poll()  # the last epoch's outputs, once its checkpoint is on disk
                 bad = np.flatnonzero(~np.isfinite(m["loss"]))
                 if bad.size:
                     raise NonFinite(
@@ -150,7 +152,10 @@ def _train(config, path, dataset, mesh, spe, state, meta, ckpts, console, stop, 
                         history=meta["history"] + [rec])
             if improved:
                 meta.update(best_val_acc=rec["val_acc"], best_epoch=epoch + 1)
-            ckpts.save(state, meta, rank=epoch + 1 if improved else -1)
+            # metrics.jsonl, TensorBoard and curves.png follow the checkpoint: they are written
+            # once it is on disk, so they never list an epoch that a restart would redo.
+            ckpts.save(state, meta, rank=epoch + 1 if improved else -1,
+                       then=None if writer is None else functools.partial(writer.write, rec, meta["history"]))
             console.line(report.epoch_line(spe, rec))
             console.line("")
             if improved:
@@ -158,10 +163,6 @@ def _train(config, path, dataset, mesh, spe, state, meta, ckpts, console, stop, 
                              f"{rec['val_acc']:.5f}, saving model to {ckpts.path}")
             else:
                 console.line(f"Epoch {epoch + 1:05d}: val_acc did not improve from {_fmt_best(best)}")
-            if _is_primary():
-                wd.append_metrics(path, rec)
-                tb.write(rec)
-                report.plot_curves(meta["history"], os.path.join(path, "curves.png"), config.lr_epochs)
             if stop.is_set() and epoch + 1 < config.epochs:
                 raise Interrupted(f"stopped after epoch {epoch + 1}; state saved in {ckpts.path}. "
                                   "Run the same command to resume.")
@@ -170,8 +171,11 @@ def _train(config, path, dataset, mesh, spe, state, meta, ckpts, console, stop, 
         console.line(f"Test accuracy: {last['val_acc']}")
         return state, meta["history"]
     finally:
-        if tb is not None:
-            tb.close()
+        try:
+            ckpts.wait()
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 def restore(workdir: str, which: str = "best") -> TrainState:

@@ -90,6 +90,13 @@ def _train_chunk(state, data: DeviceData, perm, offset, step0, key, *, length, b
     return jax.lax.scan(body, state, (rows, keys))
 
 
+def resolve_loop(mesh, loop: str = "auto") -> str:
+    """The device loop `auto` stands for on this mesh: python on CPU, scan elsewhere."""
+    if loop == "auto":
+        return "python" if mesh.devices.flat[0].platform == "cpu" else "scan"
+    return loop
+
+
 def make_train_chunk(mesh, loop: str = "auto"):
     """A device call of `length` train steps: f(state, data, perm, offset, step0, key, *, length,
     batch) -> (state, per-step metrics of shape [length]); state donated.
@@ -99,8 +106,7 @@ def make_train_chunk(mesh, loop: str = "auto"):
     and python on CPU, where XLA:CPU runs convolution gradients inside a while loop about 15x
     slower than outside one (measured in README, "Speed").
     """
-    if loop == "auto":
-        loop = "python" if mesh.devices.flat[0].platform == "cpu" else "scan"
+    loop = resolve_loop(mesh, loop)
     step = jax.jit(functools.partial(_train_chunk, mesh=mesh), static_argnames=("length", "batch"),
                    donate_argnums=0)
     if loop == "scan":

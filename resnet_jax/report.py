@@ -45,16 +45,25 @@ def epoch_line(steps: int, rec: dict) -> str:
 
 
 class TensorBoard:
-    """Per-epoch scalars as TensorBoard events under workdir/tensorboard (tensorboardX)."""
+    """Per-epoch scalars as TensorBoard events under workdir/tensorboard.
+
+    Written with the `tensorboard` package's own event writer and protos (no TensorFlow), so
+    `tensorboard --logdir <workdir>` reads them after the README's install.
+    """
 
     def __init__(self, workdir: str):
-        from tensorboardX import SummaryWriter
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.writer = EventFileWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, rec: dict):
-        for name in ("loss", "acc", "val_loss", "val_acc", "lr", "seconds"):
-            self.writer.add_scalar(name, rec[name], rec["epoch"])
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=name, simple_value=float(rec[name]))
+                  for name in ("loss", "acc", "val_loss", "val_acc", "lr", "seconds")]
+        self.writer.add_event(Event(wall_time=time.time(), step=int(rec["epoch"]),
+                                    summary=Summary(value=values)))
         self.writer.flush()
 
     def close(self):
@@ -62,14 +71,15 @@ class TensorBoard:
 
 
 def plot_curves(history, path: str, lr_epochs=()):
-    """Loss and accuracy, train vs val, by epoch; dotted lines where the rate changes."""
-    import matplotlib
+    """Loss and accuracy, train vs val, by epoch; dotted lines where the rate changes.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Uses matplotlib's object API (no pyplot, no global figure state), so it can run on the
+    `EpochWriter`'s background thread."""
+    from matplotlib.figure import Figure
 
     epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     for ax, key, title in ((axes[0], "loss", "loss (with L2)"), (axes[1], "acc", "accuracy")):
         ax.plot(epochs, [r[key] for r in history], "o-", ms=3, label=f"train {key}")
         ax.plot(epochs, [r["val_" + key] for r in history], "o-", ms=3, label=f"val {key}")
@@ -86,5 +96,34 @@ def plot_curves(history, path: str, lr_epochs=()):
     fig.tight_layout()
     tmp = os.path.join(os.path.dirname(path), ".tmp-curves.png")
     fig.savefig(tmp, dpi=90)
-    plt.close(fig)
     os.replace(tmp, path)
+
+
+class EpochWriter:
+    """The per-epoch outputs of a run, written once per epoch: a metrics.jsonl line, TensorBoard
+    scalars, and curves.png redrawn on a background thread (about 0.1 s of matplotlib that the
+    devices need not wait for; `close` waits for the last picture)."""
+
+    def __init__(self, workdir: str, lr_epochs=()):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.workdir, self.lr_epochs = workdir, tuple(lr_epochs)
+        self.tensorboard = TensorBoard(workdir)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curves")
+        self.pending = None
+
+    def write(self, rec: dict, history):
+        from resnet_jax import workdir as wd
+
+        wd.append_metrics(self.workdir, rec)
+        self.tensorboard.write(rec)
+        if self.pending is not None and not self.pending.done():
+            self.pending.cancel()  # superseded by this epoch's picture, unless already drawing
+        self.pending = self.pool.submit(plot_curves, list(history),
+                                        os.path.join(self.workdir, "curves.png"), self.lr_epochs)
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+        if self.pending is not None and not self.pending.cancelled():
+            self.pending.result()  # a drawing error surfaces here, not silently
+        self.tensorboard.close()

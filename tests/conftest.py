@@ -10,6 +10,16 @@ import pytest  # noqa: E402
 import resnet_jax as rj  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where JAX's default backend is a GPU (benchmarks/gpu.sh)."""
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if gpu_tests and jax.default_backend() != "gpu":
+        skip = pytest.mark.skip(reason="needs a GPU (JAX default backend is "
+                                f"{jax.default_backend()})")
+        for item in gpu_tests:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_config():
     return rj.tiny(batch_size=8, eval_batch_size=16)

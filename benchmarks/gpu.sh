@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# One prepared run on a GPU machine (about 8 minutes): the GPU tests, speed of the seed model, the
+# whole 50-epoch seed recipe through train.py, and the PyTorch peer on the same card.
+#
+#     bash benchmarks/gpu.sh [OUT_DIR]          # default OUT_DIR: benchmarks/results
+#
+# Every figure is one JSON line in OUT_DIR/gpu.jsonl (fields what, device_kind, dtype, batch_size
+# and the figure); logs go beside it; a short table is printed last. Each part has its own time
+# limit, so one that hangs or fails costs only its own minutes. Needs no TensorFlow: the data is a
+# CIFAR-shaped synthetic archive written here (timing does not depend on the pixels).
+set -u
+OUT=$(realpath -m "${1:-benchmarks/results}")
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+R=$OUT/gpu.jsonl
+DATA=$(mktemp -d)/cifar
+T0=$(date +%s)
+PY=${PYTHON:-python3}
+TORCH_PY=${TORCH_PYTHON:-$PY}
+# DRY_RUN=1: the same script, shrunk to check it on a CPU (tiny model, 2 epochs, few steps).
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  N_TRAIN=2000; N_TEST=500; SPEED="--num_filters 4 --stage_sizes 1,1,1 --steps 20 --steps_per_call 10"
+  SEED="--epochs 2 --num_filters 4 --stage_sizes 1,1,1"
+  TORCH="--device cpu --mode eager --steps 5 --warmup 2 --repeats 1 --n_train 2000"
+else
+  N_TRAIN=50000; N_TEST=10000; SPEED="--steps 400";
+  SEED=""; TORCH=""
+fi
+
+part() { echo "=== $1 ($(( $(date +%s) - T0 )) s)"; }
+record() { echo "$1" >> "$R"; echo "$1"; }
+
+part "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+$PY - <<'EOF' >> "$R"
+import json, platform, jax, flax, optax, orbax.checkpoint as ocp
+d = jax.devices()[0]
+print(json.dumps({"what": "machine", "device_kind": d.device_kind, "platform": d.platform,
+                  "devices": jax.device_count(), "python": platform.python_version(),
+                  "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+                  "orbax": ocp.__version__, "dtype": None, "batch_size": None}))
+EOF
+tail -1 "$R"
+
+part "synthetic CIFAR-10 archive (50,000 + 10,000 images)"
+$PY - "$DATA" $N_TRAIN $N_TEST <<'EOF'
+import sys
+sys.path.insert(0, "benchmarks")
+import resnet_jax as rj
+from common import random_cifar
+print(rj.data.write_archive(sys.argv[1], random_cifar(int(sys.argv[2]), int(sys.argv[3])), tar=False))
+EOF
+
+part "speed: seed model, float32 at batch 32/128/512, bfloat16 at 32"
+timeout 100 $PY benchmarks/speed.py --batch_size 32,128,512 --dtype float32 $SPEED --out "$R" --tag default
+timeout 45 $PY benchmarks/speed.py --batch_size 32 --dtype bfloat16 $SPEED --out "$R" --tag default
+
+part "the seed recipe end to end: train.py, 50 epochs"
+WORK=$(mktemp -d)/seed50
+start=$(date +%s.%N)
+timeout 240 $PY train.py --workdir "$WORK" --data_dir "$DATA" --verbose 1 $SEED 2>&1 \
+  | $PY -c 'import sys, time
+t0 = time.time()
+for line in sys.stdin:
+    print(f"{time.time() - t0:8.2f} {line}", end="", flush=True)' > "$OUT/seed_50_epochs.log"
+end=$(date +%s.%N)
+tail -4 "$OUT/seed_50_epochs.log"
+$PY - "$WORK" "$start" "$end" "$OUT/seed_50_epochs.log" <<'EOF' >> "$R"
+import json, sys, jax
+work, start, end, log = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+rows = [json.loads(l) for l in open(f"{work}/metrics.jsonl")]
+text = open(log).read()
+first = next((float(l.split()[0]) for l in text.splitlines() if "Epoch 1/" in l), None)
+print(json.dumps({
+    "what": "seed_50_epochs", "device_kind": jax.devices()[0].device_kind, "dtype": "float32",
+    "batch_size": 32, "seconds": round(end - start, 1), "epochs": len(rows),
+    "finished": "Test accuracy" in text, "seconds_before_epoch_1": first,
+    "epoch_seconds_first": round(rows[0]["seconds"], 2) if rows else None,
+    "epoch_seconds_median": round(sorted(r["seconds"] for r in rows)[len(rows) // 2], 3) if rows else None,
+    "epoch_seconds_sum": round(sum(r["seconds"] for r in rows), 1)}))
+EOF
+tail -1 "$R"
+
+part "PyTorch peer: eager, torch.compile, torch.compile reduce-overhead"
+timeout 180 $TORCH_PY benchmarks/torch_peer.py $TORCH --out "$R"
+
+part "GPU tests"
+timeout 150 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+tail -12 "$OUT/gpu_tests.log"
+if grep -q "FAILED.*sigkilled" "$OUT/gpu_tests.log"; then
+  part "resume exactness again, with --xla_gpu_deterministic_ops=true"
+  XLA_FLAGS=--xla_gpu_deterministic_ops=true timeout 60 $PY -m pytest -q -m gpu tests/test_gpu.py \
+    -k sigkilled -p no:cacheprovider > "$OUT/gpu_tests_deterministic.log" 2>&1
+  tail -3 "$OUT/gpu_tests_deterministic.log"
+fi
+
+part "speed: XLA flag variants, batch 32 float32"
+XLA_FLAGS=--xla_gpu_deterministic_ops=true timeout 45 $PY benchmarks/speed.py $SPEED --out "$R" --tag deterministic_ops
+XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,WHILE,CONVOLUTION,DYNAMIC_SLICE_FUSION \
+  timeout 45 $PY benchmarks/speed.py $SPEED --out "$R" --tag command_buffers_all
+
+part "table"
+$PY - "$R" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print(f"{'what':<18} {'tag':<20} {'dtype':<9} {'batch':>5} {'img/s':>9} {'s/epoch':>8} {'TFLOP/s':>7} {'compile':>7} seconds")
+for r in rows:
+    if r["what"] == "machine":
+        print("machine:", r["device_kind"], "jax", r["jax"], "python", r["python"])
+        continue
+    print(f"{r['what']:<18} {r.get('tag', ''):<20} {str(r.get('dtype')):<9} {str(r.get('batch_size')):>5} "
+          f"{r.get('train_images_per_s', ''):>9} {r.get('epoch_s', ''):>8} {r.get('tflops', ''):>7} "
+          f"{r.get('compile_s', r.get('warmup_s', '')):>7} {r.get('seconds', r.get('error', ''))}")
+EOF
+part "done"
