@@ -12,28 +12,32 @@ def add_model_args(parser, cpu_devices="auto"):
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_filters", type=int, default=32)
     parser.add_argument("--stage_sizes", default="3,3,2")
-    parser.add_argument("--cpu_devices", default=cpu_devices,
-                        help="as train.py: CPU split into per-core devices")
+    parser.add_argument(
+        "--cpu_devices", default=cpu_devices, help="as train.py: CPU split into per-core devices"
+    )
 
 
 def model_config(args, **fields) -> rj.Config:
-    return rj.Config(num_filters=args.num_filters,
-                     stage_sizes=tuple(int(s) for s in args.stage_sizes.split(",")), **fields)
+    return rj.Config(
+        num_filters=args.num_filters, stage_sizes=tuple(int(s) for s in args.stage_sizes.split(",")), **fields
+    )
 
 
 def configure_devices(args, config):
-    """As train.py: split the CPU into per-core devices (before JAX starts its backends)."""
-    parallel.configure_cpu_devices(args.cpu_devices, config.batch_size,
-                                   config.batch_size * rj.models.forward_flops(config))
+    """As train.py: the platform decisions (resnet_jax.tuning) before JAX starts its backends."""
+    rj.configure(config, args.cpu_devices)
 
 
 def random_cifar(n_train, n_test, seed=0) -> rj.Dataset:
     """CIFAR-shaped uint8 images with random labels: speed does not depend on the pixels."""
     rng = np.random.default_rng(seed)
-    return rj.Dataset(rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
-                      rng.integers(0, 10, n_train),
-                      rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
-                      rng.integers(0, 10, n_test), num_classes=10)
+    return rj.Dataset(
+        rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 10, n_train),
+        rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 10, n_test),
+        num_classes=10,
+    )
 
 
 def setup(args, dataset, **config_fields):
@@ -44,7 +48,8 @@ def setup(args, dataset, **config_fields):
     n = len(dataset.train_images)
     data = pipeline.to_device(dataset, rj.data.pixel_mean(dataset.train_images), config, mesh)
     spe = pipeline.steps_per_epoch(n, config.batch_size)
-    state = parallel.replicate(jax.device_get(
-        rj.create_train_state(config, jax.random.key(0), dataset.image_shape, spe)), mesh)
+    state = parallel.replicate(
+        jax.device_get(rj.create_train_state(config, jax.random.key(0), dataset.image_shape, spe)), mesh
+    )
     key = pipeline.epoch_key(jax.random.key(1), 0)
     return config, mesh, data, state, key, pipeline.permutation(key, n)

@@ -21,8 +21,14 @@ def build(keras, num_filters, stage_sizes, num_classes=10):
     reg = keras.regularizers.l2(1e-4)
 
     def conv(x, filters, kernel=3, strides=1):
-        return L.Conv2D(filters, kernel, strides=strides, padding="same",
-                        kernel_initializer="he_normal", kernel_regularizer=reg)(x)
+        return L.Conv2D(
+            filters,
+            kernel,
+            strides=strides,
+            padding="same",
+            kernel_initializer="he_normal",
+            kernel_regularizer=reg,
+        )(x)
 
     def bn(x):
         return L.BatchNormalization(momentum=0.99, epsilon=1e-3)(x)
@@ -49,7 +55,9 @@ def main():
     p.add_argument("--num_filters", type=int, default=32)
     p.add_argument("--stage_sizes", default="3,3,2")
     p.add_argument("--steps", type=int, default=40, help="steps per timed epoch")
-    p.add_argument("--repeats", type=int, default=3, help="timed epochs after a warm-up one; the fastest counts")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed epochs after a warm-up one; the fastest counts"
+    )
     a = p.parse_args()
     import keras
     import numpy as np
@@ -57,14 +65,18 @@ def main():
 
     stages = tuple(int(s) for s in a.stage_sizes.split(","))
     model = build(keras, a.num_filters, stages)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3, epsilon=1e-7),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3, epsilon=1e-7),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     rng = np.random.default_rng(0)
     n = a.steps * a.batch_size
     x = rng.random((n, 32, 32, 3), dtype=np.float32) - 0.5
     y = rng.integers(0, 10, (n, 1))
-    gen = ImageDataGenerator(width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True,
-                             fill_mode="nearest")
+    gen = ImageDataGenerator(
+        width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True, fill_mode="nearest"
+    )
     times = []
 
     class Timer(keras.callbacks.Callback):
@@ -74,13 +86,26 @@ def main():
         def on_epoch_end(self, epoch, logs=None):
             times.append(time.perf_counter() - self.start)
 
-    model.fit(gen.flow(x, y, batch_size=a.batch_size), epochs=1 + a.repeats, steps_per_epoch=a.steps,
-              verbose=0, callbacks=[Timer()])
+    model.fit(
+        gen.flow(x, y, batch_size=a.batch_size),
+        epochs=1 + a.repeats,
+        steps_per_epoch=a.steps,
+        verbose=0,
+        callbacks=[Timer()],
+    )
     steady = min(times[1:])
-    print(json.dumps({"framework": f"keras {keras.__version__} ({keras.backend.backend()}) fit + "
-                      "ImageDataGenerator", "batch_size": a.batch_size,
-                      "model": f"{a.num_filters}x{a.stage_sizes}", "params": model.count_params(),
-                      "train_images_per_s": round(a.steps * a.batch_size / steady, 1)}))
+    print(
+        json.dumps(
+            {
+                "framework": f"keras {keras.__version__} ({keras.backend.backend()}) fit + "
+                "ImageDataGenerator",
+                "batch_size": a.batch_size,
+                "model": f"{a.num_filters}x{a.stage_sizes}",
+                "params": model.count_params(),
+                "train_images_per_s": round(a.steps * a.batch_size / steady, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,14 +21,25 @@ import tempfile
 import time
 
 import jax
+from common import add_model_args, configure_devices, model_config, random_cifar, setup
 
 import resnet_jax as rj
-from common import add_model_args, configure_devices, model_config, random_cifar, setup
-from resnet_jax import parallel
+from resnet_jax import parallel, tuning
 from resnet_jax.hugepages import reexec_with_huge_pages
 
-WRAPPERS = ("ThunkExecutor", "$", "Pjit", "Common", "Parse", "Slinky", "Handle", "Thunk", "end: ",
-            "Allocate", "Wait for")
+WRAPPERS = (
+    "ThunkExecutor",
+    "$",
+    "Pjit",
+    "Common",
+    "Parse",
+    "Slinky",
+    "Handle",
+    "Thunk",
+    "end: ",
+    "Allocate",
+    "Wait for",
+)
 
 
 def hlo_ops(text):
@@ -60,8 +71,11 @@ def hlo_ops(text):
 def kind(name, is_conv):
     if is_conv:
         return "convolution"
-    for k, pattern in (("transpose", r"transpose|copy"), ("reduction", r"reduce"),
-                       ("collective", r"all-reduce|all-gather|collective")):
+    for k, pattern in (
+        ("transpose", r"transpose|copy"),
+        ("reduction", r"reduce"),
+        ("collective", r"all-reduce|all-gather|collective"),
+    ):
         if re.search(pattern, name):
             return k
     return "elementwise/other"
@@ -74,12 +88,13 @@ def main():
     p.add_argument("--top", type=int, default=15)
     a = p.parse_args()
     configure_devices(a, model_config(a, batch_size=a.batch_size))
-    _, mesh, _, state, _, _ = setup(a, random_cifar(4 * a.batch_size, a.batch_size),
-                                    batch_size=a.batch_size)
-    images = jax.device_put(jax.random.normal(jax.random.key(0), (a.batch_size, 32, 32, 3)),
-                            parallel.batch_sharded(mesh))
-    labels = jax.device_put(jax.random.randint(jax.random.key(1), (a.batch_size,), 0, 10),
-                            parallel.batch_sharded(mesh))
+    _, mesh, _, state, _, _ = setup(a, random_cifar(4 * a.batch_size, a.batch_size), batch_size=a.batch_size)
+    images = jax.device_put(
+        jax.random.normal(jax.random.key(0), (a.batch_size, 32, 32, 3)), parallel.batch_sharded(mesh)
+    )
+    labels = jax.device_put(
+        jax.random.randint(jax.random.key(1), (a.batch_size,), 0, 10), parallel.batch_sharded(mesh)
+    )
     step = jax.jit(rj.train_step, donate_argnums=0)
     ops = hlo_ops(step.lower(state, images, labels).compile().as_text())
     for _ in range(3):
@@ -108,15 +123,34 @@ def main():
     by_kind = collections.Counter()
     for name, ms in total.items():
         by_kind[kind(name, ops.get(name, ("", "", False))[2])] += ms
-    top = [{"op": n, "ms": round(ms, 3), "shape": ops.get(n, ("?",))[0],
-            "from": ops.get(n, ("", ""))[1][-80:] or ("convolution" if ops.get(n, ("", "", False))[2] else "")} for n, ms in total.most_common(a.top)]
-    print(json.dumps({
-        "device": jax.devices()[0].device_kind, "devices": mesh.size, "model": f"{a.num_filters}x{a.stage_sizes}",
-        "batch_size": a.batch_size, "wall_ms_per_step": round(wall_ms, 2),
-        "ops_per_step": round(sum(count.values()) / a.steps), "op_ms_per_step": round(sum(total.values()), 2),
-        "ms_by_kind": {k: round(v, 2) for k, v in by_kind.most_common()}, "top_ops": top}))
+    top = [
+        {
+            "op": n,
+            "ms": round(ms, 3),
+            "shape": ops.get(n, ("?",))[0],
+            "from": ops.get(n, ("", ""))[1][-80:]
+            or ("convolution" if ops.get(n, ("", "", False))[2] else ""),
+        }
+        for n, ms in total.most_common(a.top)
+    ]
+    print(
+        json.dumps(
+            {
+                "device": jax.devices()[0].device_kind,
+                "devices": mesh.size,
+                "model": f"{a.num_filters}x{a.stage_sizes}",
+                "batch_size": a.batch_size,
+                "wall_ms_per_step": round(wall_ms, 2),
+                "ops_per_step": round(sum(count.values()) / a.steps),
+                "op_ms_per_step": round(sum(total.values()), 2),
+                "ms_by_kind": {k: round(v, 2) for k, v in by_kind.most_common()},
+                "top_ops": top,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()  # as train.py: huge-page malloc (resnet_jax/hugepages.py)
+    if tuning.detect_platform() == "cpu":
+        reexec_with_huge_pages()  # as train.py: huge-page malloc (resnet_jax/hugepages.py)
     main()

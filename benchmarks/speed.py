@@ -23,10 +23,11 @@ import sys
 import time
 
 import jax
+from common import add_model_args, configure_devices, model_config, random_cifar, setup
+from jsonl import emit
 
 import resnet_jax as rj
-from common import add_model_args, configure_devices, model_config, random_cifar, setup
-from resnet_jax import pipeline
+from resnet_jax import pipeline, tuning
 from resnet_jax.hugepages import environ_before_restart, reexec_with_huge_pages
 
 N_TRAIN, N_TEST = 50_000, 10_000
@@ -34,8 +35,13 @@ N_TRAIN, N_TEST = 50_000, 10_000
 
 def measure(a, batch_size, dtype, dataset):
     config, mesh, data, state, key, perm = setup(
-        a, dataset, batch_size=batch_size, dtype=dtype, device_loop=a.device_loop,
-        **({"steps_per_call": a.steps_per_call} if a.steps_per_call else {}))
+        a,
+        dataset,
+        batch_size=batch_size,
+        dtype=dtype,
+        device_loop=a.device_loop,
+        **({"steps_per_call": a.steps_per_call} if a.steps_per_call else {}),
+    )
     k = min(config.steps_per_call, N_TRAIN // batch_size)  # a call never spans epochs
     calls = max(1, round(a.steps / k))
     chunk = pipeline.make_train_chunk(mesh, config.device_loop)
@@ -67,32 +73,56 @@ def measure(a, batch_size, dtype, dataset):
     images_per_s = calls * k * batch_size / train_s
     flops = 3 * rj.models.forward_flops(config, (32, 32, 3))
     return {
-        "what": a.what, "device_kind": jax.devices()[0].device_kind, "devices": mesh.size,
-        "batch_size": batch_size, "dtype": dtype, "model": f"{a.num_filters}x{a.stage_sizes}",
-        "device_loop": pipeline.resolve_loop(mesh, config.device_loop), "steps_per_call": k,
+        "what": a.what,
+        "device_kind": jax.devices()[0].device_kind,
+        "devices": mesh.size,
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "model": f"{a.num_filters}x{a.stage_sizes}",
+        "device_loop": pipeline.resolve_loop(mesh, config.device_loop),
+        "steps_per_call": k,
         "train_images_per_s": round(images_per_s, 1),
         "ms_per_step": round(1e3 * batch_size / images_per_s, 4),
         "epoch_s": round(N_TRAIN / images_per_s, 2),
         "eval_images_per_s": round(N_TEST / min(eval_times), 1),
         "compile_s": round(max(first - train_s, 0.0), 2),
         "tflops": round(flops * images_per_s / 1e12, 4),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "tag": a.tag,
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "tag": a.tag,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+    }
 
 
 def keras(a, batch_size, images_per_s):
     here = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, os.path.join(here, "keras_baseline.py"),
-                          "--batch_size", str(batch_size), "--num_filters", str(a.num_filters),
-                          "--stage_sizes", a.stage_sizes, "--steps", str(a.steps),
-                          "--repeats", str(a.repeats)], capture_output=True, text=True,
-                         env=environ_before_restart())  # Keras as users run it
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(here, "keras_baseline.py"),
+            "--batch_size",
+            str(batch_size),
+            "--num_filters",
+            str(a.num_filters),
+            "--stage_sizes",
+            a.stage_sizes,
+            "--steps",
+            str(a.steps),
+            "--repeats",
+            str(a.repeats),
+        ],
+        capture_output=True,
+        text=True,
+        env=environ_before_restart(),
+    )  # Keras as users run it
     if out.returncode != 0:
         sys.exit(f"keras baseline failed: {out.stderr.strip().splitlines()[-1:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"keras_train_images_per_s": result["train_images_per_s"], "keras": result["framework"],
-            "keras_glibc_tunables": environ_before_restart().get("GLIBC_TUNABLES", ""),
-            "speedup_vs_keras": round(images_per_s / result["train_images_per_s"], 2)}
+    return {
+        "keras_train_images_per_s": result["train_images_per_s"],
+        "keras": result["framework"],
+        "keras_glibc_tunables": environ_before_restart().get("GLIBC_TUNABLES", ""),
+        "speedup_vs_keras": round(images_per_s / result["train_images_per_s"], 2),
+    }
 
 
 def main():
@@ -102,9 +132,12 @@ def main():
     batch.type, batch.default, batch.help = str, "32", "comma-separated: 32,128,512"
     p.add_argument("--dtype", default="float32", help="comma-separated: float32,bfloat16")
     p.add_argument("--steps", type=int, default=200, help="train steps per timed window")
-    p.add_argument("--steps_per_call", type=int, default=0,
-                   help="train steps per device call (default: the Config's)")
-    p.add_argument("--repeats", type=int, default=3, help="timed windows; the fastest is reported (Keras too)")
+    p.add_argument(
+        "--steps_per_call", type=int, default=0, help="train steps per device call (default: the Config's)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed windows; the fastest is reported (Keras too)"
+    )
     p.add_argument("--device_loop", default="auto")
     p.add_argument("--keras", action="store_true", help="also run benchmarks/keras_baseline.py")
     p.add_argument("--what", default="seed_epoch", help="the `what` field of each JSON line")
@@ -120,13 +153,10 @@ def main():
             result = measure(a, batch_size, dtype, dataset)
             if a.keras:
                 result.update(keras(a, batch_size, result["train_images_per_s"]))
-            line = json.dumps(result)
-            print(line, flush=True)
-            if a.out:
-                with open(a.out, "a") as f:
-                    f.write(line + "\n")
+            emit(result, a.out)
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()  # as train.py: huge-page malloc (resnet_jax/hugepages.py)
+    if tuning.detect_platform() == "cpu":
+        reexec_with_huge_pages()  # as train.py: huge-page malloc (resnet_jax/hugepages.py)
     main()

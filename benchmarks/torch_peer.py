@@ -15,13 +15,13 @@ compile_cudagraphs (mode="reduce-overhead"). Prints one JSON line per mode (what
 """
 
 import argparse
-import json
 import math
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from jsonl import emit
 
 
 def he_normal_(weight):
@@ -113,7 +113,7 @@ def run(mode, a, images, labels):
     def step():
         if state["pos"] + a.batch_size > n:
             state["perm"], state["pos"] = torch.randperm(n, device=a.device), 0
-        idx = state["perm"][state["pos"]:state["pos"] + a.batch_size]
+        idx = state["perm"][state["pos"] : state["pos"] + a.batch_size]
         state["pos"] += a.batch_size
         state["t"] += 1
         opt.param_groups[0]["eps"] = eps / math.sqrt(1 - b2 ** state["t"])  # Keras's form
@@ -138,11 +138,18 @@ def run(mode, a, images, labels):
         times.append(time.perf_counter() - start)
     best = min(times)
     ips = a.steps * a.batch_size / best
-    return {"what": f"torch_{mode}", "device_kind": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
-            "dtype": "float32", "batch_size": a.batch_size, "train_images_per_s": round(ips, 1),
-            "ms_per_step": round(1e3 * best / a.steps, 4), "epoch_s": round(50_000 / ips, 2),
-            "warmup_s": round(warmup_s, 2), "torch": torch.__version__,
-            "loss_finite": bool(torch.isfinite(totals[0]).item())}
+    return {
+        "what": f"torch_{mode}",
+        "device_kind": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+        "dtype": "float32",
+        "batch_size": a.batch_size,
+        "train_images_per_s": round(ips, 1),
+        "ms_per_step": round(1e3 * best / a.steps, 4),
+        "epoch_s": round(50_000 / ips, 2),
+        "warmup_s": round(warmup_s, 2),
+        "torch": torch.__version__,
+        "loss_finite": bool(torch.isfinite(totals[0]).item()),
+    }
 
 
 def sync(device):
@@ -167,19 +174,14 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     g = torch.Generator(device=a.device).manual_seed(0)
-    images = torch.randint(0, 256, (a.n_train, 32, 32, 3), dtype=torch.uint8, device=a.device,
-                           generator=g)
+    images = torch.randint(0, 256, (a.n_train, 32, 32, 3), dtype=torch.uint8, device=a.device, generator=g)
     labels = torch.randint(0, 10, (a.n_train,), device=a.device, generator=g)
     for mode in a.mode.split(","):
         try:
             result = run(mode, a, images, labels)
         except Exception as e:  # noqa: BLE001 - report and go on with the next mode
             result = {"what": f"torch_{mode}", "error": f"{type(e).__name__}: {str(e)[:300]}"}
-        line = json.dumps(result)
-        print(line, flush=True)
-        if a.out:
-            with open(a.out, "a") as f:
-                f.write(line + "\n")
+        emit(result, a.out)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,70 @@
 """resnet_jax: the seed Keras ResNet v1 on CIFAR-10, reproduced in JAX/Flax.
 
 Notebook API: Config, ResNet, load_dataset / Dataset, augment, create_train_state, train_step,
-eval_step, train_and_evaluate, restore, predict.
+eval_step, train_and_evaluate, restore, predict, configure. Names load on first use: `import resnet_jax`
+imports JAX but starts no backend and loads no Flax, optax or orbax, so the command line can
+make its platform decisions (resnet_jax.tuning) first.
 """
 
-from resnet_jax.augment import augment
-from resnet_jax.config import Config, tiny
-from resnet_jax.data import Dataset, load_dataset
-from resnet_jax.errors import UserError
-from resnet_jax.models import ResNet
-from resnet_jax.optim import lr_for_epoch, make_optimizer, scale_by_keras_adam, schedule
-from resnet_jax.steps import TrainState, create_train_state, eval_step, l2_penalty, predict, train_step
-from resnet_jax.loop import evaluate_checkpoint, restore, train_and_evaluate
+import importlib
+
+from resnet_jax.augment import augment  # eager: a function named like its module (imports jax)
+
+_NAMES = {
+    "Config": "config",
+    "tiny": "config",
+    "Dataset": "data",
+    "load_dataset": "data",
+    "UserError": "errors",
+    "ResNet": "models",
+    "lr_for_epoch": "optim",
+    "make_optimizer": "optim",
+    "scale_by_keras_adam": "optim",
+    "schedule": "optim",
+    "TrainState": "steps",
+    "create_train_state": "steps",
+    "eval_step": "steps",
+    "l2_penalty": "steps",
+    "predict": "steps",
+    "train_step": "steps",
+    "evaluate_checkpoint": "loop",
+    "restore": "loop",
+    "train_and_evaluate": "loop",
+    "configure": "tuning",
+}
+_MODULES = {
+    "augment",
+    "checkpoint",
+    "cli",
+    "config",
+    "data",
+    "distributed",
+    "errors",
+    "hugepages",
+    "layers",
+    "loop",
+    "models",
+    "optim",
+    "parallel",
+    "pipeline",
+    "report",
+    "steps",
+    "tuning",
+    "workdir",
+}
+__all__ = sorted(_NAMES) + ["augment"]
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f"resnet_jax.{_NAMES[name]}"), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f"resnet_jax.{name}")
+    else:
+        raise AttributeError(f"module 'resnet_jax' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(__all__) | _MODULES)

@@ -19,8 +19,9 @@ def shift_matrix(shift: jax.Array, size: int) -> jax.Array:
     rows = jnp.arange(size, dtype=jnp.float32) + lo
     i0 = jnp.clip(rows, 0, size - 1).astype(jnp.int32)
     i1 = jnp.clip(rows + 1, 0, size - 1).astype(jnp.int32)
-    return ((1 - frac) * jax.nn.one_hot(i0, size, dtype=jnp.float32)
-            + frac * jax.nn.one_hot(i1, size, dtype=jnp.float32))
+    return (1 - frac) * jax.nn.one_hot(i0, size, dtype=jnp.float32) + frac * jax.nn.one_hot(
+        i1, size, dtype=jnp.float32
+    )
 
 
 def transform(images: jax.Array, row_shift, col_shift, flip) -> jax.Array:
@@ -29,8 +30,7 @@ def transform(images: jax.Array, row_shift, col_shift, flip) -> jax.Array:
     rows = jax.vmap(shift_matrix, (0, None))(row_shift.astype(jnp.float32), height)
     cols = jax.vmap(shift_matrix, (0, None))(col_shift.astype(jnp.float32), width)
     cols = jnp.where(flip[:, None, None], cols[:, ::-1, :], cols)
-    out = jnp.einsum("bri,bijc->brjc", rows, images.astype(jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
+    out = jnp.einsum("bri,bijc->brjc", rows, images.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return jnp.einsum("bcj,brjk->brck", cols, out, precision=jax.lax.Precision.HIGHEST)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -25,33 +24,43 @@ log = logging.getLogger(__name__)
 FOLDER = "checkpoints"
 
 
+ARRAYS = ("step", "params", "batch_stats", "opt_state", "pixel_mean")  # a TrainState's saved fields
+
+
 def arrays_of(state) -> dict:
-    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state, "pixel_mean": state.pixel_mean}
+    return {name: getattr(state, name) for name in ARRAYS}
 
 
 class Checkpoints:
     def __init__(self, workdir: str, read_only: bool = False):
         self.path = os.path.join(os.path.abspath(workdir), FOLDER)
-        keep = policies.AnyPreservationPolicy([
-            policies.LatestN(n=2),
-            policies.BestN(get_metric_fn=lambda m: m["rank"], n=1,
-                           keep_checkpoints_without_metrics=False),
-        ])
+        keep = policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(n=2),
+                policies.BestN(
+                    get_metric_fn=lambda m: m["rank"], n=1, keep_checkpoints_without_metrics=False
+                ),
+            ]
+        )
         # best_fn is needed too: without it orbax stores no metrics and BestN sees none.
         # Async saves: `save` returns once the arrays are copied off the devices and the files
         # are written in the background (the next save, `restore` and `close` wait for them).
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=keep, best_fn=lambda m: m["rank"], best_mode="max",
-            enable_async_checkpointing=not read_only, create=not read_only, read_only=read_only,
-            cleanup_tmp_directories=not read_only)
+            preservation_policy=keep,
+            best_fn=lambda m: m["rank"],
+            best_mode="max",
+            enable_async_checkpointing=not read_only,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+        )
         self.manager = ocp.CheckpointManager(self.path, options=options, item_names=("state", "meta"))
         self._after_save = []  # callbacks of saves still being written
 
     def steps(self):
         return sorted(self.manager.all_steps())
 
-    def save(self, state, meta: dict, rank: Optional[int], then=None):
+    def save(self, state, meta: dict, rank: int | None, then=None):
         """Save at the state's step; `rank` None for mid-epoch saves (not candidates for best).
 
         Returns once the arrays are off the devices; `then()` runs (from `poll` or `wait`) once
@@ -59,9 +68,14 @@ class Checkpoints:
         self.wait()  # the previous save (long finished, an epoch ago) and its callbacks
         step = int(jax.device_get(state.step))
         if step not in self.steps():
-            self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(arrays_of(state)), meta=ocp.args.JsonSave(meta)),
-                metrics=None if rank is None else {"rank": rank}, force=True)
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(arrays_of(state)), meta=ocp.args.JsonSave(meta)
+                ),
+                metrics=None if rank is None else {"rank": rank},
+                force=True,
+            )
         if then is not None:
             self._after_save.append(then)
 
@@ -78,16 +92,10 @@ class Checkpoints:
         for f in callbacks:
             f()
 
-    def best_step(self) -> Optional[int]:
-        ranked = []
-        for step in self.steps():
-            try:
-                metrics = self.manager.metrics(step)
-            except Exception:  # unreadable metrics: not a candidate
-                continue
-            if metrics and metrics.get("rank", -1) >= 0:
-                ranked.append((metrics["rank"], step))
-        return max(ranked)[1] if ranked else None
+    def best_step(self) -> int | None:
+        """The last epoch whose val_acc strictly improved (orbax's best by `rank`)."""
+        step = self.manager.best_step()
+        return step if step is not None and self.manager.metrics(step).get("rank", -1) >= 0 else None
 
     def restore(self, template, which: str = "latest"):
         """(state, meta) from the chosen checkpoint, or None if there is none yet.
@@ -104,9 +112,13 @@ class Checkpoints:
         errors = []
         for step in candidates:
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(_abstract(arrays_of(template))),
-                    meta=ocp.args.JsonRestore()))
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(_abstract(arrays_of(template))),
+                        meta=ocp.args.JsonRestore(),
+                    ),
+                )
             except Exception as e:  # corrupt or foreign: try the previous one, delete nothing
                 errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 log.warning("checkpoint at step %d is unreadable, trying an older one", step)
@@ -116,8 +128,10 @@ class Checkpoints:
             state = template.replace(**restored["state"])
             return state, dict(restored["meta"])
         if errors:
-            raise UserError(f"no readable checkpoint in {self.path} ({'; '.join(errors)}); "
-                            "nothing was deleted: move the folder away or use another --workdir")
+            raise UserError(
+                f"no readable checkpoint in {self.path} ({'; '.join(errors)}); "
+                "nothing was deleted: move the folder away or use another --workdir"
+            )
         return None
 
     def close(self):
@@ -129,4 +143,9 @@ class Checkpoints:
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+    """Shapes, dtypes and placements to restore into (the default device where none is given)."""
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default),
+        tree,
+    )

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
 import signal
 import sys
 import threading
 import typing
 
+from resnet_jax import hugepages, tuning
 from resnet_jax.config import Config
 from resnet_jax.errors import Interrupted, UserError
 
@@ -20,60 +19,97 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class _Help(argparse.HelpFormatter):
+    """Adds `(default: X)` to a flag's help unless X is None or False or the help says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        value = action.default
+        if isinstance(value, tuple):
+            value = ",".join(str(v) for v in value)
+        return f"{text} (default: {value})"
+
+
 def _parse_tuple(kind):
     def parse(text: str):
         try:
             return tuple(kind(v) for v in text.split(",") if v.strip() != "")
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind.__name__}s, got {text!r}"
+            ) from None
+
     parse.__name__ = f"comma-separated {kind.__name__}s"
     return parse
 
 
-def _field_help() -> dict:
-    """Each Config field's trailing comment in config.py, as its --help text."""
-    source = inspect.getsource(Config)
-    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): [^#\n]*# (.*)$", source, re.M)}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="train.py", description="Train the seed ResNet (resnet_jax); every flag "
-                     "is a field of resnet_jax.Config, defaults are the seed recipe.",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(
+        prog="train.py",
+        description="Train the seed ResNet (resnet_jax); every flag "
+        "is a field of resnet_jax.Config, defaults are the seed recipe.",
+        formatter_class=_Help,
+        allow_abbrev=False,
+    )
     parser.add_argument("--workdir", default="ckpt", help="checkpoints, metrics.jsonl, curves.png")
-    hints, helps = typing.get_type_hints(Config), _field_help()
+    hints = typing.get_type_hints(Config)
     for field in dataclasses.fields(Config):
         hint, flag = hints[field.name], f"--{field.name}"
         args = typing.get_args(hint)
-        kw = dict(default=field.default, help=helps.get(field.name, " "))
+        kw = dict(default=field.default, help=field.metadata["help"])
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(hint) is tuple:
-            parser.add_argument(flag, type=_parse_tuple(args[0]), **kw,
-                                metavar=",".join(str(v) for v in field.default) or "A,B")
+            parser.add_argument(
+                flag,
+                type=_parse_tuple(args[0]),
+                **kw,
+                metavar=",".join(str(v) for v in field.default) or "A,B",
+            )
         elif type(None) in args:  # Optional[str]
             parser.add_argument(flag, type=args[0], **kw)
         else:
             parser.add_argument(flag, type=hint, **kw)
-    parser.add_argument("--eval_only", action="store_true",
-                        help="evaluate a saved checkpoint on the test set instead of training")
-    parser.add_argument("--which", choices=("best", "latest"), default=None,
-                        help="checkpoint for --eval_only (default best)")
+    parser.add_argument(
+        "--eval_only",
+        action="store_true",
+        help="evaluate a saved checkpoint on the test set instead of training",
+    )
+    parser.add_argument(
+        "--which",
+        choices=("best", "latest"),
+        default=None,
+        help="checkpoint for --eval_only: best (the default) or latest",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only errors")
     multi = parser.add_argument_group("many hosts (jax.distributed; see README)")
-    multi.add_argument("--distributed", action="store_true",
-                       help="join a multi-process run; with no other flag JAX detects the cluster "
-                       "(SLURM, Open MPI, TPU, Kubernetes)")
+    multi.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run; with no other flag JAX detects the cluster "
+        "(SLURM, Open MPI, TPU, Kubernetes)",
+    )
     multi.add_argument("--coordinator_address", default=None, help="host:port of process 0")
-    multi.add_argument("--num_processes", type=int, default=None)
-    multi.add_argument("--process_id", type=int, default=None)
-    multi.add_argument("--init_timeout", type=int, default=120,
-                       help="seconds to wait for all processes to join")
-    multi.add_argument("--cpu_devices", default="auto",
-                       help="CPU only: JAX devices to split the CPU into (data parallel over cores); "
-                       "auto: one per core, a divisor of --batch_size")
-    parser.add_argument("--verbose", type=int, default=None, choices=(0, 1, 2),
-                        help="0 silent, 1 epoch lines, 2 plus a progress bar on terminals (default: 2)")
+    multi.add_argument("--num_processes", type=int, default=None, help="how many processes in all")
+    multi.add_argument("--process_id", type=int, default=None, help="this process's number, 0..N-1")
+    multi.add_argument(
+        "--init_timeout", type=int, default=120, help="seconds to wait for all processes to join"
+    )
+    multi.add_argument(
+        "--cpu_devices",
+        default="auto",
+        help="CPU only: JAX devices to split the CPU into (data parallel over cores); "
+        "auto: one per core, a divisor of --batch_size",
+    )
+    parser.add_argument(
+        "--verbose",
+        type=int,
+        default=None,
+        choices=(0, 1, 2),
+        help="0 silent, 1 epoch lines, 2 (the default) plus a progress bar on terminals",
+    )
     return parser
 
 
@@ -103,20 +139,19 @@ def main(argv=None) -> int:
     stop = threading.Event()
     try:
         config = config_from_args(args)
-        from resnet_jax import models, parallel  # imports JAX, before any device is touched
-
-        parallel.configure_cpu_devices(args.cpu_devices, config.batch_size,
-                                       config.batch_size * models.forward_flops(config))
+        if not args.eval_only and tuning.detect_platform() == "cpu":
+            hugepages.reexec_with_huge_pages()  # a CPU run that will train: once, from here
+        tuning.configure(config, args.cpu_devices)  # before JAX starts its backends
         if args.distributed or args.coordinator_address or args.num_processes or args.process_id is not None:
             from resnet_jax import distributed
 
-            distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                                   args.init_timeout)
+            distributed.initialize(
+                args.coordinator_address, args.num_processes, args.process_id, args.init_timeout
+            )
         from resnet_jax import loop  # imports JAX: after the cheap checks
 
         if args.eval_only:
-            loss, acc = loop.evaluate_checkpoint(args.workdir, args.which or "best",
-                                                 data_dir=args.data_dir)
+            loss, acc = loop.evaluate_checkpoint(args.workdir, args.which or "best", data_dir=args.data_dir)
             print(f"Test loss: {loss}")
             print(f"Test accuracy: {acc}")
             return 0
@@ -125,8 +160,11 @@ def main(argv=None) -> int:
             if stop.is_set():  # a second Ctrl-C: give up at once (checkpoints stay intact)
                 raise KeyboardInterrupt
             stop.set()
-            print(f"\n{signal.Signals(signum).name}: saving the latest state after this device "
-                  "call...", file=sys.stderr, flush=True)
+            print(
+                f"\n{signal.Signals(signum).name}: saving the latest state after this device call...",
+                file=sys.stderr,
+                flush=True,
+            )
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)

@@ -9,7 +9,7 @@ import pickle
 import socket
 import tarfile
 import zlib
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -17,8 +17,13 @@ from resnet_jax.errors import UserError
 
 # name -> (archive file, extracted folder, train files, test files, label key)
 ARCHIVES = {
-    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py",
-                [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+    "cifar10": (
+        "cifar-10-python.tar.gz",
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "labels",
+    ),
     "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", ["train"], ["test"], "fine_labels"),
 }
 DOWNLOAD_HOST = ("www.cs.toronto.edu", 443)  # where tfds fetches CIFAR from
@@ -32,21 +37,27 @@ class Dataset:
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
-    num_classes: Optional[int] = None  # None: 1 + the largest label
+    num_classes: int | None = None  # None: 1 + the largest label
 
     def __post_init__(self):
         for split in ("train", "test"):
             images = np.asarray(getattr(self, f"{split}_images"))
             labels = np.asarray(getattr(self, f"{split}_labels"))
             if images.dtype != np.uint8:
-                raise UserError(f"{split}_images must be uint8 (0-255), got {images.dtype}; "
-                                "convert with np.uint8 (floats in [0, 1]: multiply by 255 first)")
+                raise UserError(
+                    f"{split}_images must be uint8 (0-255), got {images.dtype}; "
+                    "convert with np.uint8 (floats in [0, 1]: multiply by 255 first)"
+                )
             if images.ndim != 4:
-                raise UserError(f"{split}_images must be (N, H, W, C), got shape {images.shape}; "
-                                "add a channel axis with images[..., None]")
+                raise UserError(
+                    f"{split}_images must be (N, H, W, C), got shape {images.shape}; "
+                    "add a channel axis with images[..., None]"
+                )
             if labels.ndim != 1 or len(labels) != len(images):
-                raise UserError(f"{split}_labels must be ({len(images)},) to match {split}_images, "
-                                f"got shape {labels.shape}")
+                raise UserError(
+                    f"{split}_labels must be ({len(images)},) to match {split}_images, "
+                    f"got shape {labels.shape}"
+                )
             if labels.size and not np.issubdtype(labels.dtype, np.integer):
                 raise UserError(f"{split}_labels must be integers, got {labels.dtype}")
             if len(images) == 0:
@@ -54,8 +65,10 @@ class Dataset:
             object.__setattr__(self, f"{split}_images", images)
             object.__setattr__(self, f"{split}_labels", labels.astype(np.int32))
         if self.train_images.shape[1:] != self.test_images.shape[1:]:
-            raise UserError(f"train and test images differ in shape: {self.train_images.shape[1:]} "
-                            f"vs {self.test_images.shape[1:]}")
+            raise UserError(
+                f"train and test images differ in shape: {self.train_images.shape[1:]} "
+                f"vs {self.test_images.shape[1:]}"
+            )
         top = int(max(self.train_labels.max(), self.test_labels.max()))
         low = int(min(self.train_labels.min(), self.test_labels.min()))
         num_classes = self.num_classes if self.num_classes is not None else top + 1
@@ -73,23 +86,27 @@ def pixel_mean(images: np.ndarray) -> np.ndarray:
     return (images.mean(axis=0, dtype=np.float64) / 255.0).astype(np.float32)
 
 
-def load_dataset(name: str = "cifar10", data_dir: Optional[str] = None) -> Dataset:
+def load_dataset(name: str = "cifar10", data_dir: str | None = None) -> Dataset:
     """CIFAR-10/100 from an official archive under `data_dir` if there is one, else from tfds."""
     if name not in ARCHIVES:
-        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(ARCHIVES)} "
-                        "or build a resnet_jax.Dataset from your own arrays")
+        raise UserError(
+            f"unknown dataset {name!r}; choose one of {', '.join(ARCHIVES)} "
+            "or build a resnet_jax.Dataset from your own arrays"
+        )
     if data_dir is not None:
         data_dir = os.path.expanduser(str(data_dir))
         if not os.path.exists(data_dir):
-            raise UserError(f"data_dir {data_dir} does not exist; point it at {ARCHIVES[name][0]}, "
-                            f"{ARCHIVES[name][1]}/ or a tfds data directory")
+            raise UserError(
+                f"data_dir {data_dir} does not exist; point it at {ARCHIVES[name][0]}, "
+                f"{ARCHIVES[name][1]}/ or a tfds data directory"
+            )
         found = find_archive(name, data_dir)
         if found is not None:
             return read_archive(name, found)
     return load_tfds(name, data_dir)
 
 
-def find_archive(name: str, path: str) -> Optional[str]:
+def find_archive(name: str, path: str) -> str | None:
     """The archive or extracted folder for `name` at or directly under `path`, if any."""
     archive, folder, train_files, _, _ = ARCHIVES[name]
     other = [a for n, a in ARCHIVES.items() if n != name]
@@ -104,17 +121,22 @@ def find_archive(name: str, path: str) -> Optional[str]:
             return candidate
     for a in other:
         if os.path.exists(os.path.join(path, a[0])) or os.path.exists(os.path.join(path, a[1])):
-            raise UserError(f"{path} holds {a[1]} but the dataset is {name}; pass the matching "
-                            "--dataset")
+            raise UserError(f"{path} holds {a[1]} but the dataset is {name}; pass the matching --dataset")
     return None
 
 
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles the CIFAR batch dicts and nothing that could run code."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -131,8 +153,9 @@ def _parse_batch(raw: bytes, label_key: str, where: str):
         raise UserError(f"{where} does not hold a CIFAR batch dict (got {type(batch).__name__})")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or label_key not in batch:
-        raise UserError(f"{where} lacks the 'data' and '{label_key}' entries of a CIFAR batch "
-                        f"(has {sorted(batch)})")
+        raise UserError(
+            f"{where} lacks the 'data' and '{label_key}' entries of a CIFAR batch (has {sorted(batch)})"
+        )
     data = np.asarray(batch["data"])
     labels = np.asarray(batch[label_key])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
@@ -160,8 +183,9 @@ def _read_members(path: str, names) -> dict:
                     out[base] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         reason = str(e).splitlines()[0].rstrip(":")
-        raise UserError(f"{path} is truncated or not a CIFAR tar.gz archive ({reason}); download it "
-                        "again") from None
+        raise UserError(
+            f"{path} is truncated or not a CIFAR tar.gz archive ({reason}); download it again"
+        ) from None
     return out
 
 
@@ -174,20 +198,30 @@ def read_archive(name: str, path: str) -> Dataset:
         raise UserError(f"{path} is not a complete {name} archive: missing {', '.join(missing)}")
     split = lambda files: [_parse_batch(raw[n], label_key, f"{path}:{n}") for n in files if n in raw]
     train, test = split(train_files), split(test_files)
-    return Dataset(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
-                   np.concatenate([x for x, _ in test]), np.concatenate([y for _, y in test]),
-                   num_classes=100 if name == "cifar100" else 10)
+    return Dataset(
+        np.concatenate([x for x, _ in train]),
+        np.concatenate([y for _, y in train]),
+        np.concatenate([x for x, _ in test]),
+        np.concatenate([y for _, y in test]),
+        num_classes=100 if name == "cifar100" else 10,
+    )
 
 
-def write_archive(root: str, dataset: Dataset, name: str = "cifar10", tar: bool = True,
-                  rows: Optional[Sequence[int]] = None, bytes_keys: bool = True) -> str:
+def write_archive(
+    root: str,
+    dataset: Dataset,
+    name: str = "cifar10",
+    tar: bool = True,
+    rows: Sequence[int] | None = None,
+    bytes_keys: bool = True,
+) -> str:
     """Write `dataset` under `root` in the official CIFAR python layout; returns its path.
 
     The inverse of `read_archive`: a tar.gz (or, with tar=False, the extracted folder) holding
-    pickled batch dicts of channel-major uint8 rows, as the official download does. `rows` splits
-    the training images over the first len(rows) training files (default: all, evenly); `bytes_keys` pickles the
-    dict keys as bytes, as the official Python 2 files do. Lets tests and benchmarks make
-    CIFAR-shaped data offline.
+    pickled batch dicts of channel-major uint8 rows, as the official download does. `rows`
+    splits the training images over the first len(rows) training files (default: all, evenly);
+    `bytes_keys` pickles the dict keys as bytes, as the official Python 2 files do. Lets tests
+    and benchmarks make CIFAR-shaped data offline.
     """
     archive, folder, train_files, test_files, label_key = ARCHIVES[name]
     if dataset.image_shape != (32, 32, 3):
@@ -198,13 +232,18 @@ def write_archive(root: str, dataset: Dataset, name: str = "cifar10", tar: bool 
     if not 0 < len(rows) <= len(train_files) or sum(rows) != n:
         raise UserError(f"rows must split the {n} training images over {len(train_files)} files")
     ends = np.cumsum([0] + list(rows))
-    parts = [(f, dataset.train_images[a:b], dataset.train_labels[a:b])
-             for f, a, b in zip(train_files, ends[:-1], ends[1:])]
+    parts = [
+        (f, dataset.train_images[a:b], dataset.train_labels[a:b])
+        for f, a, b in zip(train_files, ends[:-1], ends[1:])
+    ]
     parts.append((test_files[0], dataset.test_images, dataset.test_labels))
 
     def pickled(images, labels):
-        d = {"data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072),
-             label_key: labels.astype(np.int64).tolist(), "batch_label": "resnet_jax"}
+        d = {
+            "data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072),
+            label_key: labels.astype(np.int64).tolist(),
+            "batch_label": "resnet_jax",
+        }
         return pickle.dumps({k.encode(): v for k, v in d.items()} if bytes_keys else d, protocol=2)
 
     os.makedirs(root, exist_ok=True)
@@ -230,7 +269,8 @@ def _offline_error(name: str, data_dir) -> UserError:
     return UserError(
         f"cannot download {name}: no network and no prepared copy in {data_dir or 'the tfds data dir'}. "
         f"Offline, either pass --data_dir pointing at the official {archive} (or its extracted "
-        f"{folder}/), or at a tfds data_dir where {name} was prepared (TFDS_DATA_DIR)")
+        f"{folder}/), or at a tfds data_dir where {name} was prepared (TFDS_DATA_DIR)"
+    )
 
 
 def _reachable(address, timeout: float = 5.0) -> bool:
@@ -252,13 +292,14 @@ def _tfds():
     return tfds
 
 
-def load_tfds(name: str, data_dir: Optional[str] = None) -> Dataset:
+def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
     """CIFAR through tensorflow-datasets: uses a prepared copy, else downloads (quick fail offline)."""
     tfds = _tfds()
 
     def load(download: bool):
-        splits = tfds.load(name, split=["train", "test"], as_supervised=True, data_dir=data_dir,
-                           download=download)
+        splits = tfds.load(
+            name, split=["train", "test"], as_supervised=True, data_dir=data_dir, download=download
+        )
         # Batch by hand: batch_size=-1 trusts split sizes from metadata, which may be absent.
         arrays = []
         for ds in splits:

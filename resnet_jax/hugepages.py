@@ -34,11 +34,12 @@ def thp_mode(path: str = THP_MODE) -> str | None:
     except OSError:
         return None
     start, end = text.find("["), text.find("]")
-    return text[start + 1:end] if 0 <= start < end else None
+    return text[start + 1 : end] if 0 <= start < end else None
 
 
-def tunables_with_huge_pages(tunables: str | None, system: str, libc: tuple[str, str],
-                             mode: str | None) -> str | None:
+def tunables_with_huge_pages(
+    tunables: str | None, system: str, libc: tuple[str, str], mode: str | None
+) -> str | None:
     """The GLIBC_TUNABLES value to restart with, or None when a restart would not help."""
     name, version = libc
     try:
@@ -59,14 +60,18 @@ def reexec_with_huge_pages() -> None:
     process id, arguments, working directory, open standard streams and the rest of the
     environment, and returns only when nothing was done.
     """
-    tunables = tunables_with_huge_pages(os.environ.get("GLIBC_TUNABLES"), platform.system(),
-                                        platform.libc_ver(), thp_mode())
+    tunables = tunables_with_huge_pages(
+        os.environ.get("GLIBC_TUNABLES"), platform.system(), platform.libc_ver(), thp_mode()
+    )
     if tunables is None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables,
-                                              ORIGINAL: os.environ.get("GLIBC_TUNABLES", "")})
+    os.execve(
+        sys.executable,
+        sys.orig_argv,
+        {**os.environ, "GLIBC_TUNABLES": tunables, ORIGINAL: os.environ.get("GLIBC_TUNABLES", "")},
+    )
 
 
 def environ_before_restart(environ=None) -> dict:

@@ -3,32 +3,37 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+import math
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.layers import BatchNorm, Conv, he_normal
+from resnet_jax.layers import BatchNorm, Conv, conv_norm, he_normal
 
 
 def materialize(x):
-    """x, unchanged, computed once into memory instead of fused into each consumer.
+    """x, unchanged, computed once into memory instead of fused into each consumer (a CPU setting:
+    `ResNet.materialize`, switched on by resnet_jax.tuning on CPUs only).
 
     XLA:CPU fuses cheap elementwise chains into every consumer and recomputes them there; on the
     residual stream that means the whole BatchNorm/ReLU/add chain of several blocks is recomputed
     inside each convolution-gradient transpose (about 20 % of the seed step). XLA never duplicates a
     division, and `lax.optimization_barrier` does not survive XLA:CPU's pipeline, so divide by
-    ones that XLA cannot fold (`x * 0 + 1` is not constant under IEEE rules; a scalar divisor
-    would be turned into a multiplication). x / 1 == x exactly, element by element (subnormals
-    excepted: XLA:CPU flushes them to zero in any arithmetic, a multiplication by one included).
+    ones that XLA cannot fold: `x * 0 + 1` where x is finite (not constant under IEEE rules; a
+    scalar divisor would be turned into a multiplication), 1 where it is inf or NaN. So
+    x / divisor == x exactly, element by element, inf and NaN included (subnormals excepted:
+    XLA:CPU flushes them to zero in any arithmetic, a multiplication by one included).
     """
     return _divide_by_ones(x)
 
 
 @jax.custom_vjp
 def _divide_by_ones(x):
-    return x / (jax.lax.stop_gradient(x) * 0 + 1)
+    x0 = jax.lax.stop_gradient(x)
+    return x / jnp.where(jnp.isfinite(x0), x0 * 0 + 1, jnp.ones_like(x0))
 
 
 def _fwd(x):
@@ -45,29 +50,31 @@ _divide_by_ones.defvjp(_fwd, _bwd)
 class Block(nn.Module):
     """y = bn(conv(relu(bn(conv(x, s))))); x = conv1x1(x, s) when s > 1; out = relu(x + y).
 
-    The 3x3 convs hand their biases to the BatchNorm that follows (see `layers`)."""
+    The 3x3 convs hand their biases to the BatchNorm that follows (`layers.conv_norm`)."""
 
     filters: int
     strides: int
     conv: Any
     norm: Any
+    materialize: bool = False
 
     @nn.compact
     def __call__(self, x):
-        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), fold_bias=True, name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(*y))
-        y = self.conv(self.filters, (3, 3), fold_bias=True, name="conv2")(y)
-        y = self.norm(name="bn2")(*y)
+        s = (self.strides, self.strides)
+        y = conv_norm(self.conv(self.filters, (3, 3), s, name="conv1"), self.norm(name="bn1"), x)
+        y = conv_norm(self.conv(self.filters, (3, 3), name="conv2"), self.norm(name="bn2"), nn.relu(y))
         if self.strides != 1 or x.shape[-1] != self.filters:
-            x = self.conv(self.filters, (1, 1), (self.strides, self.strides), name="proj")(x)
-        return materialize(nn.relu(x + y))
+            x = self.conv(self.filters, (1, 1), s, name="proj")(x)
+        out = nn.relu(x + y)
+        return materialize(out) if self.materialize else out
 
 
 class ResNet(nn.Module):
     """`__call__(x, train) -> float32 logits`. Variables: {'params', 'batch_stats'}.
 
     Any HxWxC input works: the head pools globally. `dtype` is the compute dtype; parameters and
-    batch statistics are float32.
+    batch statistics are float32. `materialize` is a CPU speed setting (see `materialize`); it
+    changes no value.
     """
 
     stage_sizes: Sequence[int] = (3, 3, 2)
@@ -76,55 +83,82 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
+    materialize: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
         conv = functools.partial(Conv, dtype=self.dtype, param_dtype=jnp.float32)
-        norm = functools.partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                                 epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32)
+        norm = functools.partial(
+            BatchNorm,
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+        )
         x = jnp.asarray(x, self.dtype)
-        x = conv(self.num_filters, (3, 3), fold_bias=True, name="conv_init")(x)
-        x = materialize(nn.relu(norm(name="bn_init")(*x)))
+        x = nn.relu(conv_norm(conv(self.num_filters, (3, 3), name="conv_init"), norm(name="bn_init"), x))
+        x = materialize(x) if self.materialize else x
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 strides = 2 if i > 0 and j == 0 else 1
-                x = Block(self.num_filters * 2**i, strides, conv, norm, name=f"stage{i + 1}_block{j + 1}")(x)
+                x = Block(
+                    self.num_filters * 2**i,
+                    strides,
+                    conv,
+                    norm,
+                    self.materialize,
+                    name=f"stage{i + 1}_block{j + 1}",
+                )(x)
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, kernel_init=he_normal, dtype=self.dtype,
-                     param_dtype=jnp.float32, name="head")(x)
+        x = nn.Dense(
+            self.num_classes, kernel_init=he_normal, dtype=self.dtype, param_dtype=jnp.float32, name="head"
+        )(x)
         return jnp.asarray(x, jnp.float32)
 
 
-def from_config(config) -> ResNet:
-    return ResNet(stage_sizes=tuple(config.stage_sizes), num_filters=config.num_filters,
-                  num_classes=config.num_classes, dtype=jnp.dtype(config.dtype),
-                  bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon)
-
-
-def conv_layers(config, image_shape=(32, 32, 3)):
-    """(input height, input width, in channels, out channels, kernel, stride) of every conv, in order.
-
-    Read from the architecture alone (no JAX), so it can size a run before JAX starts.
-    """
-    h, w, c = (int(d) for d in image_shape)
-    layers = [(h, w, c, config.num_filters, 3, 1)]  # stem
-    c = config.num_filters
-    for i, blocks in enumerate(config.stage_sizes):
-        f = config.num_filters * 2**i
-        for j in range(blocks):
-            s = 2 if i > 0 and j == 0 else 1
-            layers.append((h, w, c, f, 3, s))
-            if s != 1 or c != f:
-                layers.append((h, w, c, f, 1, s))  # 1x1 shortcut
-            h, w = -(-h // s), -(-w // s)
-            layers.append((h, w, f, f, 3, 1))
-            c = f
-    return layers
+def from_config(config, materialize: bool = False) -> ResNet:
+    return ResNet(
+        stage_sizes=tuple(config.stage_sizes),
+        num_filters=config.num_filters,
+        num_classes=config.num_classes,
+        dtype=jnp.dtype(config.dtype),
+        bn_momentum=config.bn_momentum,
+        bn_epsilon=config.bn_epsilon,
+        materialize=materialize,
+    )
 
 
 def forward_flops(config, image_shape=(32, 32, 3)) -> float:
-    """2 x multiply-adds of one image's forward pass through every conv and the dense layer."""
-    macs = sum(-(-h // s) * -(-w // s) * k * k * cin * cout
-               for h, w, cin, cout, k, s in conv_layers(config, image_shape))
-    top = config.num_filters * 2 ** (len(config.stage_sizes) - 1)
-    return 2.0 * (macs + top * config.num_classes)
+    """2 x multiply-adds of one image's forward pass through every conv and dense layer.
+
+    Read off the model itself: its forward pass traced abstractly (no JAX backend is started, so
+    this can size a run before JAX starts), summing each convolution's and matrix product's
+    multiply-adds from their shapes.
+    """
+    model = from_config(config)
+    x = jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in image_shape), jnp.float32)
+    variables = jax.eval_shape(
+        lambda k, x: model.init(k, x, train=False), jax.eval_shape(lambda: jax.random.key(0)), x
+    )
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    return float(_jaxpr_flops(jaxpr.jaxpr))
+
+
+def _jaxpr_flops(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
+            out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+            per_output = math.prod(rhs.shape) // rhs.shape[out_feature_dim]
+            total += 2 * math.prod(out.shape) * per_output
+        elif eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
+            total += 2 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in contract)
+        for param in eqn.params.values():  # nested jaxprs (custom_vjp, pjit, ...)
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                total += _jaxpr_flops(inner)
+    return total

@@ -27,8 +27,9 @@ def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7):
 
     def init(params):
         zeros = lambda p: jnp.zeros_like(p, jnp.float32)
-        return KerasAdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
-                              jax.tree.map(zeros, params))
+        return KerasAdamState(
+            jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params)
+        )
 
     def update(updates, state, params=None):
         del params
@@ -47,8 +48,7 @@ def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7):
 
 def schedule(config, steps_per_epoch: int) -> optax.Schedule:
     """Rate by step: constant within an epoch, scaled at the config's epoch boundaries."""
-    boundaries = {int(e) * steps_per_epoch: float(f)
-                  for e, f in zip(config.lr_epochs, config.lr_factors)}
+    boundaries = {int(e) * steps_per_epoch: float(f) for e, f in zip(config.lr_epochs, config.lr_factors)}
     return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
 
 

@@ -3,12 +3,14 @@ fresh permutation, and each device call runs many train steps (lax.scan) with th
 inside jit. Evaluation is one device call over the padded, masked test set.
 
 Randomness: epoch e's key is fold_in(data_key, e), split into a permutation key and an
-augmentation key; step i of the epoch augments with fold_in(augmentation key, i). So the data of any step of any epoch can be
-recomputed from (data_key, epoch, step): a run resumed mid-epoch sees the same batches.
+augmentation key; step i of the epoch augments with fold_in(augmentation key, i). So the data
+of any step of any epoch can be recomputed from (data_key, epoch, step): a run resumed
+mid-epoch sees the same batches.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from typing import NamedTuple
 
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import parallel
+from resnet_jax import parallel, tuning
 from resnet_jax.augment import augment
 from resnet_jax.data import Dataset
 from resnet_jax.steps import eval_step, train_step
@@ -46,13 +48,22 @@ def to_device(dataset: Dataset, mean: np.ndarray, config, mesh) -> DeviceData:
     b = eval_batch(config, mesh)
     m = len(dataset.test_images)
     pad = -m % b
-    test_images = np.concatenate([dataset.test_images,
-                                  np.zeros((pad,) + dataset.image_shape, np.uint8)])
+    test_images = np.concatenate([dataset.test_images, np.zeros((pad,) + dataset.image_shape, np.uint8)])
     test_labels = np.concatenate([dataset.test_labels, np.zeros(pad, np.int32)])
     weights = np.concatenate([np.ones(m, np.float32), np.zeros(pad, np.float32)])
-    return DeviceData(*parallel.replicate(
-        (dataset.train_images, dataset.train_labels, test_images, test_labels, weights,
-         np.asarray(mean, np.float32)), mesh))
+    return DeviceData(
+        *parallel.replicate(
+            (
+                dataset.train_images,
+                dataset.train_labels,
+                test_images,
+                test_labels,
+                weights,
+                np.asarray(mean, np.float32),
+            ),
+            mesh,
+        )
+    )
 
 
 def epoch_key(data_key: jax.Array, epoch: int) -> jax.Array:
@@ -91,35 +102,63 @@ def _train_chunk(state, data: DeviceData, perm, offset, step0, key, *, length, b
 
 
 def resolve_loop(mesh, loop: str = "auto") -> str:
-    """The device loop `auto` stands for on this mesh: python on CPU, scan elsewhere."""
+    """The device loop `auto` stands for on this mesh's platform (resnet_jax.tuning)."""
     if loop == "auto":
-        return "python" if mesh.devices.flat[0].platform == "cpu" else "scan"
+        return tuning.decide(mesh.devices.flat[0].platform).device_loop
     return loop
 
 
-def make_train_chunk(mesh, loop: str = "auto"):
+def make_train_chunk(mesh, loop: str = "auto") -> TrainChunk:
     """A device call of `length` train steps: f(state, data, perm, offset, step0, key, *, length,
     batch) -> (state, per-step metrics of shape [length]); state donated.
 
     loop "scan": one jitted lax.scan. loop "python": one jitted step per batch, dispatched
     asynchronously, synchronised once per call like the scan. "auto" picks scan on accelerators
     and python on CPU, where XLA:CPU runs convolution gradients inside a while loop about 15x
-    slower than outside one (measured in README, "Speed").
+    slower than outside one (resnet_jax.tuning; docs/performance.md).
     """
-    loop = resolve_loop(mesh, loop)
-    step = jax.jit(functools.partial(_train_chunk, mesh=mesh), static_argnames=("length", "batch"),
-                   donate_argnums=0)
-    if loop == "scan":
-        return step
+    return TrainChunk(mesh, resolve_loop(mesh, loop))
 
-    def chunk(state, data, perm, offset, step0, key, *, length, batch):
+
+class TrainChunk:
+    """See `make_train_chunk`. Keeps one compiled executable per (length, batch) shape;
+    `compile` builds several at once, in parallel threads (XLA compiles without the GIL)."""
+
+    def __init__(self, mesh, loop: str):
+        self.loop = loop
+        self.step = jax.jit(
+            functools.partial(_train_chunk, mesh=mesh), static_argnames=("length", "batch"), donate_argnums=0
+        )
+        self.compiled = {}
+
+    def shape(self, length: int, batch: int):
+        return (1, batch) if self.loop == "python" else (length, batch)
+
+    def compile(self, shapes, state, data, perm, key, extra=(), threads: int = 8):
+        """Compile the executables of `shapes` [(length, batch), ...] not compiled yet, and the
+        `extra` lowered functions, all at once; returns the compiled `extra`."""
+        todo = sorted({self.shape(*s) for s in shapes} - set(self.compiled))
+        lowered = [self.step.lower(state, data, perm, 0, 0, key, length=n, batch=b) for n, b in todo]
+        lowered += list(extra)
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(lowered)))) as pool:
+            done = list(pool.map(lambda low: low.compile(), lowered))
+        self.compiled.update(zip(todo, done))
+        return done[len(todo) :]
+
+    def _call(self, state, data, perm, offset, step0, key, length, batch):
+        exe = self.compiled.get((length, batch))
+        if exe is None:
+            return self.step(state, data, perm, offset, step0, key, length=length, batch=batch)
+        return exe(state, data, perm, offset, step0, key)
+
+    def __call__(self, state, data, perm, offset, step0, key, *, length, batch):
+        if self.loop == "scan":
+            return self._call(state, data, perm, offset, step0, key, length, batch)
         metrics = []
         for i in range(length):
-            state, m = step(state, data, perm, offset + i * batch, step0 + i, key, length=1, batch=batch)
+            state, m = self._call(state, data, perm, offset + i * batch, step0 + i, key, 1, batch)
             metrics.append(m)
         return state, jax.tree.map(lambda *a: jnp.concatenate(a), *metrics)
-
-    return chunk
 
 
 def _evaluate(state, data: DeviceData, *, batch, mesh):

@@ -22,26 +22,54 @@ class Console:
         if self.verbosity >= level:
             print(text, file=self.stream, flush=True)
 
-    def progress(self, done: int, total: int, loss: float, acc: float, start: float):
+    def epoch_start(self, epoch: int, epochs: int, lr: float):
+        self.line(f"Epoch {epoch}/{epochs}")
+        self.line(f"Learning rate: {lr:g}")
+
+    def progress(self, done: int, total: int, sums, start: float):
         if not self.bar:
             return
         width = 30
         filled = int(width * done / total)
         arrow = "=" * max(filled - 1, 0) + (">" if done < total else "=") if filled else ""
         eta = (time.monotonic() - start) / max(done, 1) * (total - done)
-        print(f"\r{done}/{total} [{arrow:<{width}}] - ETA: {eta:.0f}s - loss: {loss:.4f} - acc: {acc:.4f}"
-              "\x1b[K", end="", file=self.stream, flush=True)  # \x1b[K: clear the rest of the line
+        print(
+            f"\r{done}/{total} [{arrow:<{width}}] - ETA: {eta:.0f}s - loss: {sums.mean_loss:.4f} - "
+            f"acc: {sums.accuracy:.4f}\x1b[K",
+            end="",
+            file=self.stream,
+            flush=True,
+        )  # \x1b[K: clear the rest
 
     def end_bar(self):
         if self.bar:
             print("\r\x1b[K", end="", file=self.stream)
 
+    def epoch_end(self, steps: int, rec: dict, best_before, improved: bool, where: str):
+        self.end_bar()
+        self.line(epoch_line(steps, rec))
+        self.line("")
+        before = "-inf" if best_before is None else f"{best_before:.5f}"
+        if improved:
+            self.line(
+                f"Epoch {rec['epoch']:05d}: val_acc improved from {before} to "
+                f"{rec['val_acc']:.5f}, saving model to {where}"
+            )
+        else:
+            self.line(f"Epoch {rec['epoch']:05d}: val_acc did not improve from {before}")
+
+    def test_result(self, loss: float, acc: float):
+        self.line(f"Test loss: {loss}")
+        self.line(f"Test accuracy: {acc}")
+
 
 def epoch_line(steps: int, rec: dict) -> str:
     ms = 1000 * rec["seconds"] / max(steps, 1)
-    return (f"{steps}/{steps} [==============================] - {rec['seconds']:.0f}s {ms:.0f}ms/step"
-            f" - loss: {rec['loss']:.4f} - acc: {rec['acc']:.4f} - val_loss: {rec['val_loss']:.4f}"
-            f" - val_acc: {rec['val_acc']:.4f}")
+    return (
+        f"{steps}/{steps} [==============================] - {rec['seconds']:.0f}s {ms:.0f}ms/step"
+        f" - loss: {rec['loss']:.4f} - acc: {rec['acc']:.4f} - val_loss: {rec['val_loss']:.4f}"
+        f" - val_acc: {rec['val_acc']:.4f}"
+    )
 
 
 class TensorBoard:
@@ -60,10 +88,13 @@ class TensorBoard:
         from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        values = [Summary.Value(tag=name, simple_value=float(rec[name]))
-                  for name in ("loss", "acc", "val_loss", "val_acc", "lr", "seconds")]
-        self.writer.add_event(Event(wall_time=time.time(), step=int(rec["epoch"]),
-                                    summary=Summary(value=values)))
+        values = [
+            Summary.Value(tag=name, simple_value=float(rec[name]))
+            for name in ("loss", "acc", "val_loss", "val_acc", "lr", "seconds")
+        ]
+        self.writer.add_event(
+            Event(wall_time=time.time(), step=int(rec["epoch"]), summary=Summary(value=values))
+        )
         self.writer.flush()
 
     def close(self):
@@ -84,15 +115,15 @@ def plot_curves(history, path: str, lr_epochs=()):
         ax.plot(epochs, [r[key] for r in history], "o-", ms=3, label=f"train {key}")
         ax.plot(epochs, [r["val_" + key] for r in history], "o-", ms=3, label=f"val {key}")
         for i, boundary in enumerate(e for e in lr_epochs if epochs and e < epochs[-1]):
-            ax.axvline(boundary + 0.5, color="gray", ls=":", lw=1,
-                       label="learning rate drops" if i == 0 else None)
+            ax.axvline(
+                boundary + 0.5, color="gray", ls=":", lw=1, label="learning rate drops" if i == 0 else None
+            )
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
     if history:
-        axes[1].set_title(f"accuracy (last val_acc {history[-1]['val_acc']:.4f}, "
-                          f"lr {history[-1]['lr']:g})")
+        axes[1].set_title(f"accuracy (last val_acc {history[-1]['val_acc']:.4f}, lr {history[-1]['lr']:g})")
     fig.tight_layout()
     tmp = os.path.join(os.path.dirname(path), ".tmp-curves.png")
     fig.savefig(tmp, dpi=90)
@@ -119,8 +150,9 @@ class EpochWriter:
         self.tensorboard.write(rec)
         if self.pending is not None and not self.pending.done():
             self.pending.cancel()  # superseded by this epoch's picture, unless already drawing
-        self.pending = self.pool.submit(plot_curves, list(history),
-                                        os.path.join(self.workdir, "curves.png"), self.lr_epochs)
+        self.pending = self.pool.submit(
+            plot_curves, list(history), os.path.join(self.workdir, "curves.png"), self.lr_epochs
+        )
 
     def close(self):
         self.pool.shutdown(wait=True)

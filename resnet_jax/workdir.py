@@ -47,8 +47,10 @@ class Lock:
         except BlockingIOError:
             holder = os.read(self.fd, 64).decode(errors="replace").strip() or "another process"
             os.close(self.fd)
-            raise UserError(f"workdir {os.path.dirname(self.path)} is in use by a running training "
-                            f"(pid {holder}); wait for it or pass another --workdir") from None
+            raise UserError(
+                f"workdir {os.path.dirname(self.path)} is in use by a running training "
+                f"(pid {holder}); wait for it or pass another --workdir"
+            ) from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, str(os.getpid()).encode())
         return self
@@ -85,8 +87,10 @@ def read_run(workdir: str):
             raw = json.load(f)
         return Config.from_json(json.dumps(raw["config"])), raw
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is unreadable ({e}); it is not a resnet_jax run or was damaged. "
-                        "Use another --workdir (nothing was deleted)") from None
+        raise UserError(
+            f"{path} is unreadable ({e}); it is not a resnet_jax run or was damaged. "
+            "Use another --workdir (nothing was deleted)"
+        ) from None
 
 
 def check_compatible(saved: Config, config: Config, workdir: str):
@@ -96,13 +100,19 @@ def check_compatible(saved: Config, config: Config, workdir: str):
         return
     what = ", ".join(f"{f} {getattr(saved, f)!r} (now {getattr(config, f)!r})" for f in diff)
     kind = "a different model" if set(diff) & set(MODEL_FIELDS) else "different settings"
-    raise UserError(f"workdir {workdir} holds a run of {kind}: {what}; rerun with the same "
-                    "settings to resume, or pass another --workdir (nothing was deleted)")
+    raise UserError(
+        f"workdir {workdir} holds a run of {kind}: {what}; rerun with the same "
+        "settings to resume, or pass another --workdir (nothing was deleted)"
+    )
 
 
 def write_run(workdir: str, config: Config, image_shape, steps_per_epoch: int, num_train: int):
-    info = {"config": dataclasses.asdict(config), "image_shape": list(image_shape),
-            "steps_per_epoch": steps_per_epoch, "num_train": num_train}
+    info = {
+        "config": dataclasses.asdict(config),
+        "image_shape": list(image_shape),
+        "steps_per_epoch": steps_per_epoch,
+        "num_train": num_train,
+    }
     write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(info, indent=1))
 
 

@@ -13,8 +13,9 @@ def make_images(n, seed, classes):
     return images, rng.integers(0, classes, n).astype(np.int64)
 
 
-def write_cifar(root, name="cifar10", rows=(20, 20, 20, 20, 20), test_rows=30, seed=0,
-                tar=True, bytes_keys=True):
+def write_cifar(
+    root, name="cifar10", rows=(20, 20, 20, 20, 20), test_rows=30, seed=0, tar=True, bytes_keys=True
+):
     """Write a small archive (tar.gz, or extracted folder) under `root`; return (path, arrays)."""
     classes = 100 if name == "cifar100" else 10
     rows = rows[: 1 if name == "cifar100" else 5]

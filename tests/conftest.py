@@ -1,4 +1,9 @@
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -6,16 +11,105 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from cifar_files import write_cifar  # noqa: E402
 
 import resnet_jax as rj  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--num_filters", "4", "--stage_sizes", "1,1,1", "--batch_size", "16", "--steps_per_call", "4"]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+
+
+def train(*args, check=True, env=None):
+    """train.py in a subprocess (the JAX CPU backend unless `env` says otherwise)."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *args],
+        cwd=ROOT,
+        env=env or ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def start(workdir, archive, *extra, env=None, tiny=TINY):
+    """train.py started in the background on `archive` (stdout and stderr piped, text)."""
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--workdir",
+        workdir,
+        "--data_dir",
+        archive,
+        *tiny,
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(predicate, seconds=300):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def kill_after_first_epoch(proc, workdir):
+    """SIGKILL `proc` (no chance to clean up) as soon as metrics.jsonl lists an epoch."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    wait_for(lambda: os.path.exists(path) and open(path).read().count("\n") >= 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+
+def assert_same_run(workdir, reference):
+    """The same metrics (but seconds) and bit-identical latest params, statistics and Adam state."""
+    assert without_seconds(metrics(workdir)) == without_seconds(metrics(reference))
+    a, b = rj.restore(workdir, "latest"), rj.restore(reference, "latest")
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        (a.params, a.batch_stats, a.opt_state),
+        (b.params, b.batch_stats, b.opt_state),
+    )
+    return a
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_seconds(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, rows=(20, 20, 20, 20, 20), test_rows=40)  # 100 train: 6 batches of 16 + 4
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def full_run(archive, tmp_path_factory):
+    """The README's command, offline and tiny: 3 epochs, uninterrupted."""
+    workdir = str(tmp_path_factory.mktemp("run") / "ckpt")
+    proc = train("--workdir", workdir, "--data_dir", archive, "--epochs", "3", *TINY)
+    return proc, workdir
 
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` run only where JAX's default backend is a GPU (benchmarks/gpu.sh)."""
-    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
     if gpu_tests and jax.default_backend() != "gpu":
-        skip = pytest.mark.skip(reason="needs a GPU (JAX default backend is "
-                                f"{jax.default_backend()})")
+        skip = pytest.mark.skip(reason=f"needs a GPU (JAX default backend is {jax.default_backend()})")
         for item in gpu_tests:
             item.add_marker(skip)
 
@@ -27,10 +121,13 @@ def tiny_config():
 
 def random_dataset(n_train=64, n_test=24, shape=(32, 32, 3), classes=10, seed=0):
     rng = np.random.default_rng(seed)
-    return rj.Dataset(rng.integers(0, 256, (n_train,) + shape, dtype=np.uint8),
-                      rng.integers(0, classes, n_train),
-                      rng.integers(0, 256, (n_test,) + shape, dtype=np.uint8),
-                      rng.integers(0, classes, n_test), num_classes=classes)
+    return rj.Dataset(
+        rng.integers(0, 256, (n_train,) + shape, dtype=np.uint8),
+        rng.integers(0, classes, n_train),
+        rng.integers(0, 256, (n_test,) + shape, dtype=np.uint8),
+        rng.integers(0, classes, n_test),
+        num_classes=classes,
+    )
 
 
 def random_batch(n=8, shape=(32, 32, 3), classes=10, seed=0):

@@ -4,6 +4,17 @@ import numpy as np
 
 import resnet_jax as rj
 
+# The recipe of the "does it learn" tests: 8 filters, one block per stage, 16 epochs.
+DIGITS = rj.Config(
+    num_filters=8,
+    stage_sizes=(1, 1, 1),
+    epochs=16,
+    flip=False,
+    lr_epochs=(12,),
+    lr_factors=(0.1,),
+    steps_per_call=45,
+)
+
 
 def digits_dataset(n_test=360, seed=0):
     from sklearn.datasets import load_digits

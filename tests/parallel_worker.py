@@ -6,10 +6,10 @@ import sys
 
 import jax
 import numpy as np
+from conftest import random_dataset
 
 import resnet_jax as rj
 from resnet_jax import distributed, parallel, pipeline
-from conftest import random_dataset
 
 out, workdir, dtype = sys.argv[1], sys.argv[2], sys.argv[3]
 if len(sys.argv) > 4:  # coordinator num_processes process_id
@@ -24,13 +24,16 @@ report = {"devices": mesh.size, "processes": jax.process_count(), "history": his
 # The compiled train step works on per-device shards: batch 8 / devices.
 data = pipeline.to_device(ds, rj.data.pixel_mean(ds.train_images), state.config, mesh)
 perm = pipeline.permutation(jax.random.key(0), 62)
-step = jax.jit(lambda s, d, p: pipeline._train_chunk(s, d, p, 0, 0, jax.random.key(0), length=1,
-                                                     batch=8, mesh=mesh))
+step = jax.jit(
+    lambda s, d, p: pipeline._train_chunk(s, d, p, 0, 0, jax.random.key(0), length=1, batch=8, mesh=mesh)
+)
 hlo = step.lower(state, data, perm).compile().as_text()
 report["per_device_batch_in_hlo"] = [b for b in (1, 2, 4, 8) if f"[{b},32,32,4]" in hlo]
 if jax.process_index() == 0:
-    flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
-            jax.tree_util.tree_leaves_with_path({"params": state.params, "stats": state.batch_stats})}
+    flat = {
+        jax.tree_util.keystr(k): np.asarray(v)
+        for k, v in jax.tree_util.tree_leaves_with_path({"params": state.params, "stats": state.batch_stats})
+    }
     np.savez(out, **flat)
     with open(out + ".json", "w") as f:
         json.dump(report, f)

@@ -30,8 +30,9 @@ def test_zero_shift_no_flip_is_identity(images):
 
 
 def test_integer_shift_moves_pixels_and_replicates_edges(images):
-    out = np.asarray(transform(images, jnp.array([2.0, -3.0, 0.0]), jnp.array([-4.0, 1.0, 5.0]),
-                               jnp.zeros(3, bool)))
+    out = np.asarray(
+        transform(images, jnp.array([2.0, -3.0, 0.0]), jnp.array([-4.0, 1.0, 5.0]), jnp.zeros(3, bool))
+    )
     x = np.asarray(images)
     for b, (dr, dc) in enumerate([(2, -4), (-3, 1), (0, 5)]):
         np.testing.assert_array_equal(out[b], shifted(x[b], dr, dc))
@@ -40,8 +41,9 @@ def test_integer_shift_moves_pixels_and_replicates_edges(images):
 
 def test_half_pixel_shift_is_bilinear_average(images):
     x = np.asarray(images)
-    out = np.asarray(transform(images, jnp.array([0.5, 0, 0.5]), jnp.array([0, 0.5, -0.5]),
-                               jnp.zeros(3, bool)))
+    out = np.asarray(
+        transform(images, jnp.array([0.5, 0, 0.5]), jnp.array([0, 0.5, -0.5]), jnp.zeros(3, bool))
+    )
     np.testing.assert_allclose(out[0], (shifted(x[0], 0, 0) + shifted(x[0], 1, 0)) / 2, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(out[1], (shifted(x[1], 0, 0) + shifted(x[1], 0, 1)) / 2, rtol=1e-6, atol=1e-6)
     quad = sum(shifted(x[2], dr, dc) for dr in (0, 1) for dc in (-1, 0)) / 4
@@ -50,8 +52,9 @@ def test_half_pixel_shift_is_bilinear_average(images):
 
 def test_flip_after_shift(images):
     x = np.asarray(images)
-    out = np.asarray(transform(images, jnp.array([1.0, 0, 0]), jnp.array([2.0, 0, 0]),
-                               jnp.array([True, True, False])))
+    out = np.asarray(
+        transform(images, jnp.array([1.0, 0, 0]), jnp.array([2.0, 0, 0]), jnp.array([True, True, False]))
+    )
     np.testing.assert_array_equal(out[0], shifted(x[0], 1, 2)[:, ::-1])
     np.testing.assert_array_equal(out[1], x[1][:, ::-1])
     np.testing.assert_array_equal(out[2], x[2])
@@ -74,8 +77,12 @@ def test_shifts_are_uniform_over_the_range(axis):
     """On a ramp image the centre pixel reads centre + shift, so the shifts can be read back."""
     config = rj.Config(flip=False)  # shift_range 0.1: +-6.4 pixels on 64
     n, size = 4000, 64
-    ramp = jnp.broadcast_to(jnp.arange(size, dtype=jnp.float32)[:, None] if axis == 0
-                            else jnp.arange(size, dtype=jnp.float32)[None, :], (size, size))
+    ramp = jnp.broadcast_to(
+        jnp.arange(size, dtype=jnp.float32)[:, None]
+        if axis == 0
+        else jnp.arange(size, dtype=jnp.float32)[None, :],
+        (size, size),
+    )
     x = jnp.broadcast_to(ramp[None, :, :, None], (n, size, size, 1))
     out = np.asarray(augment(jax.random.key(3), x, config))
     shifts = out[:, 32, 32, 0] - 32

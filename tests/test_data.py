@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 import pytest
+from cifar_files import write_cifar
 
 import resnet_jax as rj
-from cifar_files import write_cifar
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -36,8 +36,9 @@ def test_cifar10_archive_and_folder(tmp_path, tar):
 
 @pytest.mark.parametrize("tar", [True, False])
 def test_cifar100_archive_and_folder(tmp_path, tar):
-    path, arrays = write_cifar(tmp_path, name="cifar100", rows=(40,), test_rows=12, tar=tar,
-                               bytes_keys=not tar)
+    path, arrays = write_cifar(
+        tmp_path, name="cifar100", rows=(40,), test_rows=12, tar=tar, bytes_keys=not tar
+    )
     ds = rj.load_dataset("cifar100", data_dir=str(tmp_path))
     check_same(ds, arrays)
     assert ds.num_classes == 100
@@ -65,8 +66,12 @@ def test_offline_without_data_fails_fast_naming_both_options(tmp_path, monkeypat
 
 def test_own_arrays_any_shape_and_classes():
     rng = np.random.default_rng(0)
-    ds = rj.Dataset(rng.integers(0, 256, (10, 12, 20, 1), dtype=np.uint8), np.arange(10) % 4,
-                    rng.integers(0, 256, (3, 12, 20, 1), dtype=np.uint8), np.array([0, 1, 3]))
+    ds = rj.Dataset(
+        rng.integers(0, 256, (10, 12, 20, 1), dtype=np.uint8),
+        np.arange(10) % 4,
+        rng.integers(0, 256, (3, 12, 20, 1), dtype=np.uint8),
+        np.array([0, 1, 3]),
+    )
     assert ds.num_classes == 4 and ds.image_shape == (12, 20, 1)
 
 

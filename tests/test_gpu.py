@@ -2,20 +2,18 @@
 device loop equals the python loop, a SIGKILLed run resumes to the uninterrupted result, bfloat16
 learns, and a checkpoint written on the GPU restores on the CPU."""
 
-import json
+import dataclasses
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
+from conftest import assert_same_run, kill_after_first_epoch, metrics, random_dataset, start, train
+from digits import DIGITS, digits_dataset
 
 import resnet_jax as rj
-from conftest import random_dataset
-from digits import digits_dataset
 from resnet_jax import parallel, pipeline
 
 pytestmark = pytest.mark.gpu
@@ -25,20 +23,8 @@ TINY = ["--num_filters", "8", "--stage_sizes", "1,1,1", "--batch_size", "16", "-
 GPU_ENV = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
 
 
-def train(*args):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
-                          env=GPU_ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
-
-
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory):
+def gpu_archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
     return rj.data.write_archive(str(root), random_dataset(n_train=200, n_test=64))
 
@@ -54,39 +40,31 @@ def test_scan_loop_equals_python_loop_on_the_gpu(tiny_config):
         for loop in ("scan", "python"):
             state = rj.create_train_state(tiny_config, jax.random.key(0), (32, 32, 3), 5)
             state = parallel.replicate(jax.device_get(state), mesh)
-            out[loop] = jax.device_get(pipeline.make_train_chunk(mesh, loop)(
-                state, data, perm, 0, 0, key, length=4, batch=8))
+            out[loop] = jax.device_get(
+                pipeline.make_train_chunk(mesh, loop)(state, data, perm, 0, 0, key, length=4, batch=8)
+            )
     (s1, m1), (s2, m2) = out["scan"], out["python"]
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                 (s1.params, s1.batch_stats), (s2.params, s2.batch_stats))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+        (s1.params, s1.batch_stats),
+        (s2.params, s2.batch_stats),
+    )
 
 
-def test_sigkilled_run_resumes_to_the_uninterrupted_result_on_the_gpu(archive, tmp_path):
+def test_sigkilled_run_resumes_to_the_uninterrupted_result_on_the_gpu(gpu_archive, tmp_path):
     reference = str(tmp_path / "reference")
-    train("--workdir", reference, "--data_dir", archive, "--epochs", "3", *TINY)
+    train("--workdir", reference, "--data_dir", gpu_archive, "--epochs", "3", *TINY, env=GPU_ENV)
     workdir = str(tmp_path / "killed")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--workdir", workdir, "--data_dir",
-           archive, "--epochs", "3", *TINY]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=GPU_ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    path = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + 300
-    while time.time() < deadline and not (os.path.exists(path) and open(path).read().count("\n") >= 1):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_epoch(start(workdir, gpu_archive, "--epochs", "3", env=GPU_ENV, tiny=TINY), workdir)
     assert 1 <= len(metrics(workdir)) < 3, "the kill came too late to test anything"
-    assert "Resuming" in train("--workdir", workdir, "--data_dir", archive, "--epochs", "3", *TINY).stdout
-    assert metrics(workdir) == metrics(reference)
-    a, b = rj.restore(workdir, "latest"), rj.restore(reference, "latest")
-    jax.tree.map(np.testing.assert_array_equal, (a.params, a.batch_stats, a.opt_state),
-                 (b.params, b.batch_stats, b.opt_state))
+    out = train("--workdir", workdir, "--data_dir", gpu_archive, "--epochs", "3", *TINY, env=GPU_ENV)
+    assert "Resuming" in out.stdout
+    assert_same_run(workdir, reference)
 
 
 def test_bfloat16_learns_digits_on_the_gpu(tmp_path):
-    config = rj.Config(num_filters=8, stage_sizes=(1, 1, 1), epochs=12, flip=False, lr_epochs=(9,),
-                       lr_factors=(0.1,), steps_per_call=45, dtype="bfloat16")
+    config = dataclasses.replace(DIGITS, epochs=12, lr_epochs=(9,), dtype="bfloat16")
     state, history = rj.train_and_evaluate(config, str(tmp_path / "w"), digits_dataset(), verbosity=0)
     assert history[-1]["val_acc"] >= 0.9, history
     assert jax.tree.leaves(state.params)[0].dtype == np.float32
@@ -98,12 +76,21 @@ def test_a_gpu_checkpoint_restores_on_the_cpu(tmp_path):
     state, _ = rj.train_and_evaluate(config, workdir, random_dataset(), verbosity=0)
     assert jax.tree.leaves(state.params)[0].devices().pop().platform == jax.default_backend()
     out = str(tmp_path / "cpu.npz")
-    code = ("import sys, numpy as np, jax, resnet_jax as rj\n"
-            f"s = rj.restore({workdir!r}, 'latest')\n"
-            "assert jax.tree.leaves(s.params)[0].devices().pop().platform == 'cpu'\n"
-            f"np.savez({out!r}, *[np.asarray(x) for x in jax.tree.leaves((s.params, s.batch_stats, s.opt_state))])\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(GPU_ENV, JAX_PLATFORMS="cpu"), timeout=300)
+    code = (
+        "import sys, numpy as np, jax, resnet_jax as rj\n"
+        f"s = rj.restore({workdir!r}, 'latest')\n"
+        "assert jax.tree.leaves(s.params)[0].devices().pop().platform == 'cpu'\n"
+        "leaves = jax.tree.leaves((s.params, s.batch_stats, s.opt_state))\n"
+        f"np.savez({out!r}, *[np.asarray(x) for x in leaves])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(GPU_ENV, JAX_PLATFORMS="cpu"),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     on_cpu = np.load(out)
     on_gpu = jax.tree.leaves(jax.device_get((state.params, state.batch_stats, state.opt_state)))

@@ -13,19 +13,22 @@ from resnet_jax import hugepages
 LINUX_GLIBC = ("Linux", ("glibc", "2.36"), "madvise")
 
 
-@pytest.mark.parametrize("tunables,system,libc,mode,expected", [
-    (None, *LINUX_GLIBC, "glibc.malloc.hugetlb=1"),
-    ("glibc.malloc.arena_max=2", *LINUX_GLIBC, "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
-    ("glibc.malloc.hugetlb=0", *LINUX_GLIBC, None),  # the user's choice (opt-out) wins
-    ("glibc.malloc.hugetlb=1", *LINUX_GLIBC, None),  # restarted already: no loop
-    (None, "Linux", ("glibc", "2.34"), "madvise", None),  # tunable introduced in glibc 2.35
-    (None, "Linux", ("glibc", "2.40.1"), "madvise", "glibc.malloc.hugetlb=1"),
-    (None, "Linux", ("", ""), "madvise", None),  # musl or unknown libc
-    (None, "Darwin", ("", ""), None, None),
-    (None, "Linux", ("glibc", "2.36"), "always", None),  # huge pages already
-    (None, "Linux", ("glibc", "2.36"), "never", None),  # none to be had
-    (None, "Linux", ("glibc", "2.36"), None, None),
-])
+@pytest.mark.parametrize(
+    "tunables,system,libc,mode,expected",
+    [
+        (None, *LINUX_GLIBC, "glibc.malloc.hugetlb=1"),
+        ("glibc.malloc.arena_max=2", *LINUX_GLIBC, "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+        ("glibc.malloc.hugetlb=0", *LINUX_GLIBC, None),  # the user's choice (opt-out) wins
+        ("glibc.malloc.hugetlb=1", *LINUX_GLIBC, None),  # restarted already: no loop
+        (None, "Linux", ("glibc", "2.34"), "madvise", None),  # tunable introduced in glibc 2.35
+        (None, "Linux", ("glibc", "2.40.1"), "madvise", "glibc.malloc.hugetlb=1"),
+        (None, "Linux", ("", ""), "madvise", None),  # musl or unknown libc
+        (None, "Darwin", ("", ""), None, None),
+        (None, "Linux", ("glibc", "2.36"), "always", None),  # huge pages already
+        (None, "Linux", ("glibc", "2.36"), "never", None),  # none to be had
+        (None, "Linux", ("glibc", "2.36"), None, None),
+    ],
+)
 def test_when_a_restart_helps(tunables, system, libc, mode, expected):
     assert hugepages.tunables_with_huge_pages(tunables, system, libc, mode) == expected
 
@@ -55,7 +58,8 @@ CHILD = textwrap.dedent("""
                 huge = int(line.split()[1])
     from resnet_jax.hugepages import environ_before_restart
     before = environ_before_restart().get("GLIBC_TUNABLES")
-    print("argv", sys.argv[1:], "tunables", os.environ.get("GLIBC_TUNABLES"), "huge_kb", huge, "before", before)
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    print("argv", sys.argv[1:], "tunables", tunables, "huge_kb", huge, "before", before)
 """)
 
 
@@ -63,10 +67,17 @@ def test_restart_keeps_the_command_and_puts_memory_on_huge_pages(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    out = subprocess.run([sys.executable, str(script), "--workdir", "a b"], env=env, capture_output=True,
-                         text=True, timeout=120, check=True).stdout.splitlines()
-    expected = hugepages.tunables_with_huge_pages(None, platform.system(), platform.libc_ver(),
-                                                  hugepages.thp_mode())
+    out = subprocess.run(
+        [sys.executable, str(script), "--workdir", "a b"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
+    expected = hugepages.tunables_with_huge_pages(
+        None, platform.system(), platform.libc_ver(), hugepages.thp_mode()
+    )
     last = out[-1]
     assert "argv ['--workdir', 'a b']" in last
     if expected is None:  # nothing to gain on this system: no restart, nothing changed

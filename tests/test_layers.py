@@ -15,8 +15,11 @@ class Folded(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y = layers.Conv(6, (3, 3), (2, 2), fold_bias=True, dtype=self.dtype, name="conv")(x)
-        return layers.BatchNorm(not self.train, dtype=self.dtype, name="bn")(*y)
+        return layers.conv_norm(
+            layers.Conv(6, (3, 3), (2, 2), dtype=self.dtype, name="conv"),
+            layers.BatchNorm(not self.train, dtype=self.dtype, name="bn"),
+            x,
+        )
 
 
 class Reference(nn.Module):
@@ -36,7 +39,9 @@ def setup():
     # Non-trivial values everywhere, the conv bias included, so folding it is really exercised.
     leaves, tree = jax.tree.flatten(v)
     keys = jax.random.split(jax.random.key(2), len(leaves))
-    v = jax.tree.unflatten(tree, [jax.random.uniform(k, a.shape, minval=0.5, maxval=1.5) for k, a in zip(keys, leaves)])
+    v = jax.tree.unflatten(
+        tree, [jax.random.uniform(k, a.shape, minval=0.5, maxval=1.5) for k, a in zip(keys, leaves)]
+    )
     return x, v
 
 
@@ -54,7 +59,9 @@ def test_outputs_and_statistics_match_flax(setup, train):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), new, ref_new)
     if train:  # the moving mean holds the mean of conv + bias, the bias really counted
-        assert not np.allclose(new["batch_stats"]["bn"]["mean"], 0.99 * v["batch_stats"]["bn"]["mean"], atol=1e-3)
+        assert not np.allclose(
+            new["batch_stats"]["bn"]["mean"], 0.99 * v["batch_stats"]["bn"]["mean"], atol=1e-3
+        )
 
 
 def test_folded_bias_gets_exactly_zero_gradient(setup):

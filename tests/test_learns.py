@@ -4,14 +4,11 @@ import re
 
 import numpy as np
 import pytest
+from digits import DIGITS, digits_dataset
 
 import resnet_jax as rj
-from digits import digits_dataset
 
 pytest.importorskip("sklearn")
-
-DIGITS = rj.Config(num_filters=8, stage_sizes=(1, 1, 1), epochs=16, flip=False, lr_epochs=(12,),
-                   lr_factors=(0.1,), steps_per_call=45)
 
 
 def test_digits_reach_95_percent_and_predict_agrees(tmp_path):

@@ -10,15 +10,21 @@ import resnet_jax as rj
 # (kind, output shape, parameter count) of every Conv / BatchNorm / Dense layer in the seed's
 # Keras model summary, in its order (shared/seed/000_0413040105300225.txt).
 C, B = "conv", "bn"
-SEED = ([(C, (32, 32, 32), 896), (B, (32, 32, 32), 128)]
-        + [(C, (32, 32, 32), 9248), (B, (32, 32, 32), 128)] * 6
-        + [(C, (16, 16, 64), 18496), (B, (16, 16, 64), 256), (C, (16, 16, 64), 36928),
-           (C, (16, 16, 64), 2112), (B, (16, 16, 64), 256)]
-        + [(C, (16, 16, 64), 36928), (B, (16, 16, 64), 256)] * 4
-        + [(C, (8, 8, 128), 73856), (B, (8, 8, 128), 512), (C, (8, 8, 128), 147584),
-           (C, (8, 8, 128), 8320), (B, (8, 8, 128), 512)]
-        + [(C, (8, 8, 128), 147584), (B, (8, 8, 128), 512)] * 2
-        + [("dense", (10,), 1290)])
+
+
+def stage(shape, conv, first_conv, proj, bn, blocks):
+    """A stage's rows: its first block (conv1, bn1, conv2, proj, bn2), then (conv, bn) pairs."""
+    rows = [(C, shape, first_conv), (B, shape, bn), (C, shape, conv), (C, shape, proj), (B, shape, bn)]
+    return rows + [(C, shape, conv), (B, shape, bn)] * (2 * blocks - 2)
+
+
+SEED = (
+    [(C, (32, 32, 32), 896), (B, (32, 32, 32), 128)]
+    + [(C, (32, 32, 32), 9248), (B, (32, 32, 32), 128)] * 6
+    + stage((16, 16, 64), 36928, first_conv=18496, proj=2112, bn=256, blocks=3)
+    + stage((8, 8, 128), 147584, first_conv=73856, proj=8320, bn=512, blocks=2)
+    + [("dense", (10,), 1290)]
+)
 
 
 def count(tree):
@@ -125,8 +131,14 @@ def test_bfloat16_compute_keeps_float32_variables():
     assert model.apply(v, x, train=False).dtype == jnp.float32
 
 
-@pytest.mark.parametrize("fields,shape", [({}, (32, 32, 3)), (dict(num_filters=4, stage_sizes=(1, 1, 1)), (32, 32, 3)),
-                                          (dict(num_filters=6, stage_sizes=(2, 1), num_classes=3), (15, 9, 1))])
+@pytest.mark.parametrize(
+    "fields,shape",
+    [
+        ({}, (32, 32, 3)),
+        (dict(num_filters=4, stage_sizes=(1, 1, 1)), (32, 32, 3)),
+        (dict(num_filters=6, stage_sizes=(2, 1), num_classes=3), (15, 9, 1)),
+    ],
+)
 def test_forward_flops_counts_every_conv_and_the_head(fields, shape):
     """The analytic count (used before JAX starts) equals 2 x MACs read off the traced layers."""
     config = rj.Config(**fields)

@@ -17,13 +17,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def worker(out, workdir, devices=1, dtype="float32", distributed=None):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="2",
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     cmd = [sys.executable, os.path.join(HERE, "parallel_worker.py"), str(out), str(workdir), dtype]
     if distributed:
-        return [subprocess.Popen(cmd + list(map(str, d)), env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for d in distributed]
+        return [
+            subprocess.Popen(
+                cmd + list(map(str, d)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for d in distributed
+        ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -70,8 +78,9 @@ def free_port():
 
 def test_two_processes_train_like_one_and_their_checkpoint_restores(one_device, tmp_path):
     address = f"127.0.0.1:{free_port()}"
-    procs = worker(tmp_path / "out.npz", tmp_path / "w", devices=1,
-                   distributed=[(address, 2, 0), (address, 2, 1)])
+    procs = worker(
+        tmp_path / "out.npz", tmp_path / "w", devices=1, distributed=[(address, 2, 0), (address, 2, 1)]
+    )
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -80,9 +89,11 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores(one_device, 
     assert_same_training(two, one_device)
     # only process 0 wrote the metrics, once per epoch
     with open(tmp_path / "w" / "metrics.jsonl") as f:
-        assert [json.loads(l)["epoch"] for l in f] == [1, 2]
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2]
     state = rj.restore(str(tmp_path / "w"), "latest")  # a single process reads their checkpoint
-    np.testing.assert_array_equal(np.asarray(state.params["head"]["kernel"]), two[1]["['params']['head']['kernel']"])
+    np.testing.assert_array_equal(
+        np.asarray(state.params["head"]["kernel"]), two[1]["['params']['head']['kernel']"]
+    )
 
 
 def test_bfloat16_trains_with_float32_variables(tmp_path):
@@ -92,8 +103,11 @@ def test_bfloat16_trains_with_float32_variables(tmp_path):
     state = rj.restore(str(tmp_path / "w"), "latest")
     import jax
 
-    assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state, state.batch_stats))
-            if hasattr(x, "dtype") and x.ndim > 0} == {np.dtype(np.float32)}
+    assert {
+        x.dtype
+        for x in jax.tree.leaves((state.params, state.opt_state, state.batch_stats))
+        if hasattr(x, "dtype") and x.ndim > 0
+    } == {np.dtype(np.float32)}
     assert np.isfinite(report["history"][-1]["loss"])
 
 
@@ -107,25 +121,31 @@ def test_batch_size_must_divide_over_devices():
         parallel.check_batch_size(32, fake)
 
 
-def test_auto_cpu_devices_splits_only_models_worth_splitting():
-    tiny, seed = rj.config.tiny(), rj.Config()
-    flops = {c: 32 * rj.models.forward_flops(c) for c in (tiny, seed)}
-    assert parallel.auto_cpu_devices(2, 32, flops[tiny]) == 1  # overhead-bound: one device
-    assert parallel.auto_cpu_devices(2, 32, flops[seed]) == 2  # one device per core
-    assert parallel.auto_cpu_devices(4, 30, flops[seed]) == 3  # a divisor of the batch
-    assert parallel.auto_cpu_devices(16, 7, flops[seed]) == 7
-    assert parallel.auto_cpu_devices(2, 32) == 2  # size unknown: split
-
-
 def test_unreachable_coordinator_and_bad_process_id_fail_fast():
     from resnet_jax import distributed
 
     with pytest.raises(rj.UserError, match="out of range for 2 processes"):
         distributed.initialize("127.0.0.1:1234", 2, 2)
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "train.py"),
-                           "--coordinator_address", f"127.0.0.1:{free_port()}", "--num_processes", "2",
-                           "--process_id", "1", "--init_timeout", "5", "--workdir", "/tmp/unused"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(os.path.dirname(HERE), "train.py"),
+            "--coordinator_address",
+            f"127.0.0.1:{free_port()}",
+            "--num_processes",
+            "2",
+            "--process_id",
+            "1",
+            "--init_timeout",
+            "5",
+            "--workdir",
+            "/tmp/unused",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "cannot reach the coordinator" in proc.stderr

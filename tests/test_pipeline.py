@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_dataset
 
 import resnet_jax as rj
 from resnet_jax import parallel, pipeline
-from conftest import random_dataset
 
 
 def test_seed_epoch_is_1563_steps_with_the_partial_batch_kept():
@@ -32,8 +32,12 @@ def test_every_image_once_per_epoch_in_a_fresh_order():
     for epoch in range(3):
         key = pipeline.epoch_key(jax.random.key(0), epoch)
         perm = pipeline.permutation(key, n)
-        seen = np.concatenate([np.asarray(pipeline.chunk_rows(perm, off, length, b)).ravel()
-                               for off, _, length, b in pipeline.epoch_plan(n, batch, 5)])
+        seen = np.concatenate(
+            [
+                np.asarray(pipeline.chunk_rows(perm, off, length, b)).ravel()
+                for off, _, length, b in pipeline.epoch_plan(n, batch, 5)
+            ]
+        )
         assert sorted(seen) == list(range(n))
         orders.append(seen)
     assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
@@ -57,8 +61,8 @@ def test_train_chunks_match_single_steps_on_the_same_batches(tiny_config, loop):
     aug_key = jax.random.split(key)[1]
     losses = []
     for i in range(3):
-        idx = np.asarray(perm[i * 8:(i + 1) * 8])
-        x = (ds.train_images[idx].astype(np.float32) / 255 - mean)
+        idx = np.asarray(perm[i * 8 : (i + 1) * 8])
+        x = ds.train_images[idx].astype(np.float32) / 255 - mean
         x = rj.augment(jax.random.fold_in(aug_key, i), jnp.asarray(x), tiny_config)
         state, m = step(state, x, ds.train_labels[idx])
         losses.append(float(m["loss"]))
@@ -69,8 +73,9 @@ def test_train_chunks_match_single_steps_on_the_same_batches(tiny_config, loop):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
         if path[-1].key == "bias" and path[-2].key in ("conv_init", "conv1", "conv2"):
             np.testing.assert_array_equal(a, 0, err_msg=jax.tree_util.keystr(path))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                 s1.batch_stats, state.batch_stats)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s1.batch_stats, state.batch_stats
+    )
 
 
 def test_evaluation_is_exact_over_all_test_images(tiny_config):

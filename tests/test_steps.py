@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_batch
 
 import resnet_jax as rj
-from conftest import random_batch
 
 
 @pytest.fixture
@@ -33,8 +33,9 @@ def conv_l2(params):
 
 def test_train_loss_is_cross_entropy_plus_conv_l2(state):
     x, y = random_batch()
-    logits, _ = state.model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
-                                  train=True, mutable=["batch_stats"])
+    logits, _ = state.model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
     ce = -np.mean(log_softmax(np.asarray(logits, np.float64))[np.arange(8), np.asarray(y)])
     expected = ce + conv_l2(state.params)
     _, metrics = jax.jit(rj.train_step)(state, x, y)
@@ -62,16 +63,23 @@ def test_eval_metrics_and_masking(state):
     w = jnp.array([1, 1, 1, 0, 0, 1, 0, 1], jnp.float32)
     mw = rj.eval_step(state, x, y, w)
     assert float(mw["count"]) == 5
-    assert float(mw["loss"]) / 5 == pytest.approx(-lp[np.asarray(w) > 0].mean() + conv_l2(state.params), rel=1e-5)
+    assert float(mw["loss"]) / 5 == pytest.approx(
+        -lp[np.asarray(w) > 0].mean() + conv_l2(state.params), rel=1e-5
+    )
 
 
 def test_batch_stats_move_by_momentum(state):
     x, y = random_batch(seed=1)
     # Input of the first BatchNorm: the stem conv's output, with the pre-step parameters.
-    _, inter = state.model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
-                                 train=True, mutable=["batch_stats", "intermediates"],
-                                 capture_intermediates=True)
-    conv_out, bias = inter["intermediates"]["conv_init"]["__call__"][0]  # bias folded into bn_init
+    _, inter = state.model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        x,
+        train=True,
+        mutable=["batch_stats", "intermediates"],
+        capture_intermediates=True,
+    )
+    conv_out = inter["intermediates"]["conv_init"]["__call__"][0]  # bias folded into bn_init
+    bias = state.params["conv_init"]["bias"]
     h = np.asarray(conv_out, np.float64) + np.asarray(bias, np.float64)
     mean, var = h.mean((0, 1, 2)), h.var((0, 1, 2))
     new, _ = jax.jit(rj.train_step)(state, x, y)
@@ -136,7 +144,13 @@ def test_bad_inputs_are_clear(state):
 
 def test_config_round_trips_and_defaults_are_the_seed():
     c = rj.Config()
-    assert (c.epochs, c.batch_size, c.stage_sizes, c.num_filters, c.learning_rate) == (50, 32, (3, 3, 2), 32, 1e-3)
+    assert (c.epochs, c.batch_size, c.stage_sizes, c.num_filters, c.learning_rate) == (
+        50,
+        32,
+        (3, 3, 2),
+        32,
+        1e-3,
+    )
     assert (c.adam_b1, c.adam_b2, c.adam_eps, c.l2_weight, c.shift_range) == (0.9, 0.999, 1e-7, 1e-4, 0.1)
     assert rj.Config.from_json(c.to_json()) == c
     with pytest.raises(dataclasses.FrozenInstanceError):

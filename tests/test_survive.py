@@ -8,27 +8,11 @@ import sys
 import time
 
 import jax
-import pytest
 import numpy as np
+import pytest
+from conftest import ENV, ROOT, TINY, assert_same_run, metrics, start, train, wait_for, without_seconds
 
 import resnet_jax as rj
-from test_train import ENV, ROOT, TINY, archive, full_run, metrics, train, without_seconds  # noqa: F401
-
-
-def start(workdir, archive, *extra):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--workdir", workdir, "--data_dir",
-           archive, *TINY, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def wait_for(predicate, seconds=300):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(full_run, archive, tmp_path):
@@ -36,14 +20,16 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(full_run, archive, tmp_path
     workdir = str(tmp_path / "w")
     # steps_per_call 1: a device call per step, so the stop lands mid-epoch
     proc = start(workdir, archive, "--epochs", "3", "--steps_per_call", "1")
-    assert wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl"))
-                    and len(metrics(workdir)) >= 1)
+    assert wait_for(
+        lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(metrics(workdir)) >= 1
+    )
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert "Run the same command to resume" in err
-    resumed = train("--workdir", workdir, "--data_dir", archive, "--epochs", "3", *TINY,
-                    "--steps_per_call", "1").stdout
+    resumed = train(
+        "--workdir", workdir, "--data_dir", archive, "--epochs", "3", *TINY, "--steps_per_call", "1"
+    ).stdout
     assert "Resuming" in resumed
     assert without_seconds(metrics(workdir)) == without_seconds(metrics(reference))
     a, b = rj.restore(workdir, "latest"), rj.restore(reference, "latest")
@@ -53,8 +39,20 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(full_run, archive, tmp_path
 def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_checkpoints(archive, tmp_path):
     workdir = str(tmp_path / "w")
     # epoch 1 is sane; from epoch 2 the rate is absurd
-    proc = train("--workdir", workdir, "--data_dir", archive, "--epochs", "3", "--lr_epochs", "1",
-                 "--lr_factors", "1e35", *TINY, check=False)
+    proc = train(
+        "--workdir",
+        workdir,
+        "--data_dir",
+        archive,
+        "--epochs",
+        "3",
+        "--lr_epochs",
+        "1",
+        "--lr_factors",
+        "1e35",
+        *TINY,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "at epoch 2, step" in proc.stderr and "last good checkpoint" in proc.stderr
     assert len(metrics(workdir)) == 1
@@ -111,8 +109,9 @@ def test_sigkill_at_random_moments_never_loses_the_run(archive, tmp_path):
             break
         proc = start(workdir, archive, "--epochs", epochs)
         if i % 3 == 0:  # aim for a save: kill as soon as orbax's temporary folder appears
-            hit = wait_for(lambda: os.path.isdir(ckdir) and any(
-                "tmp" in n for n in os.listdir(ckdir)), seconds=60)
+            hit = wait_for(
+                lambda: os.path.isdir(ckdir) and any("tmp" in n for n in os.listdir(ckdir)), seconds=60
+            )
             during_save += hit
         else:
             time.sleep(rng.uniform(2.0, 9.0))
@@ -126,10 +125,7 @@ def test_sigkill_at_random_moments_never_loses_the_run(archive, tmp_path):
     print(f"{kills} kills, {during_save} timed to a checkpoint save")
     assert kills == 10 and during_save >= 1
     train("--workdir", workdir, "--data_dir", archive, "--epochs", epochs, *TINY)
-    assert without_seconds(metrics(workdir)) == without_seconds(metrics(reference))
-    a, b = rj.restore(workdir, "latest"), rj.restore(reference, "latest")
-    jax.tree.map(np.testing.assert_array_equal, (a.params, a.batch_stats, a.opt_state),
-                 (b.params, b.batch_stats, b.opt_state))
+    assert_same_run(workdir, reference)  # metrics, and latest params, statistics, Adam state
     a, b = rj.restore(workdir, "best"), rj.restore(reference, "best")
     jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
 
@@ -179,28 +175,35 @@ def _bad_data(kind, tmp_path):
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "foreign", "wrong pickle",
-                                  "labels out of range", "mismatched lengths"])
+@pytest.mark.parametrize(
+    "kind",
+    ["missing", "empty", "truncated", "foreign", "wrong pickle", "labels out of range", "mismatched lengths"],
+)
 def test_bad_data_through_the_command_line(kind, tmp_path):
     data_dir, message = _bad_data(kind, tmp_path)
     workdir = tmp_path / "w"
     proc = train("--workdir", str(workdir), "--data_dir", data_dir, *TINY, check=False)
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
     assert not (workdir / "checkpoints").exists()
 
 
 def test_offline_tfds_through_the_command_line(tmp_path):
     """train.py's main with the network cut (socket patched in the child, no traffic sent)."""
-    code = ("import socket, sys\n"
-            "def cut(*a, **k): raise OSError('network is unreachable')\n"
-            "socket.create_connection = cut\n"
-            "from resnet_jax.cli import main\n"
-            f"sys.exit(main(['--workdir', {str(tmp_path / 'w')!r}, '--data_dir', {str(tmp_path)!r}]))\n")
+    code = (
+        "import socket, sys\n"
+        "def cut(*a, **k): raise OSError('network is unreachable')\n"
+        "socket.create_connection = cut\n"
+        "from resnet_jax.cli import main\n"
+        f"sys.exit(main(['--workdir', {str(tmp_path / 'w')!r}, '--data_dir', {str(tmp_path)!r}]))\n"
+    )
     start_time = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=120)
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and "cifar-10-python.tar.gz" in lines[0] and "TFDS_DATA_DIR" in lines[0], proc.stderr
+    assert len(lines) == 1 and "cifar-10-python.tar.gz" in lines[0] and "TFDS_DATA_DIR" in lines[0], (
+        proc.stderr
+    )
     assert time.monotonic() - start_time < 60  # imports included; the network wait itself is none

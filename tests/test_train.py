@@ -1,55 +1,10 @@
 """train.py end to end on a small official-layout archive: console story, files, resume, errors."""
 
-import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 
-import jax
-import numpy as np
 import pytest
-
-import resnet_jax as rj
-from cifar_files import write_cifar
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--num_filters", "4", "--stage_sizes", "1,1,1", "--batch_size", "16", "--steps_per_call", "4"]
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
-
-
-def train(*args, check=True):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
-                          env=ENV, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def without_seconds(rows):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_cifar(root, rows=(20, 20, 20, 20, 20), test_rows=40)  # 100 train: 6 batches of 16 + 4
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def full_run(archive, tmp_path_factory):
-    """The README's command, offline and tiny: 3 epochs, uninterrupted."""
-    workdir = str(tmp_path_factory.mktemp("run") / "ckpt")
-    proc = train("--workdir", workdir, "--data_dir", archive, "--epochs", "3", *TINY)
-    return proc, workdir
+from conftest import TINY, assert_same_run, kill_after_first_epoch, metrics, start, train
 
 
 def test_console_story_like_the_seed_log(full_run):
@@ -57,11 +12,18 @@ def test_console_story_like_the_seed_log(full_run):
     out = proc.stdout
     for epoch in (1, 2, 3):
         assert f"Epoch {epoch}/3\nLearning rate: 0.001\n" in out
-    lines = re.findall(r"^7/7 \[=+\] - \d+s \d+ms/step - loss: \d\.\d{4} - acc: \d\.\d{4} - "
-                       r"val_loss: \d\.\d{4} - val_acc: \d\.\d{4}$", out, re.M)
+    lines = re.findall(
+        r"^7/7 \[=+\] - \d+s \d+ms/step - loss: \d\.\d{4} - acc: \d\.\d{4} - "
+        r"val_loss: \d\.\d{4} - val_acc: \d\.\d{4}$",
+        out,
+        re.M,
+    )
     assert len(lines) == 3
     assert re.search(r"^Epoch 00001: val_acc improved from -inf to \d\.\d{5}, saving model to ", out, re.M)
-    assert len(re.findall(r"^Epoch 0000[23]: val_acc (improved from|did not improve from) \d\.\d{5}", out, re.M)) == 2
+    assert (
+        len(re.findall(r"^Epoch 0000[23]: val_acc (improved from|did not improve from) \d\.\d{5}", out, re.M))
+        == 2
+    )
     assert re.search(r"^Test loss: [\d.]+\nTest accuracy: [\d.]+$", out, re.M)
     assert "\r" not in out  # no progress bar when stdout is not a terminal
 
@@ -96,22 +58,11 @@ def test_eval_only_reproduces_the_best_epoch(full_run, archive):
 def test_killed_run_resumes_to_the_same_result(full_run, archive, tmp_path):
     _, reference = full_run
     workdir = str(tmp_path / "ckpt")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--workdir", workdir, "--data_dir",
-           archive, "--epochs", "3", *TINY]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    path = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + 300
-    while time.time() < deadline and not (os.path.exists(path) and open(path).read().count("\n") >= 1):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # no chance to clean up
-    proc.wait()
+    kill_after_first_epoch(start(workdir, archive, "--epochs", "3"), workdir)
     assert 1 <= len(metrics(workdir)) < 3, "the kill came too late to test anything"
     out = train("--workdir", workdir, "--data_dir", archive, "--epochs", "3", *TINY).stdout
     assert "Resuming" in out
-    assert without_seconds(metrics(workdir)) == without_seconds(metrics(reference))
-    a, b = rj.restore(workdir, "latest"), rj.restore(reference, "latest")
-    jax.tree.map(np.testing.assert_array_equal, (a.params, a.batch_stats, a.opt_state),
-                 (b.params, b.batch_stats, b.opt_state))
+    a = assert_same_run(workdir, reference)
     assert int(a.step) == 21
 
 
@@ -130,27 +81,42 @@ def test_finished_run_says_so_and_other_models_are_refused(full_run, archive):
 
 def test_help_lists_every_config_field_with_defaults():
     out = train("--help").stdout
-    for field in ("--dataset", "--data_dir", "--epochs", "--batch_size", "--seed", "--num_filters",
-                  "--stage_sizes", "--dtype", "--steps_per_call", "--eval_only", "--which", "--workdir"):
+    for field in (
+        "--dataset",
+        "--data_dir",
+        "--epochs",
+        "--batch_size",
+        "--seed",
+        "--num_filters",
+        "--stage_sizes",
+        "--dtype",
+        "--steps_per_call",
+        "--eval_only",
+        "--which",
+        "--workdir",
+    ):
         assert field in out
     assert "(default: 50)" in out and "3,3,2" in out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--epochs", "0"], "epochs must be a positive integer"),
-    (["--stage_sizes", "a,b"], "comma-separated ints"),
-    (["--which", "best"], "--which applies only with --eval_only"),
-    (["--dtype", "float16"], "dtype must be one of"),
-    (["--workdir", "/proc/no/such/dir"], "cannot create workdir"),
-    (["--eval_only"], "holds no resnet_jax run"),
-    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
-    (["--batch_size", "1000"], "larger than the 100 training images"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--epochs", "0"], "epochs must be a positive integer"),
+        (["--stage_sizes", "a,b"], "comma-separated ints"),
+        (["--which", "best"], "--which applies only with --eval_only"),
+        (["--dtype", "float16"], "dtype must be one of"),
+        (["--workdir", "/proc/no/such/dir"], "cannot create workdir"),
+        (["--eval_only"], "holds no resnet_jax run"),
+        (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["--batch_size", "1000"], "larger than the 100 training images"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, message, archive, tmp_path):
     base = ["--workdir", str(tmp_path / "w"), "--data_dir", archive, *TINY]
     proc = train(*base, *args, check=False)
     assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], proc.stderr
 
 

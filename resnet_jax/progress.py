@@ -1,0 +1,79 @@
+"""Where a run stands, as data: `Sums` (running metric sums) and `Progress` (epochs done, step in
+the current epoch, best so far, history). A checkpoint's JSON `meta` is `Progress.to_meta()`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Sums:
+    """Summed metrics (see steps.summed_metrics): means are sum / count, exact over any batching."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+
+    def add(self, metrics) -> Sums:
+        """These sums plus per-step (or scalar) metric arrays, added in float64."""
+        return Sums(
+            *(
+                getattr(self, k) + float(np.sum(metrics[k], dtype=np.float64))
+                for k in ("loss", "correct", "count")
+            )
+        )
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / self.count
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    epoch: int = 0  # completed epochs
+    step_in_epoch: int = 0  # steps done in epoch `epoch + 1` (a mid-epoch stop), else 0
+    best_val_acc: float | None = None
+    best_epoch: int | None = None
+    history: tuple = ()  # one record per completed epoch (metrics.jsonl's lines)
+    partial: Sums = Sums()  # running sums of the half-done epoch
+
+    def to_meta(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "best_val_acc": self.best_val_acc,
+            "best_epoch": self.best_epoch,
+            "history": list(self.history),
+            "partial": dataclasses.asdict(self.partial),
+        }
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Progress:
+        return cls(
+            meta["epoch"],
+            meta["step_in_epoch"],
+            meta["best_val_acc"],
+            meta["best_epoch"],
+            tuple(meta["history"]),
+            Sums(**meta["partial"]),
+        )
+
+    def stopped_mid_epoch(self, step: int, sums: Sums) -> Progress:
+        return dataclasses.replace(self, step_in_epoch=step, partial=sums)
+
+    def epoch_done(self, rec: dict) -> tuple[Progress, bool]:
+        """The progress after an epoch with record `rec`; whether val_acc strictly improved."""
+        improved = self.best_val_acc is None or rec["val_acc"] > self.best_val_acc
+        best = (rec["val_acc"], rec["epoch"]) if improved else (self.best_val_acc, self.best_epoch)
+        return Progress(rec["epoch"], 0, *best, self.history + (rec,), Sums()), improved
+
+    def where(self, steps_per_epoch: int) -> str:
+        if not self.step_in_epoch:
+            return f"epoch {self.epoch}"
+        return f"epoch {self.epoch + 1}, step {self.step_in_epoch}/{steps_per_epoch}"

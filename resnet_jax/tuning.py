@@ -1,0 +1,191 @@
+"""Platform decisions, in one place: what resnet_jax switches on for the platform JAX runs on.
+
+    decision                       CPU                              GPU                  TPU
+    JAX devices                    one per core (`auto`: models     the GPUs             the cores
+                                   worth splitting, see below)
+    huge-page malloc restart       yes, when a run will train       no                   no
+    device loop (`auto`)           python: one jitted step a call   scan                 scan
+    materialize block outputs      yes (models.materialize)         no                   no
+    XLA flags                      none                             GPU_XLA_FLAGS        none
+
+Each CPU choice is measured in docs/performance.md; the GPU flags on an H200
+(benchmarks/results/gpu.jsonl): deterministic ops make a SIGKILLed run resume bit for bit
+(without them XLA's autotuner may pick other kernels after a restart: the resumed run differed in
+the 6th digit), at -16 % images/s alone; command buffers (CUDA graphs) for every kind of op,
+loops included, win it back: seed model, batch 32, float32: 17,626 images/s with XLA's
+defaults, 14,869 deterministic, 19,844 with command buffers, 18,330 with both. Flags the user
+sets in XLA_FLAGS win over these.
+
+`decide` is pure. The decisions that must precede JAX's start (CPU device count, XLA flags) are
+applied by `configure`, which train.py and the benchmarks call before JAX starts its backends; a
+notebook gets the same by calling `resnet_jax.configure(config)` first (`train_and_evaluate`
+says so in one line when the CPU split differs from what `configure` would choose).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.util
+import os
+
+from resnet_jax.errors import UserError
+
+GPU_XLA_FLAGS = (
+    "--xla_gpu_deterministic_ops=true",
+    "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,WHILE,"
+    "CONVOLUTION,DYNAMIC_SLICE_FUSION",
+)
+
+# Below this many forward FLOPs per step, one CPU device beats one per core: the step is
+# made of small ops and the cross-device BatchNorm sums cost more than the second core gives back.
+# Measured on 2 cores, batch 32 (`benchmarks/speed.py --cpu_devices 1|2`, images/s):
+#   4 filters 1,1,1 (0.06 GFLOP/step): 2,565 vs 2,114     8 filters 1,1,1 (0.21): 2,059 vs 1,718
+#   8 filters 3,3,2 (0.58):            513 vs 676         16 filters 1,1,1 (0.80): 839 vs 1,046
+#   seed, 32 filters 3,3,2 (9.2):      86 vs 130
+SPLIT_MIN_FLOPS = 3.5e8
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    platform: str  # cpu | gpu | tpu
+    cpu_devices: int | None  # CPU: JAX devices to split the host into; None elsewhere
+    huge_pages: bool  # CPU: restart with glibc's huge-page malloc (resnet_jax/hugepages.py)
+    device_loop: str  # what Config.device_loop "auto" means: python | scan
+    materialize: bool  # models.materialize on block outputs
+    xla_flags: tuple[str, ...]  # added to XLA_FLAGS unless the user set the same flag
+
+
+def auto_cpu_devices(cores: int, batch_size: int, flops_per_step: float | None = None) -> int:
+    """One device per core (the largest divisor of batch_size not above `cores`), or one device
+    when the step's forward pass is smaller than SPLIT_MIN_FLOPS."""
+    if flops_per_step is not None and flops_per_step < SPLIT_MIN_FLOPS:
+        return 1
+    return max(d for d in range(1, max(cores, 1) + 1) if batch_size % d == 0)
+
+
+def decide(
+    platform: str,
+    *,
+    cores: int = 1,
+    batch_size: int = 32,
+    flops_per_step: float | None = None,
+    cpu_devices="auto",
+) -> Tuning:
+    """Every platform decision for a run of `batch_size` whose step costs `flops_per_step`."""
+    if platform != "cpu":
+        return Tuning(platform, None, False, "scan", False, GPU_XLA_FLAGS if platform == "gpu" else ())
+    if cpu_devices == "auto":
+        n = auto_cpu_devices(cores, batch_size, flops_per_step)
+    else:
+        try:
+            n = int(cpu_devices)
+        except (TypeError, ValueError):
+            n = 0
+        if n <= 0:
+            raise UserError(f"cpu_devices must be 'auto' or a positive integer, got {cpu_devices!r}")
+    return Tuning("cpu", n, True, "python", True, ())
+
+
+def detect_platform(environ=None) -> str:
+    """The platform JAX will pick, found without starting it (starting it fixes the CPU device
+    count): JAX_PLATFORMS if set, else a GPU when a CUDA or ROCm plugin is installed and the
+    kernel has a GPU device, a TPU when libtpu and an accelerator device are there, else cpu."""
+    environ = os.environ if environ is None else environ
+    first = environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
+    if first:
+        return {"cuda": "gpu", "rocm": "gpu"}.get(first, first)
+    plugins = [
+        p
+        for p in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12", "jax_plugins.xla_rocm")
+        if _installed(p)
+    ] + [p for p in ("jax_cuda13_plugin", "jax_cuda12_plugin") if _installed(p)]
+    if plugins and (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")):
+        return "gpu"
+    if _installed("libtpu") and (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+        return "tpu"
+    return "cpu"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def merge_xla_flags(current: str, flags) -> str:
+    """XLA_FLAGS with `flags` appended, except those whose name the user's value already sets."""
+    have = {f.split("=")[0] for f in current.split()}
+    extra = [f for f in flags if f.split("=")[0] not in have]
+    return " ".join(current.split() + extra)
+
+
+def backends_started() -> bool:
+    from jax._src import xla_bridge  # no public API says whether JAX has started its backends
+
+    return xla_bridge.backends_are_initialized()
+
+
+def configure(config=None, cpu_devices="auto", image_shape=(32, 32, 3)) -> Tuning:
+    """Apply the decisions that must come before JAX starts its backends; returns them all.
+
+    `config` sizes the CPU split (`auto` keeps small models on one device). Does nothing to JAX
+    once its backends are up (the decisions are still returned). A device count in XLA_FLAGS or
+    JAX_NUM_CPU_DEVICES, and any flag already in XLA_FLAGS, win.
+    """
+    import jax
+
+    from resnet_jax import models
+
+    platform = detect_platform()
+    flops = None
+    batch_size = 32
+    if config is not None:
+        batch_size = config.batch_size
+        flops = batch_size * models.forward_flops(config, image_shape)
+    tuning = decide(
+        platform, cores=cores(), batch_size=batch_size, flops_per_step=flops, cpu_devices=cpu_devices
+    )
+    if backends_started():
+        return tuning
+    if tuning.xla_flags:
+        os.environ["XLA_FLAGS"] = merge_xla_flags(os.environ.get("XLA_FLAGS", ""), tuning.xla_flags)
+    user_count = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or os.environ.get(
+        "JAX_NUM_CPU_DEVICES"
+    )
+    if tuning.cpu_devices is not None and not user_count:
+        jax.config.update("jax_num_cpu_devices", tuning.cpu_devices)
+    return tuning
+
+
+def started() -> Tuning:
+    """The decisions for the platform JAX has started on (device loop, materialize)."""
+    import jax
+
+    return decide(jax.default_backend())
+
+
+def advice(config) -> str | None:
+    """One line for a notebook whose JAX started before `configure`: how to get the command
+    line's CPU speed. None when nothing is to gain."""
+    import jax
+
+    from resnet_jax import models
+
+    if jax.default_backend() != "cpu":
+        return None
+    want = auto_cpu_devices(cores(), config.batch_size, config.batch_size * models.forward_flops(config))
+    have = jax.device_count()
+    if want <= have:
+        return None
+    return (
+        f"note: JAX runs this CPU as {have} device(s); train.py would use {want} (one per core) "
+        f"for about 1.5x the speed: call resnet_jax.configure(config) before any other JAX "
+        f"work (e.g. first in the notebook), and start Jupyter with "
+        f"GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for huge-page malloc"
+    )

@@ -1,0 +1,110 @@
+"""Platform decisions (resnet_jax.tuning): what each platform switches on, made before JAX starts."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import resnet_jax as rj
+from resnet_jax import tuning
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_auto_cpu_devices_splits_only_models_worth_splitting():
+    tiny, seed = rj.config.tiny(), rj.Config()
+    flops = {c: 32 * rj.models.forward_flops(c) for c in (tiny, seed)}
+    assert tuning.auto_cpu_devices(2, 32, flops[tiny]) == 1  # overhead-bound: one device
+    assert tuning.auto_cpu_devices(2, 32, flops[seed]) == 2  # one device per core
+    assert tuning.auto_cpu_devices(4, 30, flops[seed]) == 3  # a divisor of the batch
+    assert tuning.auto_cpu_devices(16, 7, flops[seed]) == 7
+    assert tuning.auto_cpu_devices(2, 32) == 2  # size unknown: split
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_nothing_cpu_specific_off_the_cpu(platform):
+    t = tuning.decide(platform, cores=16, batch_size=32, flops_per_step=1e12)
+    assert t.cpu_devices is None and not t.huge_pages and not t.materialize
+    assert t.device_loop == "scan"
+    assert ("--xla_gpu_deterministic_ops=true" in t.xla_flags) == (platform == "gpu")
+
+
+def test_the_cpu_choice():
+    t = tuning.decide("cpu", cores=2, batch_size=32, flops_per_step=1e10)
+    assert (t.cpu_devices, t.huge_pages, t.device_loop, t.materialize, t.xla_flags) == (
+        2,
+        True,
+        "python",
+        True,
+        (),
+    )
+    assert tuning.decide("cpu", cores=8, batch_size=32, cpu_devices="3").cpu_devices == 3
+    with pytest.raises(rj.UserError, match="cpu_devices must be 'auto' or a positive integer"):
+        tuning.decide("cpu", cpu_devices="many")
+
+
+def test_platform_detection_honours_jax_platforms():
+    assert tuning.detect_platform({"JAX_PLATFORMS": "cpu"}) == "cpu"
+    assert tuning.detect_platform({"JAX_PLATFORMS": "cuda,cpu"}) == "gpu"
+    assert tuning.detect_platform({"JAX_PLATFORMS": "tpu"}) == "tpu"
+    assert tuning.detect_platform({}) in ("cpu", "gpu", "tpu")
+
+
+def test_users_xla_flags_win():
+    merged = tuning.merge_xla_flags("--xla_gpu_deterministic_ops=false --foo=1", tuning.GPU_XLA_FLAGS)
+    assert "--xla_gpu_deterministic_ops=false" in merged.split()
+    assert "--xla_gpu_deterministic_ops=true" not in merged
+    assert any(f.startswith("--xla_gpu_enable_command_buffer=") for f in merged.split())
+    assert tuning.merge_xla_flags("", ()) == ""
+
+
+def test_materialize_is_an_exact_identity_for_inf_and_nan_too():
+    x = jnp.array([1.5, -2.0, 0.0, jnp.inf, -jnp.inf, jnp.nan, 3e38, -1e-30])
+    y = jax.jit(rj.models.materialize)(x)
+    np.testing.assert_array_equal(y[:6], x[:6])  # NaN == NaN for assert_array_equal
+    assert y[6] == x[6] and np.isnan(y[5]) and np.isposinf(y[3]) and np.isneginf(y[4])
+
+
+def test_materialize_is_a_model_setting_the_cpu_decision_turns_on():
+    config = rj.tiny()
+    on = rj.create_train_state(config, jax.random.key(0), (32, 32, 3), 5, materialize=True)
+    off = rj.create_train_state(config, jax.random.key(0), (32, 32, 3), 5, materialize=False)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    hlo = lambda s: (
+        jax.jit(lambda v: s.model.apply(v, x, train=False))
+        .lower({"params": s.params, "batch_stats": s.batch_stats})
+        .as_text()
+    )
+    # off: the global-average pool's one division; on: one more per block output and the stem
+    assert hlo(off).count("stablehlo.divide") == 1 and hlo(on).count("stablehlo.divide") == 5
+    np.testing.assert_array_equal(
+        *(
+            s.model.apply({"params": s.params, "batch_stats": s.batch_stats}, x, train=False)
+            for s in (on, off)
+        )
+    )
+    default = rj.create_train_state(config, jax.random.key(0), (32, 32, 3), 5)
+    assert default.model.materialize == (jax.default_backend() == "cpu")
+
+
+def test_help_and_argument_errors_start_once():
+    """No huge-page restart for --help or a bad flag (the restart would print "start" twice)."""
+    code = (
+        "import sys; print('start', flush=True); from resnet_jax.cli import main; "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    for args in (["--help"], ["--epochs", "0"], ["--no_such_flag"]):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.stdout.count("start") == 1, (args, proc.stdout, proc.stderr)
