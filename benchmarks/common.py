@@ -13,11 +13,16 @@ def add_model_args(parser, cpu_devices="auto"):
     parser.add_argument("--num_filters", type=int, default=32)
     parser.add_argument("--stage_sizes", default="3,3,2")
     parser.add_argument(
+        "--preset", default="", help="a named model (resnet56v2, ...): replaces the two above"
+    )
+    parser.add_argument(
         "--cpu_devices", default=cpu_devices, help="as train.py: CPU split into per-core devices"
     )
 
 
 def model_config(args, **fields) -> rj.Config:
+    if args.preset:
+        return rj.config.preset(args.preset, **fields)
     return rj.Config(
         num_filters=args.num_filters, stage_sizes=tuple(int(s) for s in args.stage_sizes.split(",")), **fields
     )

@@ -78,7 +78,7 @@ def measure(a, batch_size, dtype, dataset):
         "devices": mesh.size,
         "batch_size": batch_size,
         "dtype": dtype,
-        "model": f"{a.num_filters}x{a.stage_sizes}",
+        "model": rj.models.name(config),
         "device_loop": pipeline.resolve_loop(mesh, config.device_loop),
         "steps_per_call": k,
         "train_images_per_s": round(images_per_s, 1),

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from resnet_jax.errors import UserError
+
 
 def shift_matrix(shift: jax.Array, size: int) -> jax.Array:
     """(size, size) matrix M with (M @ v)[r] = v(r + shift), bilinear, edges replicated."""
@@ -39,9 +41,16 @@ def augment(key: jax.Array, images: jax.Array, config) -> jax.Array:
 
     Per image: row shift ~ U(-s, s) * H and column shift ~ U(-s, s) * W with s =
     config.shift_range, bilinear, nearest fill; then a left-right flip with p = 0.5 if config.flip.
+    Integer images (uint8 pixels) are refused: the bilinear shift makes fractional values, and the
+    seed augments the preprocessed floats (x / 255 - mean), which is what the pipeline passes.
     """
     if images.ndim != 4:
-        raise ValueError(f"augment takes a batch of NHWC images, got shape {images.shape}")
+        raise UserError(f"augment takes a batch of NHWC images, got shape {images.shape}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise UserError(
+            f"augment takes float images (preprocessed: x / 255 - mean), got {images.dtype}; "
+            "convert first, e.g. images.astype(np.float32) / 255"
+        )
     n, height, width, _ = images.shape
     k_row, k_col, k_flip = jax.random.split(key, 3)
     s = config.shift_range

@@ -11,8 +11,16 @@ except through that policy.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import inspect
 import logging
 import os
+import re
+import sys
+import threading
+import time
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
@@ -20,7 +28,6 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from resnet_jax.errors import UserError
 
-log = logging.getLogger(__name__)
 FOLDER = "checkpoints"
 
 
@@ -45,16 +52,17 @@ class Checkpoints:
         # best_fn is needed too: without it orbax stores no metrics and BestN sees none.
         # Async saves: `save` returns once the arrays are copied off the devices and the files
         # are written in the background (the next save, `restore` and `close` wait for them).
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=keep,
-            best_fn=lambda m: m["rank"],
-            best_mode="max",
-            enable_async_checkpointing=not read_only,
-            create=not read_only,
-            read_only=read_only,
-            cleanup_tmp_directories=not read_only,
-        )
-        self.manager = ocp.CheckpointManager(self.path, options=options, item_names=("state", "meta"))
+        with quiet():  # read-only: absl says "Given directory is read only" otherwise
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=keep,
+                best_fn=lambda m: m["rank"],
+                best_mode="max",
+                enable_async_checkpointing=not read_only,
+                create=not read_only,
+                read_only=read_only,
+                cleanup_tmp_directories=not read_only,
+            )
+            self.manager = ocp.CheckpointManager(self.path, options=options, item_names=("state", "meta"))
         self._after_save = []  # callbacks of saves still being written
 
     def steps(self):
@@ -94,14 +102,18 @@ class Checkpoints:
 
     def best_step(self) -> int | None:
         """The last epoch whose val_acc strictly improved (orbax's best by `rank`)."""
-        step = self.manager.best_step()
-        return step if step is not None and self.manager.metrics(step).get("rank", -1) >= 0 else None
+        with quiet():
+            step = self.manager.best_step()
+            metrics = self.manager.metrics(step) if step is not None else None
+        return step if metrics and metrics.get("rank", -1) >= 0 else None
 
-    def restore(self, template, which: str = "latest"):
-        """(state, meta) from the chosen checkpoint, or None if there is none yet.
+    def restore(self, template, which: str = "latest", set_aside_damaged: bool = False):
+        """(state, meta, step) from the chosen checkpoint, or None if there is none yet.
 
-        `latest` falls back to older checkpoints when the newest cannot be read (and says so);
-        `best` is the last epoch whose val_acc strictly improved.
+        `latest` falls back to older checkpoints when the newest cannot be read (one warning line
+        on stderr); with `set_aside_damaged` (a run about to train) the unreadable newer ones are
+        moved to checkpoints.damaged/ so that the next saves replace them. `best` is the last
+        epoch whose val_acc strictly improved. Raises UserError when nothing chosen is readable.
         """
         self.manager.wait_until_finished()
         if which == "best":
@@ -112,27 +124,55 @@ class Checkpoints:
         errors = []
         for step in candidates:
             try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(_abstract(arrays_of(template))),
-                        meta=ocp.args.JsonRestore(),
-                    ),
-                )
-            except Exception as e:  # corrupt or foreign: try the previous one, delete nothing
-                errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                log.warning("checkpoint at step %d is unreadable, trying an older one", step)
+                restored = self._read(step, template)
+            except Exception as e:  # noqa: BLE001 - corrupt or foreign: try the previous one
+                errors.append((step, _reason(e)))
                 continue
             if errors:
-                print(f"warning: skipped unreadable checkpoint(s) in {self.path}: {'; '.join(errors)}")
-            state = template.replace(**restored["state"])
-            return state, dict(restored["meta"])
+                moved = self._set_aside([s for s, _ in errors]) if set_aside_damaged else ""
+                print(
+                    f"warning: unreadable checkpoint(s) in {self.path} ({_listing(errors)}); "
+                    f"using step {step}{moved}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return template.replace(**restored["state"]), dict(restored["meta"]), step
         if errors:
             raise UserError(
-                f"no readable checkpoint in {self.path} ({'; '.join(errors)}); "
+                f"no readable {which} checkpoint in {self.path} ({_listing(errors)}); "
                 "nothing was deleted: move the folder away or use another --workdir"
             )
         return None
+
+    def read_meta(self, step: int) -> dict | None:
+        """The JSON meta of a checkpoint, or None when it cannot be read."""
+        try:
+            with quiet():
+                args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+                return dict(self.manager.restore(step, args=args)["meta"])
+        except Exception:  # noqa: BLE001 - unreadable
+            return None
+
+    def _read(self, step, template):
+        with quiet():
+            return self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_abstract(arrays_of(template))),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+
+    def _set_aside(self, steps) -> str:
+        """Move unreadable checkpoints to checkpoints.damaged/ (kept for the user, out of the way)."""
+        aside = self.path + ".damaged"
+        os.makedirs(aside, exist_ok=True)
+        for step in steps:
+            src = os.path.join(self.path, str(step))
+            if os.path.exists(src):
+                os.replace(src, os.path.join(aside, f"{step}-{int(time.time())}"))
+        self.manager.reload()
+        return f"; the unreadable ones were moved to {aside}"
 
     def close(self):
         """Finish the saves in flight (their callbacks run only if all of them succeeded)."""
@@ -140,6 +180,73 @@ class Checkpoints:
             self.wait()
         finally:
             self.manager.close()
+
+
+def exists(workdir: str) -> bool:
+    """Whether the workdir holds a checkpoint folder with at least one step in it."""
+    folder = os.path.join(os.path.abspath(workdir), FOLDER)
+    return os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder))
+
+
+def _reason(e: Exception) -> str:
+    """The first line of an error, without the bound-method and object reprs some libraries add."""
+    text = re.sub(r"<[^<>]*(bound method|object at 0x)[^<>]*>?", "", str(e))
+    text = text.split("See full TensorStore details")[0].strip().rstrip(".:")
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first[:160]}" if first else type(e).__name__
+
+
+def _listing(errors) -> str:
+    return "; ".join(f"step {step}: {reason}" for step, reason in errors)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the loggers orbax, tensorstore and asyncio use while a checkpoint is read: a
+    damaged one makes them print hundreds of lines; resnet_jax says what matters in one."""
+    names = ("absl", "asyncio", "orbax", "jax", "tensorstore")
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for logger, _ in saved:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    except BaseException:
+        gc.collect()  # the failed read's leftover tasks log their errors when collected: now
+        raise
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
+def ignore_stray_loop_errors():
+    """Drop what a damaged checkpoint's abandoned reads print after orbax gave up on it (the
+    failure itself is reported in one line): tensorstore threads' 'RuntimeError: Event loop is
+    closed', the errors of read coroutines that nobody awaited any more, and their "never
+    awaited" warnings. For the command line; every other exception still prints as before."""
+
+    def stray(exc) -> bool:
+        return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+    previous_hook, previous_thread_hook, previous_unraisable = (
+        sys.excepthook,
+        threading.excepthook,
+        sys.unraisablehook,
+    )
+
+    def hook(kind, value, tb):
+        if not stray(value):
+            previous_hook(kind, value, tb)
+
+    def thread_hook(args):
+        if not stray(args.exc_value):
+            previous_thread_hook(args)
+
+    def unraisable(args):
+        if not (stray(args.exc_value) or inspect.iscoroutine(args.object)):
+            previous_unraisable(args)
+
+    sys.excepthook, threading.excepthook, sys.unraisablehook = hook, thread_hook, unraisable
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 def _abstract(tree):

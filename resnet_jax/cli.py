@@ -10,7 +10,7 @@ import threading
 import typing
 
 from resnet_jax import hugepages, tuning
-from resnet_jax.config import Config
+from resnet_jax.config import PRESETS, Config, preset
 from resnet_jax.errors import Interrupted, UserError
 
 
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", default="ckpt", help="checkpoints, metrics.jsonl, curves.png")
     hints = typing.get_type_hints(Config)
     for field in dataclasses.fields(Config):
+        if field.name == "preset":  # set by --preset below, with its choices
+            continue
         hint, flag = hints[field.name], f"--{field.name}"
         args = typing.get_args(hint)
         kw = dict(default=field.default, help=field.metadata["help"])
@@ -83,7 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="checkpoint for --eval_only: best (the default) or latest",
     )
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="",
+        metavar="NAME",
+        help="start from a named recipe; flags given override its values. "
+        f"Names: {', '.join(PRESETS)} (resnet<depth>v<1|2>: the Keras example's table, "
+        "200 epochs; seed: the defaults)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only errors")
+    parser.add_argument(
+        "--summary",
+        action="store_true",
+        help="print a per-layer table of the model (as Keras's model.summary()) first",
+    )
     multi = parser.add_argument_group("many hosts (jax.distributed; see README)")
     multi.add_argument(
         "--distributed",
@@ -125,12 +141,27 @@ def _quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     logging.getLogger("absl").setLevel(logging.ERROR)
+    # A damaged checkpoint leaves asyncio tasks whose errors are logged when they are collected,
+    # long after resnet_jax reported the damage in one line.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+
+
+def parse(parser, argv=None):
+    """The flags, on top of --preset's values when one is named (explicit flags win)."""
+    known, _ = parser.parse_known_args(argv)
+    if getattr(known, "preset", None):
+        recipe = preset(known.preset)
+        parser.set_defaults(**{f.name: getattr(recipe, f.name) for f in dataclasses.fields(Config)})
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     _quiet_tensorflow()
+    from resnet_jax import checkpoint
+
+    checkpoint.ignore_stray_loop_errors()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if args.which is not None and not args.eval_only:
         parser.error("--which applies only with --eval_only")
     if args.quiet and args.verbose:
@@ -151,7 +182,12 @@ def main(argv=None) -> int:
         from resnet_jax import loop  # imports JAX: after the cheap checks
 
         if args.eval_only:
-            loss, acc = loop.evaluate_checkpoint(args.workdir, args.which or "best", data_dir=args.data_dir)
+            from resnet_jax import report
+
+            console = report.Console(0 if args.quiet else 1)
+            loss, acc = loop.evaluate_checkpoint(
+                args.workdir, args.which or "best", data_dir=args.data_dir, console=console
+            )
             print(f"Test loss: {loss}")
             print(f"Test accuracy: {acc}")
             return 0
@@ -168,7 +204,7 @@ def main(argv=None) -> int:
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
-        loop.train_and_evaluate(config, args.workdir, verbosity=verbosity, stop=stop)
+        loop.train_and_evaluate(config, args.workdir, verbosity=verbosity, stop=stop, summary=args.summary)
         return 0
     except UserError as e:
         print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)

@@ -23,6 +23,11 @@ class Config:
     # Data (resnet_jax.data).
     dataset: str = _f("cifar10", "cifar10 | cifar100 (tfds or official archive)")
     data_dir: str | None = _f(None, "tfds data_dir, or a folder / archive in the official layout")
+    val_split: float = _f(
+        0.0,
+        "training images held out for validation: a count, or a fraction < 1; "
+        "0: the test set validates, as in the seed",
+    )
     # Loop (resnet_jax.loop).
     epochs: int = _f(50, "passes over the training set")
     batch_size: int = _f(32, "global batch over all devices; the final partial batch is kept")
@@ -43,12 +48,14 @@ class Config:
     shift_range: float = _f(0.1, "fraction of height / width; real-valued bilinear shift")
     flip: bool = _f(True, "left-right with p = 0.5")
     # Model (resnet_jax.models).
-    num_filters: int = _f(32, "width of the first stage; doubles per stage")
+    version: int = _f(1, "ResNet version: 1 (basic blocks, the seed's) or 2 (pre-activation bottlenecks)")
+    num_filters: int = _f(32, "v1: width of the first stage, doubling per stage; v2: stem width")
     stage_sizes: tuple[int, ...] = _f((3, 3, 2), "residual blocks per stage")
     num_classes: int = _f(10, "train_and_evaluate sets it from the dataset")
     bn_momentum: float = _f(0.99, "moving = momentum * moving + (1 - momentum) * batch")
     bn_epsilon: float = _f(1e-3, "Keras default (Flax: 1e-5)")
     dtype: str = _f("float32", "compute dtype; parameters, optimizer and BN statistics stay float32")
+    preset: str = _f("", "the preset this config started from (see --preset); informational")
 
     def __post_init__(self):
         positive = ("epochs", "batch_size", "steps_per_call", "eval_batch_size", "num_filters", "num_classes")
@@ -60,6 +67,12 @@ class Config:
             raise UserError(f"stage_sizes must be positive integers like 3,3,2, got {self.stage_sizes!r}")
         if self.device_loop not in ("auto", "scan", "python"):
             raise UserError(f"device_loop must be auto, scan or python, got {self.device_loop!r}")
+        if self.version not in (1, 2):
+            raise UserError(f"version must be 1 or 2, got {self.version!r}")
+        if self.val_split < 0 or (self.val_split >= 1 and self.val_split != int(self.val_split)):
+            raise UserError(
+                f"val_split must be a count of images or a fraction in [0, 1), got {self.val_split!r}"
+            )
         if self.dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if unknown := set(self.l2_layers) - set(L2_LAYERS):
@@ -92,15 +105,26 @@ class Config:
         return cls(**values)
 
 
-# Fields that change what a checkpoint holds or how the run unfolds; a saved run refuses to
-# resume with different values. Others (epochs, data_dir, steps_per_call, eval_batch_size) may
-# change between invocations (so may device_loop) without changing the numbers of the epochs already run.
-MODEL_FIELDS = ("num_filters", "stage_sizes", "num_classes", "dtype")
-RUN_FIELDS = tuple(
-    f.name
-    for f in dataclasses.fields(Config)
-    if f.name not in ("epochs", "data_dir", "steps_per_call", "device_loop", "eval_batch_size")
+# How a saved run treats a field that differs when it is resumed:
+# - the model, the data and the seed are what the checkpoint is: a resume refuses to change them;
+MODEL_FIELDS = ("version", "num_filters", "stage_sizes", "num_classes", "dtype", "bn_momentum", "bn_epsilon")
+FIXED_FIELDS = MODEL_FIELDS + ("dataset", "seed", "batch_size", "val_split")
+# - optimisation, augmentation and length may change, as recompiling a Keras model does: applied
+#   from the resumed step on, printed, and recorded in run.json's "changes";
+CHANGEABLE_FIELDS = (
+    "epochs",
+    "learning_rate",
+    "lr_epochs",
+    "lr_factors",
+    "adam_b1",
+    "adam_b2",
+    "adam_eps",
+    "l2_weight",
+    "l2_layers",
+    "shift_range",
+    "flip",
 )
+# - the rest (data_dir, steps_per_call, device_loop, eval_batch_size, preset) change no number.
 
 
 def tiny(**overrides) -> Config:
@@ -108,3 +132,39 @@ def tiny(**overrides) -> Config:
     base = dict(num_filters=4, stage_sizes=(1, 1, 1), epochs=2, steps_per_call=8)
     base.update(overrides)
     return Config(**base)
+
+
+# The Keras example's table (examples/cifar10_resnet.py): depth 6n+2 for v1, 9n+2 for v2, 16
+# filters, batch 32, Adam 1e-3 (Keras form), L2 1e-4 on conv kernels, shift 0.1 + flip, 200
+# epochs. Its lr_schedule(epoch) gets the 0-based epoch and tests `epoch > 80` etc.: in 1-based
+# epochs 1-81 at 1e-3, 82-121 1e-4, 122-161 1e-5, 162-181 1e-6, 182-200 5e-7.
+KERAS_DEPTHS = {1: (20, 32, 44, 56, 110, 164), 2: (20, 56, 110, 164, 1001)}
+PRESETS = ("seed",) + tuple(f"resnet{d}v{v}" for v, depths in KERAS_DEPTHS.items() for d in depths)
+
+
+def preset(name: str, **overrides) -> Config:
+    """The Config of a named recipe: `seed` (the default Config) or a row of the Keras example's
+    table (resnet20v1 ... resnet1001v2); `overrides` replace fields."""
+    if name == "seed":
+        return Config(preset="seed", **overrides)
+    for version, depths in KERAS_DEPTHS.items():
+        for depth in depths:
+            if name == f"resnet{depth}v{version}":
+                n = (depth - 2) // (6 if version == 1 else 9)
+                fields = dict(
+                    version=version,
+                    num_filters=16,
+                    stage_sizes=(n, n, n),
+                    epochs=200,
+                    lr_epochs=(81, 121, 161, 181),
+                    lr_factors=(0.1, 0.1, 0.1, 0.5),
+                    batch_size=32,
+                    learning_rate=1e-3,
+                    l2_weight=1e-4,
+                    shift_range=0.1,
+                    flip=True,
+                    preset=name,
+                )
+                fields.update(overrides)
+                return Config(**fields)
+    raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 import pickle
@@ -38,6 +39,7 @@ class Dataset:
     test_images: np.ndarray
     test_labels: np.ndarray
     num_classes: int | None = None  # None: 1 + the largest label
+    source: str = "arrays"  # where the data came from: arrays, tfds:<name>, archive:<path>
 
     def __post_init__(self):
         for split in ("train", "test"):
@@ -52,6 +54,11 @@ class Dataset:
                 raise UserError(
                     f"{split}_images must be (N, H, W, C), got shape {images.shape}; "
                     "add a channel axis with images[..., None]"
+                )
+            if images.shape[1] in (1, 3, 4) and images.shape[3] > 4:
+                raise UserError(
+                    f"{split}_images look channels-first {images.shape} (N, C, H, W); resnet_jax "
+                    f"takes (N, H, W, C): pass np.transpose({split}_images, (0, 2, 3, 1))"
                 )
             if labels.ndim != 1 or len(labels) != len(images):
                 raise UserError(
@@ -79,6 +86,59 @@ class Dataset:
     @property
     def image_shape(self):
         return self.train_images.shape[1:]
+
+    def fingerprint(self) -> str:
+        """A short hash of every image and label (blake2b): the same data, the same string."""
+        h = hashlib.blake2b(digest_size=8)
+        for a in (self.train_images, self.train_labels, self.test_images, self.test_labels):
+            h.update(str(a.shape).encode())
+            h.update(np.ascontiguousarray(a).data)
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        """What run.json records of the data a run trained on."""
+        return {
+            "source": self.source,
+            "train": len(self.train_images),
+            "test": len(self.test_images),
+            "image_shape": list(self.image_shape),
+            "classes": self.num_classes,
+            "fingerprint": self.fingerprint(),
+        }
+
+
+def holdout_indices(labels: np.ndarray, val_split: float, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded, class-stratified held-out set of `val_split` images (a count,
+    or a fraction < 1 of the labels): each class gives its share, largest remainders round."""
+    n = len(labels)
+    count = int(round(val_split * n)) if val_split < 1 else int(val_split)
+    if not 0 < count < n:
+        raise UserError(
+            f"val_split {val_split:g} asks for {count} of the {n} training images; "
+            f"hold out between 1 and {n - 1} (a count, or a fraction < 1)"
+        )
+    classes, sizes = np.unique(labels, return_counts=True)
+    share = sizes * count / n
+    take = np.floor(share).astype(int)
+    take[np.argsort(-(share - take), kind="stable")[: count - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(chosen))
+
+
+def split_holdout(dataset: Dataset, val_split: float, seed: int) -> tuple[Dataset, np.ndarray]:
+    """(a Dataset whose test split is the held-out validation set, the held-out indices)."""
+    idx = holdout_indices(dataset.train_labels, val_split, seed)
+    keep = np.ones(len(dataset.train_labels), bool)
+    keep[idx] = False
+    return Dataset(
+        dataset.train_images[keep],
+        dataset.train_labels[keep],
+        dataset.train_images[idx],
+        dataset.train_labels[idx],
+        dataset.num_classes,
+        dataset.source,
+    ), idx
 
 
 def pixel_mean(images: np.ndarray) -> np.ndarray:
@@ -204,6 +264,7 @@ def read_archive(name: str, path: str) -> Dataset:
         np.concatenate([x for x, _ in test]),
         np.concatenate([y for _, y in test]),
         num_classes=100 if name == "cifar100" else 10,
+        source=f"archive:{os.path.abspath(path)}",
     )
 
 
@@ -305,7 +366,7 @@ def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
         for ds in splits:
             parts = list(tfds.as_numpy(ds.batch(4096)))
             arrays += [np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])]
-        return Dataset(*arrays, num_classes=100 if name == "cifar100" else 10)
+        return Dataset(*arrays, num_classes=100 if name == "cifar100" else 10, source=f"tfds:{name}")
 
     try:
         return load(download=False)

@@ -1,4 +1,5 @@
-"""ResNet v1 of the seed run (Keras `cifar10_resnet.py`, stages 3, 3, 2) as a Flax linen Module."""
+"""The ResNets of Keras's `cifar10_resnet.py` as one Flax linen Module: v1 (the seed run's, basic
+blocks, post-activation) and v2 (pre-activation bottleneck blocks)."""
 
 from __future__ import annotations
 
@@ -47,16 +48,24 @@ def _bwd(_, g):
 _divide_by_ones.defvjp(_fwd, _bwd)
 
 
-class Block(nn.Module):
-    """y = bn(conv(relu(bn(conv(x, s))))); x = conv1x1(x, s) when s > 1; out = relu(x + y).
+class Residual(nn.Module):
+    """What both block types share: how their convs and norms are made, and `materialize`."""
+
+    conv: Any
+    norm: Any
+    materialize: bool
+
+    def finish(self, out):
+        return materialize(out) if self.materialize else out
+
+
+class Block(Residual):
+    """v1: y = bn(conv(relu(bn(conv(x, s))))); x = conv1x1(x, s) when s > 1; out = relu(x + y).
 
     The 3x3 convs hand their biases to the BatchNorm that follows (`layers.conv_norm`)."""
 
     filters: int
     strides: int
-    conv: Any
-    norm: Any
-    materialize: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -65,13 +74,40 @@ class Block(nn.Module):
         y = conv_norm(self.conv(self.filters, (3, 3), name="conv2"), self.norm(name="bn2"), nn.relu(y))
         if self.strides != 1 or x.shape[-1] != self.filters:
             x = self.conv(self.filters, (1, 1), s, name="proj")(x)
-        out = nn.relu(x + y)
-        return materialize(out) if self.materialize else out
+        return self.finish(nn.relu(x + y))
+
+
+class Bottleneck(Residual):
+    """v2's pre-activation bottleneck, as the Keras example builds it:
+    y = conv1x1(relu(bn(x)), s) -> conv3x3(relu(bn(.))) -> conv1x1(relu(bn(.)), out); in the
+    first block of a stage x = conv1x1(x, s) (no BN), else x is the identity; out = x + y.
+    The first block of the first stage has no BN-ReLU before its first conv (its input was just
+    normalized by the stem). Convs followed by a BatchNorm hand it their bias (`conv_norm`)."""
+
+    width: int
+    out: int
+    strides: int
+    first: bool  # first block of its stage: a projection shortcut
+    preact: bool  # BN-ReLU before the first conv
+
+    @nn.compact
+    def __call__(self, x):
+        s = (self.strides, self.strides)
+        y = nn.relu(self.norm(name="bn1")(x)) if self.preact else x
+        y = conv_norm(self.conv(self.width, (1, 1), s, name="conv1"), self.norm(name="bn2"), y)
+        y = conv_norm(self.conv(self.width, (3, 3), name="conv2"), self.norm(name="bn3"), nn.relu(y))
+        y = self.conv(self.out, (1, 1), name="conv3")(nn.relu(y))
+        if self.first:
+            x = self.conv(self.out, (1, 1), s, name="proj")(x)
+        return self.finish(x + y)
 
 
 class ResNet(nn.Module):
     """`__call__(x, train) -> float32 logits`. Variables: {'params', 'batch_stats'}.
 
+    version 1: the seed's ResNet (basic blocks; stage i has num_filters * 2**i channels).
+    version 2: pre-activation bottlenecks (stage widths num_filters, 4x then 2x the previous
+    stage's output as their outputs), a final BN-ReLU before the pool.
     Any HxWxC input works: the head pools globally. `dtype` is the compute dtype; parameters and
     batch statistics are float32. `materialize` is a CPU speed setting (see `materialize`); it
     changes no value.
@@ -84,6 +120,7 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
     materialize: bool = False
+    version: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -99,17 +136,21 @@ class ResNet(nn.Module):
         x = jnp.asarray(x, self.dtype)
         x = nn.relu(conv_norm(conv(self.num_filters, (3, 3), name="conv_init"), norm(name="bn_init"), x))
         x = materialize(x) if self.materialize else x
+        width = self.num_filters
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 strides = 2 if i > 0 and j == 0 else 1
-                x = Block(
-                    self.num_filters * 2**i,
-                    strides,
-                    conv,
-                    norm,
-                    self.materialize,
-                    name=f"stage{i + 1}_block{j + 1}",
-                )(x)
+                name = f"stage{i + 1}_block{j + 1}"
+                shared = dict(conv=conv, norm=norm, materialize=self.materialize, strides=strides, name=name)
+                if self.version == 1:
+                    x = Block(filters=self.num_filters * 2**i, **shared)(x)
+                else:
+                    out = width * (4 if i == 0 else 2)
+                    x = Bottleneck(width=width, out=out, first=j == 0, preact=i > 0 or j > 0, **shared)(x)
+            if self.version == 2:
+                width = width * (4 if i == 0 else 2)
+        if self.version == 2:
+            x = nn.relu(norm(name="bn_final")(x))
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(
             self.num_classes, kernel_init=he_normal, dtype=self.dtype, param_dtype=jnp.float32, name="head"
@@ -126,7 +167,17 @@ def from_config(config, materialize: bool = False) -> ResNet:
         bn_momentum=config.bn_momentum,
         bn_epsilon=config.bn_epsilon,
         materialize=materialize,
+        version=config.version,
     )
+
+
+def name(config) -> str:
+    """The Keras example's name for a config's model (ResNet20v1, ResNet56v2, ...), else a description."""
+    n = config.stage_sizes[0]
+    if len(config.stage_sizes) == 3 and set(config.stage_sizes) == {n} and config.num_filters == 16:
+        return f"ResNet{(6 if config.version == 1 else 9) * n + 2}v{config.version}"
+    blocks = ",".join(map(str, config.stage_sizes))
+    return f"ResNet v{config.version}, {config.num_filters} filters, blocks {blocks}"
 
 
 def forward_flops(config, image_shape=(32, 32, 3)) -> float:

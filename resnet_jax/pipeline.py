@@ -45,25 +45,22 @@ def eval_batch(config, mesh) -> int:
 
 def to_device(dataset: Dataset, mean: np.ndarray, config, mesh) -> DeviceData:
     """Place the dataset on every device, the test set padded for exact batched evaluation."""
-    b = eval_batch(config, mesh)
-    m = len(dataset.test_images)
-    pad = -m % b
-    test_images = np.concatenate([dataset.test_images, np.zeros((pad,) + dataset.image_shape, np.uint8)])
-    test_labels = np.concatenate([dataset.test_labels, np.zeros(pad, np.int32)])
-    weights = np.concatenate([np.ones(m, np.float32), np.zeros(pad, np.float32)])
+    train = parallel.replicate((dataset.train_images, dataset.train_labels), mesh)
     return DeviceData(
-        *parallel.replicate(
-            (
-                dataset.train_images,
-                dataset.train_labels,
-                test_images,
-                test_labels,
-                weights,
-                np.asarray(mean, np.float32),
-            ),
-            mesh,
-        )
+        *train,
+        *eval_set(dataset.test_images, dataset.test_labels, config, mesh),
+        parallel.replicate(np.asarray(mean, np.float32), mesh),
     )
+
+
+def eval_set(images, labels, config, mesh):
+    """(images, labels, weights) on every device, padded to whole evaluation batches (weight 0)."""
+    b = eval_batch(config, mesh)
+    m, pad = len(images), -len(images) % b
+    images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.uint8)])
+    labels = np.concatenate([labels, np.zeros(pad, np.int32)])
+    weights = np.concatenate([np.ones(m, np.float32), np.zeros(pad, np.float32)])
+    return parallel.replicate((images, labels, weights), mesh)
 
 
 def epoch_key(data_key: jax.Array, epoch: int) -> jax.Array:
@@ -178,19 +175,22 @@ def make_evaluate(config, mesh):
     return jax.jit(functools.partial(_evaluate, batch=eval_batch(config, mesh), mesh=mesh))
 
 
-def epoch_plan(num_train: int, batch_size: int, steps_per_call: int, start_step: int = 0):
-    """Device calls of one epoch as (offset, step0, length, batch), from `start_step` on.
+def next_call(num_train: int, batch_size: int, steps_per_call: int, step: int):
+    """(offset, step, length, batch) of the device call that starts at `step` of an epoch.
 
-    Chunks are aligned to the epoch start (steps 0, K, 2K, ...), so a run resumed at a chunk
+    Calls end at multiples of steps_per_call (steps 0, K, 2K, ...), so a run resumed at a call
     boundary makes the same calls as one that never stopped. The partial batch is its own call.
     """
     full = num_train // batch_size
-    calls = []
-    step = start_step
-    while step < full:
-        length = min(steps_per_call - step % steps_per_call, full - step)
-        calls.append((step * batch_size, step, length, batch_size))
-        step += length
-    if num_train % batch_size and start_step <= full:
-        calls.append((full * batch_size, full, 1, num_train % batch_size))
+    if step < full:
+        return step * batch_size, step, min(steps_per_call - step % steps_per_call, full - step), batch_size
+    return full * batch_size, full, 1, num_train % batch_size
+
+
+def epoch_plan(num_train: int, batch_size: int, steps_per_call: int, start_step: int = 0):
+    """Every device call of one epoch (see `next_call`), from `start_step` on."""
+    calls, step = [], start_step
+    while step < steps_per_epoch(num_train, batch_size):
+        calls.append(next_call(num_train, batch_size, steps_per_call, step))
+        step += calls[-1][2]
     return calls

@@ -73,7 +73,10 @@ class Progress:
         best = (rec["val_acc"], rec["epoch"]) if improved else (self.best_val_acc, self.best_epoch)
         return Progress(rec["epoch"], 0, *best, self.history + (rec,), Sums()), improved
 
-    def where(self, steps_per_epoch: int) -> str:
+    def where(self, steps_per_epoch: int | None = None, next_step: bool = False) -> str:
+        """'epoch E' (E completed), or 'epoch E+1, step S/N' mid-epoch; with `next_step`, where
+        training goes on from ('epoch E+1' after a completed epoch)."""
         if not self.step_in_epoch:
-            return f"epoch {self.epoch}"
-        return f"epoch {self.epoch + 1}, step {self.step_in_epoch}/{steps_per_epoch}"
+            return f"epoch {self.epoch + 1}" if next_step else f"epoch {self.epoch}"
+        total = f"/{steps_per_epoch}" if steps_per_epoch else ""
+        return f"epoch {self.epoch + 1}, step {self.step_in_epoch}{total}"

@@ -45,9 +45,11 @@ class Console:
         if self.bar:
             print("\r\x1b[K", end="", file=self.stream)
 
-    def epoch_end(self, steps: int, rec: dict, best_before, improved: bool, where: str):
+    def epoch_end(
+        self, steps: int, rec: dict, best_before, improved: bool, where: str, steps_run: int | None = None
+    ):
         self.end_bar()
-        self.line(epoch_line(steps, rec))
+        self.line(epoch_line(steps, rec, steps_run))
         self.line("")
         before = "-inf" if best_before is None else f"{best_before:.5f}"
         if improved:
@@ -63,8 +65,10 @@ class Console:
         self.line(f"Test accuracy: {acc}")
 
 
-def epoch_line(steps: int, rec: dict) -> str:
-    ms = 1000 * rec["seconds"] / max(steps, 1)
+def epoch_line(steps: int, rec: dict, steps_run: int | None = None) -> str:
+    """The seed log's epoch line; ms/step over the steps this process ran (a resumed epoch ran
+    only the rest of them)."""
+    ms = 1000 * rec["seconds"] / max(steps if steps_run is None else steps_run, 1)
     return (
         f"{steps}/{steps} [==============================] - {rec['seconds']:.0f}s {ms:.0f}ms/step"
         f" - loss: {rec['loss']:.4f} - acc: {rec['acc']:.4f} - val_loss: {rec['val_loss']:.4f}"
@@ -80,6 +84,12 @@ class TensorBoard:
     """
 
     def __init__(self, workdir: str):
+        import sys
+        import types
+
+        # tensorboard's writer uses TensorFlow's file API when TensorFlow is installed (importing
+        # it costs seconds); this marker module makes it use its own, as without TensorFlow.
+        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self.writer = EventFileWriter(os.path.join(workdir, "tensorboard"))
@@ -113,7 +123,13 @@ def plot_curves(history, path: str, lr_epochs=()):
     axes = fig.subplots(1, 2)
     for ax, key, title in ((axes[0], "loss", "loss (with L2)"), (axes[1], "acc", "accuracy")):
         ax.plot(epochs, [r[key] for r in history], "o-", ms=3, label=f"train {key}")
-        ax.plot(epochs, [r["val_" + key] for r in history], "o-", ms=3, label=f"val {key}")
+        ax.plot(
+            epochs,
+            [r["val_" + key] for r in history],
+            "o-",
+            ms=3,
+            label=f"val {key} ({history[-1].get('val_on', 'test')} set)",
+        )
         for i, boundary in enumerate(e for e in lr_epochs if epochs and e < epochs[-1]):
             ax.axvline(
                 boundary + 0.5, color="gray", ls=":", lw=1, label="learning rate drops" if i == 0 else None

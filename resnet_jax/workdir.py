@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 
-from resnet_jax.config import MODEL_FIELDS, RUN_FIELDS, Config
+from resnet_jax.config import CHANGEABLE_FIELDS, FIXED_FIELDS, MODEL_FIELDS, Config
 from resnet_jax.errors import UserError
 
 RUN_FILE = "run.json"
@@ -94,24 +94,96 @@ def read_run(workdir: str):
 
 
 def check_compatible(saved: Config, config: Config, workdir: str):
-    """Refuse to continue a run with other settings; `epochs` and data paths may change."""
-    diff = [f for f in RUN_FIELDS if getattr(saved, f) != getattr(config, f)]
+    """Refuse to resume a run with another model, data or seed (config.FIXED_FIELDS)."""
+    diff = [f for f in FIXED_FIELDS if getattr(saved, f) != getattr(config, f)]
     if not diff:
         return
     what = ", ".join(f"{f} {getattr(saved, f)!r} (now {getattr(config, f)!r})" for f in diff)
-    kind = "a different model" if set(diff) & set(MODEL_FIELDS) else "different settings"
+    kind = "a different model" if set(diff) & set(MODEL_FIELDS) else "different data or seed"
     raise UserError(
         f"workdir {workdir} holds a run of {kind}: {what}; rerun with the same "
         "settings to resume, or pass another --workdir (nothing was deleted)"
     )
 
 
-def write_run(workdir: str, config: Config, image_shape, steps_per_epoch: int, num_train: int):
+def changed_settings(saved: Config, config: Config) -> dict:
+    """{field: [saved, now]} of the fields a resume may change (config.CHANGEABLE_FIELDS)."""
+    return {
+        f: [_plain(getattr(saved, f)), _plain(getattr(config, f))]
+        for f in CHANGEABLE_FIELDS
+        if getattr(saved, f) != getattr(config, f)
+    }
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_data(info: dict, data: dict, workdir: str):
+    """Refuse to resume on other data than the run's (counts, shape, classes, fingerprint)."""
+    saved = info.get("data")
+    if saved is None:  # written by an earlier version: nothing to compare
+        return
+    diff = [k for k in ("train", "test", "image_shape", "classes", "fingerprint") if saved[k] != data[k]]
+    if diff:
+        what = ", ".join(f"{k} {saved[k]} (now {data[k]})" for k in diff)
+        raise UserError(
+            f"workdir {workdir} holds a run trained on other data ({saved['source']}): {what}; "
+            "pass the run's data to resume, or another --workdir (nothing was deleted)"
+        )
+
+
+def check_foreign(workdir: str):
+    """Refuse a workdir holding files named like ours that resnet_jax did not write."""
+    if os.path.exists(os.path.join(workdir, RUN_FILE)):
+        return
+    ours = (METRICS_FILE, "curves.png", "tensorboard", "checkpoints")
+    found = [n for n in ours if os.path.exists(os.path.join(workdir, n))]
+    if found:
+        raise UserError(
+            f"workdir {workdir} holds {', '.join(found)} that resnet_jax did not write (no "
+            f"{RUN_FILE}); pass another --workdir (nothing was touched)"
+        )
+
+
+HOLDOUT_FILE = "holdout.json"
+
+
+def write_holdout(workdir: str, indices):
+    """The held-out validation images (indices into the training set), for the record."""
+    write_atomic(os.path.join(workdir, HOLDOUT_FILE), json.dumps([int(i) for i in indices]))
+
+
+def check_holdout(workdir: str, indices):
+    """A resumed run validates on the images it held out before (refuse if they differ)."""
+    path = os.path.join(workdir, HOLDOUT_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    if saved != [int(i) for i in indices]:
+        raise UserError(
+            f"the held-out validation images of the run in {workdir} ({HOLDOUT_FILE}) differ "
+            "from this split's; resume with the run's data and --val_split, or another --workdir"
+        )
+
+
+def write_run(
+    workdir: str,
+    config: Config,
+    image_shape,
+    steps_per_epoch: int,
+    num_train: int,
+    data: dict | None = None,
+    changes=(),
+):
     info = {
         "config": dataclasses.asdict(config),
         "image_shape": list(image_shape),
         "steps_per_epoch": steps_per_epoch,
         "num_train": num_train,
+        "data": data,
+        "changes": list(changes),
     }
     write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(info, indent=1))
 

@@ -35,6 +35,11 @@ def train(*args, check=True, env=None):
     return proc
 
 
+def train_on(workdir, archive, *extra, check=True, env=None):
+    """train.py --workdir `workdir` --data_dir `archive` plus `extra` flags."""
+    return train("--workdir", workdir, "--data_dir", archive, *extra, check=check, env=env)
+
+
 def start(workdir, archive, *extra, env=None, tiny=TINY):
     """train.py started in the background on `archive` (stdout and stderr piped, text)."""
     cmd = [

@@ -32,8 +32,10 @@ def test_metrics_checkpoints_and_pictures(full_run):
     proc, workdir = full_run
     rows = metrics(workdir)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert set(rows[0]) == {"epoch", "lr", "loss", "acc", "val_loss", "val_acc", "seconds"}
-    assert all(r["lr"] == 0.001 and 0 <= r["val_acc"] <= 1 and r["loss"] > 0 for r in rows)
+    assert set(rows[0]) == {"epoch", "lr", "loss", "acc", "val_loss", "val_acc", "seconds", "val_on"}
+    assert all(
+        r["val_on"] == "test" and r["lr"] == 0.001 and 0 <= r["val_acc"] <= 1 and r["loss"] > 0 for r in rows
+    )
     test_acc = float(re.search(r"Test accuracy: ([\d.]+)", proc.stdout).group(1))
     assert test_acc == pytest.approx(rows[-1]["val_acc"])  # of the final model, as in the seed
     with open(os.path.join(workdir, "curves.png"), "rb") as f:

@@ -92,9 +92,9 @@ def test_materialize_is_a_model_setting_the_cpu_decision_turns_on():
 
 
 def test_help_and_argument_errors_start_once():
-    """No huge-page restart for --help or a bad flag (the restart would print "start" twice)."""
+    """No huge-page restart for --help or a bad flag (the restart would print the marker twice)."""
     code = (
-        "import sys; print('start', flush=True); from resnet_jax.cli import main; "
+        "import sys; print('PROCESS-START', flush=True); from resnet_jax.cli import main; "
         "sys.exit(main(sys.argv[1:]))"
     )
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
@@ -107,4 +107,4 @@ def test_help_and_argument_errors_start_once():
             text=True,
             timeout=120,
         )
-        assert proc.stdout.count("start") == 1, (args, proc.stdout, proc.stderr)
+        assert proc.stdout.count("PROCESS-START") == 1, (args, proc.stdout, proc.stderr)
