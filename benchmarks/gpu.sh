@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine (about 8 minutes): the GPU tests, speed of the seed model, the
-# whole 50-epoch seed recipe through train.py, and the PyTorch peer on the same card.
+# One prepared run on a GPU machine (about 8 minutes): the GPU tests, speed of the seed model and
+# the presets, the whole 50-epoch seed recipe through train.py, a profile of one step, and the
+# PyTorch peer on the same card (TORCH_PEER=0 skips it).
 #
 #     bash benchmarks/gpu.sh [OUT_DIR]          # default OUT_DIR: benchmarks/results
 #
@@ -82,23 +83,28 @@ print(json.dumps({
 EOF
 tail -1 "$R"
 
-part "PyTorch peer: eager, torch.compile, torch.compile reduce-overhead"
-timeout 180 $TORCH_PY benchmarks/torch_peer.py $TORCH --out "$R"
+if [ "${TORCH_PEER:-1}" = 1 ]; then
+  part "PyTorch peer: eager, torch.compile, torch.compile reduce-overhead"
+  timeout 180 $TORCH_PY benchmarks/torch_peer.py $TORCH --out "$R"
+fi
 
 part "GPU tests"
 timeout 150 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 tail -12 "$OUT/gpu_tests.log"
 if grep -q "FAILED.*sigkilled" "$OUT/gpu_tests.log"; then
-  part "resume exactness again, with --xla_gpu_deterministic_ops=true"
-  XLA_FLAGS=--xla_gpu_deterministic_ops=true timeout 60 $PY -m pytest -q -m gpu tests/test_gpu.py \
-    -k sigkilled -p no:cacheprovider > "$OUT/gpu_tests_deterministic.log" 2>&1
-  tail -3 "$OUT/gpu_tests_deterministic.log"
+  part "resume exactness again, without command buffers (deterministic ops stay on)"
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 60 $PY -m pytest -q -m gpu tests/test_gpu.py \
+    -k sigkilled -p no:cacheprovider > "$OUT/gpu_tests_no_command_buffers.log" 2>&1
+  tail -3 "$OUT/gpu_tests_no_command_buffers.log"
 fi
 
-part "speed: XLA flag variants, batch 32 float32"
-XLA_FLAGS=--xla_gpu_deterministic_ops=true timeout 45 $PY benchmarks/speed.py $SPEED --out "$R" --tag deterministic_ops
-XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,WHILE,CONVOLUTION,DYNAMIC_SLICE_FUSION \
-  timeout 45 $PY benchmarks/speed.py $SPEED --out "$R" --tag command_buffers_all
+part "speed: the presets at batch 32 (float32)"
+for preset in resnet20v1 resnet56v2 resnet110v1; do
+  timeout 60 $PY benchmarks/speed.py --preset $preset $SPEED --out "$R" --tag "preset_$preset"
+done
+
+part "where a step's time goes (profile_step.py)"
+timeout 60 $PY benchmarks/profile_step.py --steps 10 > "$OUT/profile_step.json" 2>&1; tail -c 1500 "$OUT/profile_step.json"
 
 part "table"
 $PY - "$R" <<'EOF'
