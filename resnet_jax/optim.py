@@ -53,12 +53,11 @@ def schedule(config, steps_per_epoch: int) -> optax.Schedule:
 
 
 def lr_for_epoch(config, epoch: int) -> float:
-    """The rate of 1-based `epoch`, as the seed log prints it (`Learning rate: ...`)."""
-    rate = config.learning_rate
-    for boundary, factor in zip(config.lr_epochs, config.lr_factors):
-        if epoch > boundary:
-            rate *= factor
-    return rate
+    """The rate of 1-based `epoch`, as the seed log prints it (`Learning rate: ...`): the optax
+    schedule itself, in epochs (one step an epoch), evaluated in float64 so that the printed rate
+    is the exact product of the config's numbers."""
+    with jax.enable_x64(True):
+        return float(schedule(config, 1)(epoch - 1))
 
 
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:

@@ -366,7 +366,9 @@ def test_eval_only_says_when_a_state_is_mid_epoch(archive, tmp_path):
     assert re.search(r"latest checkpoint of .*: epoch 2, step \d+ \(step \d+, mid-epoch\)", out), out
     assert (
         "Resuming"
-        in train_on(workdir, archive, *"--epochs 3 --steps_per_call 1 --batch_size 2".split(), *TINY).stdout
+        in train_on(
+            workdir, archive, "--epochs", "3", *TINY, *"--steps_per_call 1 --batch_size 2".split()
+        ).stdout
     )
 
 
