@@ -25,7 +25,6 @@ from common import add_model_args, configure_devices, model_config, random_cifar
 
 import resnet_jax as rj
 from resnet_jax import parallel, tuning
-from resnet_jax.hugepages import reexec_with_huge_pages
 
 WRAPPERS = (
     "ThunkExecutor",
@@ -151,6 +150,5 @@ def main():
 
 
 if __name__ == "__main__":
-    if tuning.detect_platform() == "cpu":
-        reexec_with_huge_pages()  # as train.py: huge-page malloc (resnet_jax/hugepages.py)
+    tuning.restart_for_cpu_training()  # as train.py: huge-page malloc on CPUs
     main()

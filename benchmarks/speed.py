@@ -28,7 +28,7 @@ from jsonl import emit
 
 import resnet_jax as rj
 from resnet_jax import pipeline, tuning
-from resnet_jax.hugepages import environ_before_restart, reexec_with_huge_pages
+from resnet_jax.hugepages import environ_before_restart
 
 N_TRAIN, N_TEST = 50_000, 10_000
 
@@ -157,6 +157,5 @@ def main():
 
 
 if __name__ == "__main__":
-    if tuning.detect_platform() == "cpu":
-        reexec_with_huge_pages()  # as train.py: huge-page malloc (resnet_jax/hugepages.py)
+    tuning.restart_for_cpu_training()  # as train.py: huge-page malloc on CPUs
     main()

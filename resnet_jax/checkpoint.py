@@ -251,7 +251,7 @@ def ignore_stray_loop_errors():
 
 def _abstract(tree):
     """Shapes, dtypes and placements to restore into (the default device where none is given)."""
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default),
         tree,

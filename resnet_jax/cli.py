@@ -9,7 +9,7 @@ import sys
 import threading
 import typing
 
-from resnet_jax import hugepages, tuning
+from resnet_jax import tuning
 from resnet_jax.config import PRESETS, Config, preset
 from resnet_jax.errors import Interrupted, UserError
 
@@ -157,9 +157,6 @@ def parse(parser, argv=None):
 
 def main(argv=None) -> int:
     _quiet_tensorflow()
-    from resnet_jax import checkpoint
-
-    checkpoint.ignore_stray_loop_errors()
     parser = build_parser()
     args = parse(parser, argv)
     if args.which is not None and not args.eval_only:
@@ -170,8 +167,11 @@ def main(argv=None) -> int:
     stop = threading.Event()
     try:
         config = config_from_args(args)
-        if not args.eval_only and tuning.detect_platform() == "cpu":
-            hugepages.reexec_with_huge_pages()  # a CPU run that will train: once, from here
+        if not args.eval_only:
+            tuning.restart_for_cpu_training()  # once, from here, before anything heavy is loaded
+        from resnet_jax import checkpoint
+
+        checkpoint.ignore_stray_loop_errors()
         tuning.configure(config, args.cpu_devices)  # before JAX starts its backends
         if args.distributed or args.coordinator_address or args.num_processes or args.process_id is not None:
             from resnet_jax import distributed

@@ -94,18 +94,25 @@ def _run(config, path, full, console, stop, summary):
     dataset, held = _split(config, full)
     if held is not None:
         data.update(val_split=config.val_split, held_out=len(held))
-    mesh, spe, changed, changes = _check(config, path, dataset, data, checkpoint.exists(path))
+    has_checkpoint = checkpoint.exists(path)
+    mesh, spe, changed, changes = _check(config, path, dataset, data, has_checkpoint)
     if held is not None:
         wd.check_holdout(path, held)
     ckpts = checkpoint.Checkpoints(path)
     try:
         init_key, data_key = keys(config)
-        template = steps.create_train_state(config, init_key, dataset.image_shape, spe)
-        template = template.replace(pixel_mean=jax.numpy.asarray(pixel_mean(dataset.train_images)))
-        restored = ckpts.restore(template, "latest", set_aside_damaged=_is_primary())
-        state, progress = (
-            (template, Progress()) if restored is None else (restored[0], Progress.from_meta(restored[1]))
-        )
+        restored = None
+        if has_checkpoint:  # restore into shapes alone: no initialisation is computed
+            template = steps.abstract_train_state(config, dataset.image_shape, spe)
+            restored = ckpts.restore(template, "latest", set_aside_damaged=_is_primary())
+        if restored is None:
+            state = steps.create_train_state(config, init_key, dataset.image_shape, spe)
+            state, progress = (
+                state.replace(pixel_mean=jax.numpy.asarray(pixel_mean(dataset.train_images))),
+                Progress(),
+            )
+        else:
+            state, progress = restored[0], Progress.from_meta(restored[1])
         if changed:
             changes = changes + [
                 {"epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch, "settings": changed}
@@ -329,9 +336,12 @@ def _open_run(workdir: str):
 
 def restore_with_meta(workdir: str, which: str = "best"):
     """(state, progress, step) of a saved checkpoint (`best` by val_acc, or `latest`)."""
+    return _restore(*_open_run(workdir), which)
+
+
+def _restore(path, config, info, which):
     if which not in ("best", "latest"):
         raise UserError(f"which must be 'best' or 'latest', got {which!r}")
-    path, config, info = _open_run(workdir)
     template = steps.abstract_train_state(config, info["image_shape"], info["steps_per_epoch"])
     ckpts = checkpoint.Checkpoints(path, read_only=True)
     try:
@@ -370,9 +380,7 @@ def evaluate_checkpoint(
     console=None,
 ):
     """(test loss, test accuracy) of a saved state on the run's test set (or `dataset`'s)."""
-    state, progress, step = restore_with_meta(workdir, which)
-    config = state.config
-    path, _, info = _open_run(workdir)
+    path, config, info = _open_run(workdir)
     if dataset is None:
         trained_on = (info.get("data") or {}).get("source", "")
         if trained_on == "arrays":
@@ -387,14 +395,12 @@ def evaluate_checkpoint(
             f"the run in {path} trained on images of shape {tuple(info['image_shape'])}, the data "
             f"given has {tuple(dataset.image_shape)}; evaluate it on data of the run's shape"
         )
+    state, progress, step = _restore(path, config, info, which)
     if console is not None:
         console.line(
             f"Evaluating the {which} checkpoint of {path}: {progress.where(None)} "
             f"(step {step}{', mid-epoch' if progress.step_in_epoch else ''}), on the "
             f"{len(dataset.test_images):,} test images"
         )
-    mesh = parallel.make_mesh()
-    state = parallel.replicate(jax.device_get(state), mesh)
-    data = pipeline.to_device(dataset, np.asarray(state.pixel_mean), config, mesh)
-    val = Sums().add(jax.device_get(pipeline.make_evaluate(config, mesh)(state, data)))
-    return val.mean_loss, val.accuracy
+    test = _evaluate_on(state, dataset, state.config, parallel.make_mesh())
+    return test.mean_loss, test.accuracy

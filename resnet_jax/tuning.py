@@ -114,6 +114,15 @@ def _installed(module: str) -> bool:
         return False
 
 
+def restart_for_cpu_training() -> None:
+    """For a command that will train: restart it once with huge-page malloc when the platform is
+    the CPU (resnet_jax/hugepages.py says when that helps); elsewhere, nothing."""
+    if detect_platform() == "cpu":
+        from resnet_jax import hugepages
+
+        hugepages.reexec_with_huge_pages()
+
+
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -147,7 +156,8 @@ def configure(config=None, cpu_devices="auto", image_shape=(32, 32, 3)) -> Tunin
     batch_size = 32
     if config is not None:
         batch_size = config.batch_size
-        flops = batch_size * models.forward_flops(config, image_shape)
+        if platform == "cpu":  # only the CPU split depends on the model's size
+            flops = batch_size * models.forward_flops(config, image_shape)
     tuning = decide(
         platform, cores=cores(), batch_size=batch_size, flops_per_step=flops, cpu_devices=cpu_devices
     )
@@ -177,8 +187,8 @@ def advice(config) -> str | None:
 
     from resnet_jax import models
 
-    if jax.default_backend() != "cpu":
-        return None
+    if jax.default_backend() != "cpu" or jax.device_count() >= cores():
+        return None  # nothing to gain (and no model to trace)
     want = auto_cpu_devices(cores(), config.batch_size, config.batch_size * models.forward_flops(config))
     have = jax.device_count()
     if want <= have:
