@@ -51,7 +51,8 @@ def train_and_evaluate(
     path = wd.prepare(workdir)
     console = report.Console(verbosity if _is_primary() else 0)
     with wd.Lock(path, enabled=_is_primary()):  # one lock per run, held by process 0
-        wd.check_foreign(path)
+        if _is_primary():  # the others could see process 0's fresh checkpoints/ before its run.json
+            wd.check_foreign(path)
         if dataset is None:
             dataset = load_dataset(config.dataset, config.data_dir)
         config = dataclasses.replace(config, num_classes=dataset.num_classes)

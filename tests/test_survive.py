@@ -100,7 +100,7 @@ def test_sigkill_at_random_moments_never_loses_the_run(archive, tmp_path):
     import random
 
     reference = str(tmp_path / "ref")
-    epochs = "25"
+    epochs = "100"  # long enough that ten restarts (each faster since resumes skip the init) cannot finish it
     train("--workdir", reference, "--data_dir", archive, "--epochs", epochs, *TINY)
     workdir = str(tmp_path / "w")
     ckdir = os.path.join(workdir, "checkpoints")
