@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine (about 8 minutes): the GPU tests, speed of the seed model and
-# the presets, the whole 50-epoch seed recipe through train.py, a profile of one step, and the
-# PyTorch peer on the same card (TORCH_PEER=0 skips it).
+# One prepared run on a GPU machine, at most BUDGET_S seconds (default 500): first which
+# command-buffer settings run the seed step fastest; then, with the fastest, the whole 50-epoch seed
+# recipe through train.py, the GPU tests (exact resume included), speed at other batch sizes and in
+# bfloat16, the presets, a profile of one step, and the PyTorch peer (TORCH_PEER=1; measured on an
+# H200 already, so off by default).
 #
 #     bash benchmarks/gpu.sh [OUT_DIR]          # default OUT_DIR: benchmarks/results
 #
 # Every figure is one JSON line in OUT_DIR/gpu.jsonl (fields what, device_kind, dtype, batch_size
 # and the figure); logs go beside it; a short table is printed last. Each part has its own time
-# limit, so one that hangs or fails costs only its own minutes. Needs no TensorFlow: the data is a
-# CIFAR-shaped synthetic archive written here (timing does not depend on the pixels).
+# limit, cut to what is left of BUDGET_S; a part that would get under 20 s is skipped, so the script
+# ends in time whatever hangs. Needs no TensorFlow: the data is a CIFAR-shaped synthetic archive
+# written here (timing does not depend on the pixels).
 set -u
 OUT=$(realpath -m "${1:-benchmarks/results}")
 mkdir -p "$OUT"
@@ -17,6 +20,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 R=$OUT/gpu.jsonl
 DATA=$(mktemp -d)/cifar
 T0=$(date +%s)
+BUDGET=${BUDGET_S:-500}
 PY=${PYTHON:-python3}
 TORCH_PY=${TORCH_PYTHON:-$PY}
 # DRY_RUN=1: the same script, shrunk to check it on a CPU (tiny model, 2 epochs, few steps).
@@ -25,12 +29,29 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   SEED="--epochs 2 --num_filters 4 --stage_sizes 1,1,1"
   TORCH="--device cpu --mode eager --steps 5 --warmup 2 --repeats 1 --n_train 2000"
 else
-  N_TRAIN=50000; N_TEST=10000; SPEED="--steps 400";
+  N_TRAIN=50000; N_TEST=10000; SPEED="--steps 400"
   SEED=""; TORCH=""
 fi
+# Command-buffer settings tried on top of resnet_jax.tuning's GPU flags (tag:flags). A batch-32
+# step is about 330 small kernels (benchmarks/gpu_hlo.py), each using a sliver of the GPU; these
+# let independent kernels of a step run at once (XLA's command-buffer guide: for "independent small
+# kernels that individually underutilize the GPU") or unroll the 100-step loop into one graph.
+VARIANTS=(
+  "default:"
+  "concurrent_regions:--xla_gpu_command_buffer_scheduling_mode=CONCURRENT_REGIONS"
+  "concurrent:--xla_gpu_command_buffer_scheduling_mode=CONCURRENT"
+  "unroll:--xla_gpu_command_buffer_unroll_loops=true"
+  "concurrent_regions_unroll:--xla_gpu_command_buffer_scheduling_mode=CONCURRENT_REGIONS --xla_gpu_command_buffer_unroll_loops=true"
+)
 
 part() { echo "=== $1 ($(( $(date +%s) - T0 )) s)"; }
 record() { echo "$1" >> "$R"; echo "$1"; }
+# limit N: N seconds, or what is left of the budget if less; fails (skip the part) under 20 s left.
+limit() {
+  local left=$(( BUDGET - ($(date +%s) - T0) ))
+  if [ "$left" -lt 20 ]; then echo "    (skipped: ${left} s of the budget left)" >&2; return 1; fi
+  echo $(( left < $1 ? left : $1 ))
+}
 
 part "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
@@ -44,7 +65,7 @@ print(json.dumps({"what": "machine", "device_kind": d.device_kind, "platform": d
 EOF
 tail -1 "$R"
 
-part "synthetic CIFAR-10 archive (50,000 + 10,000 images)"
+part "synthetic CIFAR-10 archive ($N_TRAIN + $N_TEST images)"
 $PY - "$DATA" $N_TRAIN $N_TEST <<'EOF'
 import sys
 sys.path.insert(0, "benchmarks")
@@ -53,14 +74,24 @@ from common import random_cifar
 print(rj.data.write_archive(sys.argv[1], random_cifar(int(sys.argv[2]), int(sys.argv[3])), tar=False))
 EOF
 
-part "speed: seed model, float32 at batch 32/128/512, bfloat16 at 32"
-timeout 100 $PY benchmarks/speed.py --batch_size 32,128,512 --dtype float32 $SPEED --out "$R" --tag default
-timeout 45 $PY benchmarks/speed.py --batch_size 32 --dtype bfloat16 $SPEED --out "$R" --tag default
+part "which command-buffer settings run the seed step fastest (batch 32, float32)"
+SWEEP=$OUT/flag_sweep.jsonl
+: > "$SWEEP"
+for v in "${VARIANTS[@]}"; do
+  t=$(limit 50) || break
+  XLA_FLAGS="${v#*:}" timeout "$t" $PY benchmarks/speed.py --batch_size 32 $SPEED --out "$SWEEP" \
+    --tag "flags_${v%%:*}" | cut -c1-200
+done
+cat "$SWEEP" >> "$R"
+BEST=$($PY benchmarks/fastest.py "$SWEEP" "${VARIANTS[@]}")
+export XLA_FLAGS="$BEST"
+echo "fastest: XLA_FLAGS='$BEST' on top of resnet_jax.tuning.GPU_XLA_FLAGS; used from here on"
+record "{\"what\": \"flags_chosen\", \"xla_flags\": \"$BEST\", \"device_kind\": null, \"dtype\": \"float32\", \"batch_size\": 32}"
 
 part "the seed recipe end to end: train.py, 50 epochs"
 WORK=$(mktemp -d)/seed50
 start=$(date +%s.%N)
-timeout 240 $PY train.py --workdir "$WORK" --data_dir "$DATA" --verbose 1 $SEED 2>&1 \
+t=$(limit 240) && timeout "$t" $PY train.py --workdir "$WORK" --data_dir "$DATA" --verbose 1 $SEED 2>&1 \
   | $PY -c 'import sys, time
 t0 = time.time()
 for line in sys.stdin:
@@ -68,10 +99,11 @@ for line in sys.stdin:
 end=$(date +%s.%N)
 tail -4 "$OUT/seed_50_epochs.log"
 $PY - "$WORK" "$start" "$end" "$OUT/seed_50_epochs.log" <<'EOF' >> "$R"
-import json, sys, jax
+import json, os, sys, jax
 work, start, end, log = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-rows = [json.loads(l) for l in open(f"{work}/metrics.jsonl")]
-text = open(log).read()
+path = f"{work}/metrics.jsonl"
+rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+text = open(log).read() if os.path.exists(log) else ""
 first = next((float(l.split()[0]) for l in text.splitlines() if "Epoch 1/" in l), None)
 print(json.dumps({
     "what": "seed_50_epochs", "device_kind": jax.devices()[0].device_kind, "dtype": "float32",
@@ -79,43 +111,53 @@ print(json.dumps({
     "finished": "Test accuracy" in text, "seconds_before_epoch_1": first,
     "epoch_seconds_first": round(rows[0]["seconds"], 2) if rows else None,
     "epoch_seconds_median": round(sorted(r["seconds"] for r in rows)[len(rows) // 2], 3) if rows else None,
-    "epoch_seconds_sum": round(sum(r["seconds"] for r in rows), 1)}))
+    "epoch_seconds_sum": round(sum(r["seconds"] for r in rows), 1),
+    "xla_flags": os.environ.get("XLA_FLAGS", "")}))
 EOF
 tail -1 "$R"
 
-if [ "${TORCH_PEER:-1}" = 1 ]; then
-  part "PyTorch peer: eager, torch.compile, torch.compile reduce-overhead"
-  timeout 180 $TORCH_PY benchmarks/torch_peer.py $TORCH --out "$R"
+part "GPU tests"
+t=$(limit 150) && timeout "$t" $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+tail -12 "$OUT/gpu_tests.log"
+if grep -q "FAILED.*sigkilled" "$OUT/gpu_tests.log" && [ -n "$BEST" ]; then
+  part "resume exactness again, with resnet_jax's default GPU flags only"
+  t=$(limit 60) && XLA_FLAGS= timeout "$t" $PY -m pytest -q -m gpu tests/test_gpu.py -k sigkilled \
+    -p no:cacheprovider > "$OUT/gpu_tests_default_flags.log" 2>&1
+  tail -3 "$OUT/gpu_tests_default_flags.log"
 fi
 
-part "GPU tests"
-timeout 150 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
-tail -12 "$OUT/gpu_tests.log"
-if grep -q "FAILED.*sigkilled" "$OUT/gpu_tests.log"; then
-  part "resume exactness again, without command buffers (deterministic ops stay on)"
-  XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 60 $PY -m pytest -q -m gpu tests/test_gpu.py \
-    -k sigkilled -p no:cacheprovider > "$OUT/gpu_tests_no_command_buffers.log" 2>&1
-  tail -3 "$OUT/gpu_tests_no_command_buffers.log"
-fi
+part "speed: seed model, float32 at batch 128/512, bfloat16 at 32"
+t=$(limit 70) && timeout "$t" $PY benchmarks/speed.py --batch_size 128,512 --dtype float32 $SPEED --out "$R" --tag chosen
+t=$(limit 45) && timeout "$t" $PY benchmarks/speed.py --batch_size 32 --dtype bfloat16 $SPEED --out "$R" --tag chosen
+
+part "where a step's time goes (profile_step.py)"
+t=$(limit 60) && timeout "$t" $PY benchmarks/profile_step.py --steps 10 > "$OUT/profile_step.json" 2>&1
+tail -c 1500 "$OUT/profile_step.json"
 
 part "speed: the presets at batch 32 (float32)"
 for preset in resnet20v1 resnet56v2 resnet110v1; do
-  timeout 60 $PY benchmarks/speed.py --preset $preset $SPEED --out "$R" --tag "preset_$preset"
+  t=$(limit 45) || break
+  timeout "$t" $PY benchmarks/speed.py --preset $preset $SPEED --out "$R" --tag "preset_$preset"
 done
 
-part "where a step's time goes (profile_step.py)"
-timeout 60 $PY benchmarks/profile_step.py --steps 10 > "$OUT/profile_step.json" 2>&1; tail -c 1500 "$OUT/profile_step.json"
+if [ "${TORCH_PEER:-0}" = 1 ]; then
+  part "PyTorch peer: eager, torch.compile, torch.compile reduce-overhead"
+  t=$(limit 180) && timeout "$t" $TORCH_PY benchmarks/torch_peer.py $TORCH --out "$R"
+fi
 
 part "table"
 $PY - "$R" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print(f"{'what':<18} {'tag':<20} {'dtype':<9} {'batch':>5} {'img/s':>9} {'s/epoch':>8} {'TFLOP/s':>7} {'compile':>7} seconds")
+print(f"{'what':<18} {'tag':<28} {'dtype':<9} {'batch':>5} {'img/s':>9} {'s/epoch':>8} {'TFLOP/s':>7} {'compile':>7} seconds")
 for r in rows:
     if r["what"] == "machine":
         print("machine:", r["device_kind"], "jax", r["jax"], "python", r["python"])
         continue
-    print(f"{r['what']:<18} {r.get('tag', ''):<20} {str(r.get('dtype')):<9} {str(r.get('batch_size')):>5} "
+    if r["what"] == "flags_chosen":
+        print("flags chosen:", r["xla_flags"] or "(resnet_jax's defaults)")
+        continue
+    print(f"{r['what']:<18} {r.get('tag', ''):<28} {str(r.get('dtype')):<9} {str(r.get('batch_size')):>5} "
           f"{r.get('train_images_per_s', ''):>9} {r.get('epoch_s', ''):>8} {r.get('tflops', ''):>7} "
           f"{r.get('compile_s', r.get('warmup_s', '')):>7} {r.get('seconds', r.get('error', ''))}")
 EOF
