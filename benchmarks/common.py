@@ -18,9 +18,26 @@ def add_model_args(parser, cpu_devices="auto"):
     parser.add_argument(
         "--cpu_devices", default=cpu_devices, help="as train.py: CPU split into per-core devices"
     )
+    parser.add_argument(
+        "--batchnorm_derivative",
+        default="custom",
+        choices=("custom", "autodiff"),
+        help="autodiff: BatchNorm differentiated by JAX instead of layers.normalize's own JVP (an A/B)",
+    )
+
+
+def use_batchnorm_derivative(kind: str):
+    """'custom': layers.normalize as the library has it. 'autodiff': the same function without its
+    custom JVP (JAX differentiates the formula: each per-channel sum of the backward pass its own
+    reduction), to measure what the custom JVP buys. Changes this process's resnet_jax.layers."""
+    from resnet_jax import layers
+
+    if kind == "autodiff" and hasattr(layers.normalize, "fun"):
+        layers.normalize = layers.normalize.fun
 
 
 def model_config(args, **fields) -> rj.Config:
+    use_batchnorm_derivative(args.batchnorm_derivative)
     if args.preset:
         return rj.config.preset(args.preset, **fields)
     return rj.Config(

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One prepared run on a GPU machine, at most BUDGET_S seconds (default 500): first which
 # command-buffer settings run the seed step fastest; then, with the fastest, the whole 50-epoch seed
-# recipe through train.py, the GPU tests (exact resume included), speed at other batch sizes and in
-# bfloat16, the presets, a profile of one step, and the PyTorch peer (TORCH_PEER=1; measured on an
-# H200 already, so off by default).
+# recipe through train.py, the GPU tests (exact resume included), BatchNorm's custom derivative
+# against autodiff, speed at other batch sizes and in bfloat16, a profile of one step, the presets,
+# and the PyTorch peer (TORCH_PEER=1; measured on an H200 already, so off by default).
 #
 #     bash benchmarks/gpu.sh [OUT_DIR]          # default OUT_DIR: benchmarks/results
 #
@@ -125,6 +125,10 @@ if grep -q "FAILED.*sigkilled" "$OUT/gpu_tests.log" && [ -n "$BEST" ]; then
     -p no:cacheprovider > "$OUT/gpu_tests_default_flags.log" 2>&1
   tail -3 "$OUT/gpu_tests_default_flags.log"
 fi
+
+part "BatchNorm's custom derivative against autodiff (batch 32, float32; the sweep's best is the other half)"
+t=$(limit 45) && timeout "$t" $PY benchmarks/speed.py --batch_size 32 $SPEED --batchnorm_derivative autodiff \
+  --out "$R" --tag batchnorm_autodiff | cut -c1-200
 
 part "speed: seed model, float32 at batch 128/512, bfloat16 at 32"
 t=$(limit 70) && timeout "$t" $PY benchmarks/speed.py --batch_size 128,512 --dtype float32 $SPEED --out "$R" --tag chosen

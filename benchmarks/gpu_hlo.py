@@ -142,6 +142,7 @@ def main():
     p.add_argument("--target", default="h200", choices=sorted(TARGETS))
     p.add_argument("--tag", default="")
     p.add_argument("--hlo", help="also write the optimized HLO text here")
+    p.add_argument("--batchnorm_derivative", default="custom", choices=("custom", "autodiff"))
     a = p.parse_args()
 
     from resnet_jax import tuning
@@ -151,6 +152,9 @@ def main():
     # and the augmentation become cuBLAS calls instead, one kernel each either way).
     flags = tuning.GPU_XLA_FLAGS + ("--xla_gpu_enable_triton_gemm=false",)
     os.environ["XLA_FLAGS"] = tuning.merge_xla_flags(os.environ.get("XLA_FLAGS", ""), flags)
+    from common import use_batchnorm_derivative
+
+    use_batchnorm_derivative(a.batchnorm_derivative)
     import jax
     import jax.numpy as jnp
     from jax.experimental import topologies
@@ -201,6 +205,7 @@ def main():
     print(json.dumps({
         "what": "gpu_step_kernels", "target": TARGETS[a.target]["name"], "jax": jax.__version__,
         "model": rj.models.name(config), "batch_size": a.batch_size, "dtype": a.dtype, "tag": a.tag,
+        "batchnorm_derivative": a.batchnorm_derivative,
         "kernels_per_step": sum(by_kind.values()), "by_kind": dict(by_kind.most_common()),
         "by_source": dict(by_source.most_common()), "while_loops": len(loops),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -89,6 +89,7 @@ def measure(a, batch_size, dtype, dataset):
         "tflops": round(flops * images_per_s / 1e12, 4),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "tag": a.tag,
+        "batchnorm_derivative": a.batchnorm_derivative,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
