@@ -25,6 +25,8 @@ import json
 import os
 import re
 
+from hlo_text import computations, first_match, op_of
+
 TARGETS = {
     "h200": dict(cores=132, bandwidth=4_800_000_000_000, memory=150_000_000_000, name="NVIDIA H200"),
     "h100": dict(cores=132, bandwidth=3_352_320_000_000, memory=84_929_347_584, name="NVIDIA H100 80GB HBM3"),
@@ -51,39 +53,18 @@ NO_KERNEL = {
 }  # fmt: skip
 
 
-def computations(text):
-    """{computation name: [instruction lines]} of an HLO module's text."""
-    out, name = {}, None
-    for line in text.splitlines():
-        head = re.match(r"(?:ENTRY )?%?([\w.\-]+) \(.*\{$", line)
-        if head:
-            name = head.group(1)
-            out[name] = []
-        elif name and line.strip() == "}":
-            name = None
-        elif name:
-            out[name].append(line)
-    return out
-
-
-def op_of(line):
-    m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = .*? ([a-z][\w\-]*)\(", line)
-    return m.group(1) if m else None
+SOURCES = (
+    ("model backward", r"transpose\(jvp\(ResNet"),
+    ("model forward", r"jvp\(ResNet"),
+    ("L2 penalty", r"jvp\(\)"),
+    ("augmentation and keys", r"threefry|_uniform|_bernoulli|einsum|bri,|bcj,"),
+    ("optimizer", r"/(mul|add|sub|div|sqrt|exp|integer_pow)\b"),
+)
 
 
 def source(text):
     """Which part of the train step a kernel's jax op names come from."""
-    names = " ".join(re.findall(r'op_name="([^"]*)"', text))
-    for label, pattern in (
-        ("model backward", r"transpose\(jvp\(ResNet"),
-        ("model forward", r"jvp\(ResNet"),
-        ("L2 penalty", r"jvp\(\)"),
-        ("augmentation and keys", r"threefry|_uniform|_bernoulli|einsum|bri,|bcj,"),
-        ("optimizer", r"/(mul|add|sub|div|sqrt|exp|integer_pow)\b"),
-    ):
-        if re.search(pattern, names):
-            return label
-    return "other"
+    return first_match(" ".join(re.findall(r'op_name="([^"]*)"', text)), SOURCES, "other")
 
 
 def kind(line, body):

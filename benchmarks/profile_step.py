@@ -22,6 +22,7 @@ import time
 
 import jax
 from common import add_model_args, configure_devices, model_config, random_cifar, setup
+from hlo_text import first_match
 
 import resnet_jax as rj
 from resnet_jax import parallel, tuning
@@ -67,17 +68,15 @@ def hlo_ops(text):
     return ops
 
 
+KINDS = (
+    ("transpose", r"transpose|copy"),
+    ("reduction", r"reduce"),
+    ("collective", r"all-reduce|all-gather|collective"),
+)
+
+
 def kind(name, is_conv):
-    if is_conv:
-        return "convolution"
-    for k, pattern in (
-        ("transpose", r"transpose|copy"),
-        ("reduction", r"reduce"),
-        ("collective", r"all-reduce|all-gather|collective"),
-    ):
-        if re.search(pattern, name):
-            return k
-    return "elementwise/other"
+    return "convolution" if is_conv else first_match(name, KINDS, "elementwise/other")
 
 
 def main():
