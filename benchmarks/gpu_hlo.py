@@ -15,7 +15,8 @@ should move; a GPU measures the rest. Takes seconds; `--hlo` writes the optimize
 Caveats: without a device XLA cannot autotune, so convolution algorithms and GEMM backends are
 its heuristics' choice (Triton GEMMs are switched off here: jax 0.11 cannot configure them without
 a device), and the count is of HLO kernels, not of what command buffers or cuDNN run inside them.
-XLA_FLAGS apply as on a GPU: the user's, then resnet_jax.tuning's GPU flags.
+XLA_FLAGS apply as on a GPU: the user's, then resnet_jax.tuning's GPU flags (set in main, before
+JAX starts a backend). The model flags are speed.py's (benchmarks/common.py).
 """
 
 import argparse
@@ -25,7 +26,16 @@ import json
 import os
 import re
 
+import jax
+import jax.numpy as jnp
+from common import add_model_args, model_config
 from hlo_text import computations, first_match, op_of
+from jax.experimental import topologies
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import resnet_jax as rj
+from resnet_jax import pipeline, steps, tuning
 
 TARGETS = {
     "h200": dict(cores=132, bandwidth=4_800_000_000_000, memory=150_000_000_000, name="NVIDIA H200"),
@@ -114,48 +124,24 @@ def kernels(comps, name, seen=()):
 
 def main():
     p = argparse.ArgumentParser(allow_abbrev=False)
-    p.add_argument("--batch_size", type=int, default=32)
+    add_model_args(p)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--num_filters", type=int, default=32)
-    p.add_argument("--stage_sizes", default="3,3,2")
-    p.add_argument("--preset", default="")
     p.add_argument("--steps_per_call", type=int, default=100)
     p.add_argument("--target", default="h200", choices=sorted(TARGETS))
     p.add_argument("--tag", default="")
     p.add_argument("--hlo", help="also write the optimized HLO text here")
-    p.add_argument("--batchnorm_derivative", default="custom", choices=("custom", "autodiff"))
     a = p.parse_args()
-
-    from resnet_jax import tuning
 
     # As on a GPU: the user's XLA_FLAGS, then resnet_jax's; and Triton GEMMs off, since without a
     # device XLA cannot autotune them (jax 0.11 fails to compile; the few small GEMMs of the head
     # and the augmentation become cuBLAS calls instead, one kernel each either way).
     flags = tuning.GPU_XLA_FLAGS + ("--xla_gpu_enable_triton_gemm=false",)
     os.environ["XLA_FLAGS"] = tuning.merge_xla_flags(os.environ.get("XLA_FLAGS", ""), flags)
-    from common import use_batchnorm_derivative
-
-    use_batchnorm_derivative(a.batchnorm_derivative)
-    import jax
-    import jax.numpy as jnp
-    from jax.experimental import topologies
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    import resnet_jax as rj
-    from resnet_jax import pipeline, steps
-
     topology = topologies.get_topology_desc(
         platform="cuda", target_config=TARGET_CONFIG.format(**TARGETS[a.target]), topology="1x1x1"
     )
     mesh = topologies.make_mesh(topo=topology, mesh_shape=(1,), axis_names=(rj.parallel.AXIS,))
-    fields = dict(batch_size=a.batch_size, dtype=a.dtype, steps_per_call=a.steps_per_call)
-    if a.preset:
-        config = rj.config.preset(a.preset, **fields)
-    else:
-        config = rj.Config(
-            num_filters=a.num_filters, stage_sizes=tuple(map(int, a.stage_sizes.split(","))), **fields
-        )
+    config = model_config(a, batch_size=a.batch_size, dtype=a.dtype, steps_per_call=a.steps_per_call)
     n_train, spe = 50_000, pipeline.steps_per_epoch(50_000, a.batch_size)
     state = steps.abstract_train_state(config, (32, 32, 3), spe)
     on_gpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P()))
