@@ -16,7 +16,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def build(keras, num_filters, stage_sizes, num_classes=10):
+def build(keras, num_filters, stage_sizes, num_classes=10, input_shape=(32, 32, 3)):
     L = keras.layers
     reg = keras.regularizers.l2(1e-4)
 
@@ -33,7 +33,7 @@ def build(keras, num_filters, stage_sizes, num_classes=10):
     def bn(x):
         return L.BatchNormalization(momentum=0.99, epsilon=1e-3)(x)
 
-    inputs = keras.Input((32, 32, 3))
+    inputs = keras.Input(input_shape)
     x = L.Activation("relu")(bn(conv(inputs, num_filters)))
     for stage, blocks in enumerate(stage_sizes):
         filters = num_filters * 2**stage

@@ -25,7 +25,7 @@ from common import add_model_args, configure_devices, model_config, random_cifar
 from hlo_text import first_match
 
 import resnet_jax as rj
-from resnet_jax import parallel, tuning
+from resnet_jax import parallel
 
 WRAPPERS = (
     "ThunkExecutor",
@@ -149,5 +149,4 @@ def main():
 
 
 if __name__ == "__main__":
-    tuning.restart_for_cpu_training()  # as train.py: huge-page malloc on CPUs
     main()

@@ -1,9 +1,17 @@
 """Training and evaluation speed of resnet_jax on this machine's devices, optionally side by side
-with the Keras original (benchmarks/keras_baseline.py) in the same run.
+with the Keras original (benchmarks/keras_baseline.py, both Keras 3 backends) in the same run.
 
     python benchmarks/speed.py [--batch_size 32[,128,...]] [--dtype float32[,bfloat16]]
                                [--num_filters 32] [--stage_sizes 3,3,2] [--steps 200]
                                [--steps_per_call N] [--repeats 3] [--keras] [--out FILE]
+                               [--process cli|notebook|plain]
+
+--process says how this process is set up before JAX starts: `cli` as train.py (rj.configure:
+CPU devices, malloc, compilation cache), `notebook` as a notebook that calls train_and_evaluate
+(its first act, tuning.started(), sets malloc up; the CPU device count set by hand, as a user
+would with jax_num_cpu_devices), `plain` the same without the malloc settings
+(RESNET_JAX_MALLOC=0). Each line also gives the kernel CPU time of the timed windows and the peak
+resident memory of the process.
 
 For every batch size x dtype (one process, one compile each) prints one JSON line:
 train_images_per_s (the on-device input path + train step as the training loop runs it: device
@@ -18,6 +26,7 @@ appends the lines to a file too (benchmarks/gpu.sh writes benchmarks/results/gpu
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -28,7 +37,6 @@ from jsonl import emit
 
 import resnet_jax as rj
 from resnet_jax import pipeline, tuning
-from resnet_jax.hugepages import environ_before_restart
 
 N_TRAIN, N_TEST = 50_000, 10_000
 
@@ -58,10 +66,12 @@ def measure(a, batch_size, dtype, dataset):
     window(0)
     first = time.perf_counter() - start
     times = []
+    kernel = resource.getrusage(resource.RUSAGE_SELF).ru_stime
     for r in range(1, a.repeats + 1):  # the best of several windows, as for Keras
         start = time.perf_counter()
         window(r * calls * k)
         times.append(time.perf_counter() - start)
+    kernel = (resource.getrusage(resource.RUSAGE_SELF).ru_stime - kernel) / (a.repeats * calls * k)
     train_s = min(times)
     jax.block_until_ready(evaluate(state, data))
     eval_times = []
@@ -91,11 +101,19 @@ def measure(a, batch_size, dtype, dataset):
         "tag": a.tag,
         "batchnorm_derivative": a.batchnorm_derivative,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "process": a.process,
+        "malloc": tuning._malloc["done"],
+        "kernel_ms_per_step": round(1e3 * kernel, 2),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
     }
 
 
-def keras(a, batch_size, images_per_s):
+def keras(a, batch_size, images_per_s, backend):
+    """Keras 3 `fit` on one backend, in a fresh process set up as users run Keras (no resnet_jax
+    settings)."""
     here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESNET_JAX", "XLA_FLAGS"))}
+    env.update(KERAS_BACKEND=backend, JAX_PLATFORMS="cpu")
     out = subprocess.run(
         [
             sys.executable,
@@ -113,17 +131,24 @@ def keras(a, batch_size, images_per_s):
         ],
         capture_output=True,
         text=True,
-        env=environ_before_restart(),
-    )  # Keras as users run it
+        env=env,
+    )
     if out.returncode != 0:
-        sys.exit(f"keras baseline failed: {out.stderr.strip().splitlines()[-1:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    return {
-        "keras_train_images_per_s": result["train_images_per_s"],
-        "keras": result["framework"],
-        "keras_glibc_tunables": environ_before_restart().get("GLIBC_TUNABLES", ""),
-        "speedup_vs_keras": round(images_per_s / result["train_images_per_s"], 2),
-    }
+        sys.exit(f"keras baseline ({backend}) failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def keras_sides(a, batch_size, images_per_s):
+    """Both Keras 3 backends, and the ratio against the faster one."""
+    results = {b: keras(a, batch_size, images_per_s, b) for b in a.keras_backends.split(",")}
+    fastest = max(results, key=lambda b: results[b]["train_images_per_s"])
+    line = {f"keras_{b}_train_images_per_s": r["train_images_per_s"] for b, r in results.items()}
+    line.update(
+        keras=results[fastest]["framework"],
+        keras_train_images_per_s=results[fastest]["train_images_per_s"],
+        speedup_vs_keras=round(images_per_s / results[fastest]["train_images_per_s"], 2),
+    )
+    return line
 
 
 def main():
@@ -141,22 +166,43 @@ def main():
     )
     p.add_argument("--device_loop", default="auto")
     p.add_argument("--keras", action="store_true", help="also run benchmarks/keras_baseline.py")
+    p.add_argument("--keras_backends", default="tensorflow,jax", help="Keras 3 backends to time")
+    p.add_argument("--process", default="cli", choices=("cli", "notebook", "plain"), help="see above")
     p.add_argument("--what", default="seed_epoch", help="the `what` field of each JSON line")
     p.add_argument("--tag", default="", help="a label for this run's settings (e.g. its XLA flags)")
     p.add_argument("--out", help="also append the JSON lines to this file")
     a = p.parse_args()
     batch_sizes = [int(b) for b in str(a.batch_size).split(",")]
     dtypes = a.dtype.split(",")
-    configure_devices(a, model_config(a, batch_size=batch_sizes[0]))
+    config = model_config(a, batch_size=batch_sizes[0])
+    if a.process == "cli":
+        configure_devices(a, config)  # as train.py: rj.configure before JAX starts
+    else:
+        if a.process == "plain":
+            os.environ[tuning.MALLOC_ENV] = "0"
+        import jax
+
+        cores = tuning.cores()
+        n = (
+            int(a.cpu_devices)
+            if a.cpu_devices != "auto"
+            else tuning.decide(
+                "cpu",
+                cores=cores,
+                batch_size=config.batch_size,
+                flops_per_step=config.batch_size * rj.models.forward_flops(config),
+            ).cpu_devices
+        )
+        jax.config.update("jax_num_cpu_devices", n)  # what a notebook user sets by hand
+        tuning.started()  # train_and_evaluate's first act
     dataset = random_cifar(N_TRAIN, N_TEST)
     for batch_size in batch_sizes:
         for dtype in dtypes:
             result = measure(a, batch_size, dtype, dataset)
             if a.keras:
-                result.update(keras(a, batch_size, result["train_images_per_s"]))
+                result.update(keras_sides(a, batch_size, result["train_images_per_s"]))
             emit(result, a.out)
 
 
 if __name__ == "__main__":
-    tuning.restart_for_cpu_training()  # as train.py: huge-page malloc on CPUs
     main()

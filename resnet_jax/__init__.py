@@ -1,21 +1,30 @@
 """resnet_jax: the seed Keras ResNet v1 on CIFAR-10, reproduced in JAX/Flax.
 
-Notebook API: Config, ResNet, load_dataset / Dataset, augment, create_train_state, train_step,
-eval_step, train_and_evaluate, restore, predict, configure. Names load on first use: `import resnet_jax`
-imports JAX but starts no backend and loads no Flax, optax or orbax, so the command line can
-make its platform decisions (resnet_jax.tuning) first.
+Notebook API: Config, preset, ResNet, load_dataset / Dataset, augment, create_train_state,
+train_step, eval_step, train_and_evaluate (with your own model, optimizer, augment, callbacks),
+restore, predict, evaluate_checkpoint, configure. Names load on first use: `import resnet_jax`
+imports JAX but starts no backend, loads no Flax, optax or orbax and changes no process-wide
+setting, so the command line can make its platform decisions (resnet_jax.tuning) first.
 """
 
 import importlib
+import importlib.metadata
+
+try:
+    __version__ = importlib.metadata.version("resnet_jax")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
+    __version__ = "0+unknown"
 
 from resnet_jax.augment import augment  # eager: a function named like its module (imports jax)
 
 _NAMES = {
     "Config": "config",
+    "preset": "config",
     "tiny": "config",
     "Dataset": "data",
     "load_dataset": "data",
     "UserError": "errors",
+    "MachineFault": "faults",
     "ResNet": "models",
     "lr_for_epoch": "optim",
     "make_optimizer": "optim",
@@ -34,21 +43,27 @@ _NAMES = {
 }
 _MODULES = {
     "augment",
+    "cache",
     "checkpoint",
+    "cifar_archive",
     "cli",
     "config",
     "data",
     "distributed",
     "errors",
-    "hugepages",
+    "faults",
+    "image_folder",
     "layers",
     "loop",
     "models",
     "optim",
     "parallel",
+    "parts",
     "pipeline",
+    "progress",
     "report",
     "steps",
+    "tfds_data",
     "tuning",
     "workdir",
 }

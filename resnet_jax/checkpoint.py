@@ -27,15 +27,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from resnet_jax.errors import UserError
+from resnet_jax.faults import writing
 
 FOLDER = "checkpoints"
-
-
-ARRAYS = ("step", "params", "batch_stats", "opt_state", "pixel_mean")  # a TrainState's saved fields
-
-
-def arrays_of(state) -> dict:
-    return {name: getattr(state, name) for name in ARRAYS}
 
 
 class Checkpoints:
@@ -69,21 +63,24 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, state, meta: dict, rank: int | None, then=None):
-        """Save at the state's step; `rank` None for mid-epoch saves (not candidates for best).
+        """Save the state's arrays (every array field of the pytree) at its step; `rank` None for
+        mid-epoch saves (not candidates for best).
 
         Returns once the arrays are off the devices; `then()` runs (from `poll` or `wait`) once
-        the checkpoint is on disk, so what it records never gets ahead of what is saved."""
+        the checkpoint is on disk, so what it records never gets ahead of what is saved. A full
+        disk raises faults.DiskFull (here or, for the part written in the background, from the
+        next `poll`, `wait` or `save`); the incomplete checkpoint stays a temporary folder that
+        the next run removes."""
         self.wait()  # the previous save (long finished, an epoch ago) and its callbacks
         step = int(jax.device_get(state.step))
         if step not in self.steps():
-            self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(arrays_of(state)), meta=ocp.args.JsonSave(meta)
-                ),
-                metrics=None if rank is None else {"rank": rank},
-                force=True,
-            )
+            with writing(f"the checkpoint of step {step}", self.path):
+                self.manager.save(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                    metrics=None if rank is None else {"rank": rank},
+                    force=True,
+                )
         if then is not None:
             self._after_save.append(then)
 
@@ -95,7 +92,8 @@ class Checkpoints:
 
     def wait(self):
         """Block until every save is on disk (raising if one failed), then run their callbacks."""
-        self.manager.wait_until_finished()
+        with writing("a checkpoint (in the background)", self.path):
+            self.manager.wait_until_finished()
         callbacks, self._after_save = self._after_save, []
         for f in callbacks:
             f()
@@ -136,7 +134,7 @@ class Checkpoints:
                     file=sys.stderr,
                     flush=True,
                 )
-            return template.replace(**restored["state"]), dict(restored["meta"]), step
+            return restored["state"], dict(restored["meta"]), step
         if errors:
             raise UserError(
                 f"no readable {which} checkpoint in {self.path} ({_listing(errors)}); "
@@ -154,13 +152,17 @@ class Checkpoints:
             return None
 
     def _read(self, step, template):
+        """The checkpoint restored into `template` (shapes, dtypes, placements), or as saved
+        (plain nested dicts of arrays on the default device) when the template is None."""
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        item = (
+            ocp.args.StandardRestore(fallback_sharding=default)
+            if template is None
+            else ocp.args.StandardRestore(_abstract(template))
+        )
         with quiet():
             return self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(_abstract(arrays_of(template))),
-                    meta=ocp.args.JsonRestore(),
-                ),
+                step, args=ocp.args.Composite(state=item, meta=ocp.args.JsonRestore())
             )
 
     def _set_aside(self, steps) -> str:
@@ -174,12 +176,67 @@ class Checkpoints:
         self.manager.reload()
         return f"; the unreadable ones were moved to {aside}"
 
-    def close(self):
-        """Finish the saves in flight (their callbacks run only if all of them succeeded)."""
+    def close(self, wait: bool = True):
+        """Finish the saves in flight (their callbacks run only if all of them succeeded);
+        `wait=False` after a failure: nothing more is raised or recorded."""
         try:
-            self.wait()
+            if wait:
+                self.wait()
         finally:
-            self.manager.close()
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - the failure that got here was raised already
+                if wait:
+                    raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        """After the run: every save finished and recorded. After an error: the same, unless the
+        error is a full disk (then nothing more is written); a second error while finishing is
+        dropped, the first one says what matters."""
+        from resnet_jax.faults import is_disk_full
+
+        if kind is None:
+            self.close()
+            return
+        try:
+            self.close(wait=not is_disk_full(value))
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def last_complete_line(workdir: str) -> str:
+    """Where a run stands on disk after a failure: its last complete checkpoint, and what to do."""
+    from resnet_jax.progress import Progress
+
+    folder = os.path.join(os.path.abspath(workdir), FOLDER)
+    steps = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+    for step in steps[::-1]:
+        try:
+            with Checkpoints(workdir, read_only=True) as ckpts:
+                meta = ckpts.read_meta(step)
+        except Exception:  # noqa: BLE001 - unreadable: try an older one
+            meta = None
+        if meta is not None:
+            where = Progress.from_meta(meta).where(None)
+            return (
+                f"the last complete checkpoint is {where} (step {step}) in {folder}; "
+                "free space and rerun the same command to resume"
+            )
+    return "no checkpoint was written yet; free space and rerun the same command"
+
+
+@contextlib.contextmanager
+def resumable_on_full_disk(workdir: str):
+    """A full disk anywhere inside ends in one line that adds where the run stands on disk."""
+    from resnet_jax.faults import DiskFull, MachineFault
+
+    try:
+        yield
+    except DiskFull as e:
+        raise MachineFault(f"{e}; {last_complete_line(workdir)}") from None
 
 
 def exists(workdir: str) -> bool:

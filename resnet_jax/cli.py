@@ -10,7 +10,7 @@ import threading
 import typing
 
 from resnet_jax import tuning
-from resnet_jax.config import PRESETS, Config, preset
+from resnet_jax.config import NAMES, Config, preset
 from resnet_jax.errors import Interrupted, UserError
 
 
@@ -87,12 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--preset",
-        choices=PRESETS,
+        choices=NAMES,
         default="",
         metavar="NAME",
         help="start from a named recipe; flags given override its values. "
-        f"Names: {', '.join(PRESETS)} (resnet<depth>v<1|2>: the Keras example's table, "
-        "200 epochs; seed: the defaults)",
+        f"Names: {', '.join(NAMES)} (resnet<depth>v<1|2>: the Keras example's table, "
+        "200 epochs; seed: the defaults; tiny: 4 filters, blocks 1,1,1, 2 epochs)",
     )
     parser.add_argument("--quiet", action="store_true", help="print only errors")
     parser.add_argument(
@@ -113,7 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     multi.add_argument(
         "--init_timeout", type=int, default=120, help="seconds to wait for all processes to join"
     )
-    multi.add_argument(
+    machine = parser.add_argument_group("this machine (resnet_jax.tuning, resnet_jax.cache)")
+    machine.add_argument(
+        "--compilation_cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep compiled train steps in the user's cache directory (resnet_jax.cache), so the next "
+        "run of the same shapes starts without compiling; JAX_COMPILATION_CACHE_DIR picks the folder",
+    )
+    machine.add_argument(
         "--cpu_devices",
         default="auto",
         help="CPU only: JAX devices to split the CPU into (data parallel over cores); "
@@ -133,14 +141,16 @@ def config_from_args(args) -> Config:
     return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
 
-def _quiet_tensorflow():
-    """The console is ours: no TensorFlow / tfds start-up chatter on stderr (tfds only reads)."""
+def _quiet_libraries():
+    """The console is ours: no start-up chatter from TensorFlow / tfds, no logged tracebacks from orbax."""
     import logging
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    # orbax reports a failed background write (a full disk) through absl's logger, with its
+    # traceback; resnet_jax says the same in one line.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     # A damaged checkpoint leaves asyncio tasks whose errors are logged when they are collected,
     # long after resnet_jax reported the damage in one line.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
@@ -156,7 +166,7 @@ def parse(parser, argv=None):
 
 
 def main(argv=None) -> int:
-    _quiet_tensorflow()
+    _quiet_libraries()
     parser = build_parser()
     args = parse(parser, argv)
     if args.which is not None and not args.eval_only:
@@ -167,12 +177,11 @@ def main(argv=None) -> int:
     stop = threading.Event()
     try:
         config = config_from_args(args)
-        if not args.eval_only:
-            tuning.restart_for_cpu_training()  # once, from here, before anything heavy is loaded
+        # Before JAX starts its backends (and before orbax's threads): devices, malloc, cache.
+        tuning.configure(config, args.cpu_devices, compilation_cache=args.compilation_cache)
         from resnet_jax import checkpoint
 
         checkpoint.ignore_stray_loop_errors()
-        tuning.configure(config, args.cpu_devices)  # before JAX starts its backends
         if args.distributed or args.coordinator_address or args.num_processes or args.process_id is not None:
             from resnet_jax import distributed
 
@@ -206,9 +215,9 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGINT, request_stop)
         loop.train_and_evaluate(config, args.workdir, verbosity=verbosity, stop=stop, summary=args.summary)
         return 0
-    except UserError as e:
+    except UserError as e:  # bad input (2), or a fault of the machine: disk or memory (3)
         print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
-        return 2
+        return getattr(e, "exit_status", 2)
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return 130

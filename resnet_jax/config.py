@@ -21,8 +21,16 @@ class Config:
     """Every setting of a run. `train.py` generates one flag per field from this class."""
 
     # Data (resnet_jax.data).
-    dataset: str = _f("cifar10", "cifar10 | cifar100 (tfds or official archive)")
-    data_dir: str | None = _f(None, "tfds data_dir, or a folder / archive in the official layout")
+    dataset: str = _f(
+        "cifar10",
+        "any tensorflow-datasets image-classification name (cifar10, cifar100, mnist, fashion_mnist, "
+        "svhn_cropped, ...); a run records `folder` or `arrays` for data given otherwise",
+    )
+    data_dir: str | None = _f(
+        None,
+        "a folder of images in class subfolders (train/<class>/*, test/<class>/*) or its .tar.gz; "
+        "the official CIFAR archive or its folder; or a tfds data_dir",
+    )
     val_split: float = _f(
         0.0,
         "training images held out for validation: a count, or a fraction < 1; "
@@ -129,7 +137,7 @@ CHANGEABLE_FIELDS = (
 
 def tiny(**overrides) -> Config:
     """A preset for tests and quick looks: 4 filters, one block per stage, 2 epochs."""
-    base = dict(num_filters=4, stage_sizes=(1, 1, 1), epochs=2, steps_per_call=8)
+    base = dict(num_filters=4, stage_sizes=(1, 1, 1), epochs=2, steps_per_call=8, preset="tiny")
     base.update(overrides)
     return Config(**base)
 
@@ -140,13 +148,17 @@ def tiny(**overrides) -> Config:
 # epochs 1-81 at 1e-3, 82-121 1e-4, 122-161 1e-5, 162-181 1e-6, 182-200 5e-7.
 KERAS_DEPTHS = {1: (20, 32, 44, 56, 110, 164), 2: (20, 56, 110, 164, 1001)}
 PRESETS = ("seed",) + tuple(f"resnet{d}v{v}" for v, depths in KERAS_DEPTHS.items() for d in depths)
+NAMES = PRESETS + ("tiny",)  # every name preset() knows
 
 
 def preset(name: str, **overrides) -> Config:
-    """The Config of a named recipe: `seed` (the default Config) or a row of the Keras example's
-    table (resnet20v1 ... resnet1001v2); `overrides` replace fields."""
+    """The Config of a named recipe: `seed` (the default Config), `tiny` (4 filters, one block
+    a stage, 2 epochs: for quick looks) or a row of the Keras example's table (resnet20v1 ...
+    resnet1001v2); `overrides` replace fields: `rj.preset("resnet20v1", epochs=30)`."""
     if name == "seed":
         return Config(preset="seed", **overrides)
+    if name == "tiny":
+        return tiny(**overrides)
     for version, depths in KERAS_DEPTHS.items():
         for depth in depths:
             if name == f"resnet{depth}v{version}":
@@ -167,4 +179,4 @@ def preset(name: str, **overrides) -> Config:
                 )
                 fields.update(overrides)
                 return Config(**fields)
-    raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    raise UserError(f"unknown preset {name!r}; choose one of {', '.join(NAMES)}")

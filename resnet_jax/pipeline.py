@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import parallel, tuning
-from resnet_jax.augment import augment
+from resnet_jax.augment import augment as seed_augment
 from resnet_jax.data import Dataset
 from resnet_jax.steps import eval_step, train_step
 
@@ -53,6 +53,14 @@ def to_device(dataset: Dataset, mean: np.ndarray, config, mesh) -> DeviceData:
     )
 
 
+def device_bytes(dataset: Dataset, config, mesh) -> int:
+    """Bytes the dataset takes on each device (`to_device`): uint8 images, the test set padded,
+    int32 labels, float32 weights and the float32 pixel mean."""
+    pixels = int(np.prod(dataset.image_shape))
+    test = len(dataset.test_images) + (-len(dataset.test_images) % eval_batch(config, mesh))
+    return len(dataset.train_images) * (pixels + 4) + test * (pixels + 8) + 4 * pixels
+
+
 def eval_set(images, labels, config, mesh):
     """(images, labels, weights) on every device, padded to whole evaluation batches (weight 0)."""
     b = eval_batch(config, mesh)
@@ -81,16 +89,18 @@ def chunk_rows(perm, offset, length: int, batch: int):
     return jax.lax.dynamic_slice_in_dim(perm, offset, length * batch).reshape(length, batch)
 
 
-def _train_chunk(state, data: DeviceData, perm, offset, step0, key, *, length, batch, mesh):
-    """`length` train steps of `batch` images from perm[offset:]; step i uses key fold_in(key, step0+i)."""
+def _train_chunk(state, data: DeviceData, perm, offset, step0, key, *, length, batch, mesh, augment=None):
+    """`length` train steps of `batch` images from perm[offset:]; step i uses key fold_in(key, step0+i)
+    for its augmentation (and, derived from it, its dropout)."""
     rows = chunk_rows(perm, offset, length, batch)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.split(key)[1], step0 + jnp.arange(length))
 
     def body(state, inputs):
         idx, k = inputs
         idx = parallel.constrain_batch(idx, mesh)
-        images = augment(k, preprocess(data.train_images[idx], data.pixel_mean), state.config)
-        return train_step(state, images, data.train_labels[idx])
+        x = preprocess(data.train_images[idx], data.pixel_mean)
+        images = seed_augment(k, x, state.config) if augment is None else augment(k, x)
+        return train_step(state, images, data.train_labels[idx], k)
 
     if length == 1:  # no while loop at all (see make_train_chunk)
         state, m = body(state, (rows[0], keys[0]))
@@ -105,26 +115,29 @@ def resolve_loop(mesh, loop: str = "auto") -> str:
     return loop
 
 
-def make_train_chunk(mesh, loop: str = "auto") -> TrainChunk:
+def make_train_chunk(mesh, loop: str = "auto", augment=None) -> TrainChunk:
     """A device call of `length` train steps: f(state, data, perm, offset, step0, key, *, length,
-    batch) -> (state, per-step metrics of shape [length]); state donated.
+    batch) -> (state, per-step metrics of shape [length]); state donated. `augment(key, images)`
+    augments each batch (None: the seed's shift + flip with the state's Config).
 
     loop "scan": one jitted lax.scan. loop "python": one jitted step per batch, dispatched
     asynchronously, synchronised once per call like the scan. "auto" picks scan on accelerators
     and python on CPU, where XLA:CPU runs convolution gradients inside a while loop about 15x
     slower than outside one (resnet_jax.tuning; docs/performance.md).
     """
-    return TrainChunk(mesh, resolve_loop(mesh, loop))
+    return TrainChunk(mesh, resolve_loop(mesh, loop), augment)
 
 
 class TrainChunk:
     """See `make_train_chunk`. Keeps one compiled executable per (length, batch) shape;
     `compile` builds several at once, in parallel threads (XLA compiles without the GIL)."""
 
-    def __init__(self, mesh, loop: str):
+    def __init__(self, mesh, loop: str, augment=None):
         self.loop = loop
         self.step = jax.jit(
-            functools.partial(_train_chunk, mesh=mesh), static_argnames=("length", "batch"), donate_argnums=0
+            functools.partial(_train_chunk, mesh=mesh, augment=augment),
+            static_argnames=("length", "batch"),
+            donate_argnums=0,
         )
         self.compiled = {}
 

@@ -42,6 +42,7 @@ class Progress:
     best_epoch: int | None = None
     history: tuple = ()  # one record per completed epoch (metrics.jsonl's lines)
     partial: Sums = Sums()  # running sums of the half-done epoch
+    stopped: bool = False  # a callback ended the run after `epoch`: it is finished
 
     def to_meta(self) -> dict:
         return {
@@ -51,6 +52,7 @@ class Progress:
             "best_epoch": self.best_epoch,
             "history": list(self.history),
             "partial": dataclasses.asdict(self.partial),
+            "stopped": self.stopped,
         }
 
     @classmethod
@@ -62,16 +64,29 @@ class Progress:
             meta["best_epoch"],
             tuple(meta["history"]),
             Sums(**meta["partial"]),
+            bool(meta.get("stopped", False)),
         )
 
     def stopped_mid_epoch(self, step: int, sums: Sums) -> Progress:
         return dataclasses.replace(self, step_in_epoch=step, partial=sums)
 
-    def epoch_done(self, rec: dict) -> tuple[Progress, bool]:
-        """The progress after an epoch with record `rec`; whether val_acc strictly improved."""
+    def epoch_done(self, rec: dict, stopped: bool = False) -> tuple[Progress, bool]:
+        """The progress after an epoch with record `rec` (`stopped`: by a callback, the run's
+        last); whether val_acc strictly improved."""
         improved = self.best_val_acc is None or rec["val_acc"] > self.best_val_acc
         best = (rec["val_acc"], rec["epoch"]) if improved else (self.best_val_acc, self.best_epoch)
-        return Progress(rec["epoch"], 0, *best, self.history + (rec,), Sums()), improved
+        return Progress(rec["epoch"], 0, *best, self.history + (rec,), Sums(), stopped), improved
+
+    def finished(self, epochs: int) -> bool:
+        """Whether nothing is left to train: every epoch done, or a callback stopped the run."""
+        return self.stopped or self.epoch >= epochs
+
+    def best(self) -> str:
+        return "-inf" if self.best_val_acc is None else f"{self.best_val_acc:.5f}"
+
+    def change_record(self, settings: dict) -> dict:
+        """run.json's entry for settings changed on a resume from here."""
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "settings": settings}
 
     def where(self, steps_per_epoch: int | None = None, next_step: bool = False) -> str:
         """'epoch E' (E completed), or 'epoch E+1, step S/N' mid-epoch; with `next_step`, where

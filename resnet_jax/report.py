@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -22,9 +23,10 @@ class Console:
         if self.verbosity >= level:
             print(text, file=self.stream, flush=True)
 
-    def epoch_start(self, epoch: int, epochs: int, lr: float):
+    def epoch_start(self, epoch: int, epochs: int, lr: float | None):
         self.line(f"Epoch {epoch}/{epochs}")
-        self.line(f"Learning rate: {lr:g}")
+        if lr is not None:  # an optimizer that does not say its rate (see parts.py) shows none
+            self.line(f"Learning rate: {lr:g}")
 
     def progress(self, done: int, total: int, sums, start: float):
         if not self.bar:
@@ -65,6 +67,79 @@ class Console:
         self.line(f"Test accuracy: {acc}")
 
 
+def start_lines(config, data: dict, record: dict, mesh, spe: int, path: str) -> list[str]:
+    """What will run, before anything compiles: data, model, optimizer, augmentation, validation,
+    devices, steps, workdir."""
+    shape = "x".join(str(d) for d in data["image_shape"])
+    source = {"arrays": "in-memory arrays"}.get(data["source"].split(":")[0], config.dataset)
+    lines = [
+        f"Data: {source} ({data['source']}): {data['train']:,} train / {data['test']:,} test images of "
+        f"{shape}, {data['classes']} classes"
+    ]
+    model, optimizer, augment = record["model"], record["optimizer"], record["augment"]
+    preset = f" (preset {config.preset})" if config.preset and not model["own"] else ""
+    stats = (
+        f" + {model['batch_stats']:,} batch-norm statistics" if model["batch_stats"] else ", no batch norm"
+    )
+    lines.append(f"Model: {model['name']}{preset}: {model['parameters']:,} parameters{stats}")
+    if optimizer["own"]:
+        shown = "" if optimizer["learning_rate"] == "shown" else "; its learning rate is not shown"
+        lines.append(f"Optimizer: yours, {optimizer['name']}{shown}; L2 {config.l2_weight:g} on kernels")
+    if augment["own"]:
+        lines.append(f"Augmentation: yours, {augment['name']}")
+    if config.val_split:
+        lines.append(
+            f"Validation: {data['held_out']:,} training images held out (seeded, class-stratified; "
+            f"{data['train'] - data['held_out']:,} left to train on); the test set is used once, at the end"
+        )
+    else:
+        lines.append("Validation: the test set (as in the seed run); --val_split holds out training images")
+    device = mesh.devices.flat[0]
+    lines.append(
+        f"Devices: {mesh.size} x {device.device_kind} ({device.platform}), batch "
+        f"{config.batch_size} ({config.batch_size // mesh.size} per device), {config.dtype}"
+    )
+    lines.append(f"Steps per epoch: {spe:,}; workdir {path}")
+    return lines
+
+
+def summary(model, image_shape) -> str:
+    """A per-layer table of the model (as Keras's model.summary())."""
+    import jax
+    import numpy as np
+
+    return model.tabulate(
+        jax.random.key(0),
+        np.zeros((1,) + tuple(image_shape), np.float32),
+        train=False,
+        console_kwargs={"width": 120},
+    )
+
+
+def _fmt(value):
+    return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+
+
+def changes_line(changed: dict, where: str, path: str) -> str:
+    what = ", ".join(f"{k} {_fmt(old)} -> {_fmt(new)}" for k, (old, new) in changed.items())
+    return f"Settings changed from {where} on: {what} (recorded in {os.path.join(path, 'run.json')})"
+
+
+def finished_line(path: str, progress, test: dict | None) -> str:
+    if progress.stopped:
+        text = f"Run in {path} is finished (stopped by a callback after epoch {progress.epoch})"
+    else:
+        text = (
+            f"Run in {path} is finished ({progress.epoch} epochs); pass a larger --epochs to continue it,"
+            " or --eval_only to evaluate it"
+        )
+    if test:
+        text += (
+            f". Test loss {test['loss']:.4f}, Test accuracy {test['accuracy']:.4f} (epoch {test['epoch']})"
+        )
+    return text + "."
+
+
 def epoch_line(steps: int, rec: dict, steps_run: int | None = None) -> str:
     """The seed log's epoch line; ms/step over the steps this process ran (a resumed epoch ran
     only the rest of them)."""
@@ -92,23 +167,52 @@ class TensorBoard:
         sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        self.writer = EventFileWriter(os.path.join(workdir, "tensorboard"))
+        self.folder, self.writer = os.path.join(workdir, "tensorboard"), None
+        try:
+            self.writer = EventFileWriter(self.folder)
+        except Exception as e:  # noqa: BLE001 - a full disk at the first event file
+            self._give_up(e)
 
     def write(self, rec: dict):
+        """One event per epoch; a write the disk refuses is one warning line and TensorBoard is
+        off for the rest of the run (a convenience: the run goes on)."""
         from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.compat.proto.summary_pb2 import Summary
 
+        if self.writer is None:
+            return
         values = [
             Summary.Value(tag=name, simple_value=float(rec[name]))
             for name in ("loss", "acc", "val_loss", "val_acc", "lr", "seconds")
+            if rec.get(name) is not None
         ]
-        self.writer.add_event(
-            Event(wall_time=time.time(), step=int(rec["epoch"]), summary=Summary(value=values))
+        try:
+            self.writer.add_event(
+                Event(wall_time=time.time(), step=int(rec["epoch"]), summary=Summary(value=values))
+            )
+            self.writer.flush()
+        except Exception as e:  # noqa: BLE001 - the writer's thread re-raises what the disk said
+            self._give_up(e)
+
+    def _give_up(self, e):
+        from resnet_jax.faults import is_disk_full
+
+        if not is_disk_full(e):
+            raise e
+        print(
+            f"warning: TensorBoard events cannot be written in {self.folder} (no space left on device); "
+            "the run goes on without them",
+            file=sys.stderr,
+            flush=True,
         )
-        self.writer.flush()
+        self.writer = None
 
     def close(self):
-        self.writer.close()
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception as e:  # noqa: BLE001
+                self._give_up(e)
 
 
 def plot_curves(history, path: str, lr_epochs=()):
@@ -139,11 +243,20 @@ def plot_curves(history, path: str, lr_epochs=()):
         ax.grid(alpha=0.3)
         ax.legend()
     if history:
-        axes[1].set_title(f"accuracy (last val_acc {history[-1]['val_acc']:.4f}, lr {history[-1]['lr']:g})")
+        lr = history[-1].get("lr")
+        rate = "" if lr is None else f", lr {lr:g}"
+        axes[1].set_title(f"accuracy (last val_acc {history[-1]['val_acc']:.4f}{rate})")
     fig.tight_layout()
     tmp = os.path.join(os.path.dirname(path), ".tmp-curves.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
+    from resnet_jax.faults import writing
+
+    try:
+        with writing("curves.png", path):
+            fig.savefig(tmp, dpi=90)
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 class EpochWriter:
@@ -157,13 +270,17 @@ class EpochWriter:
         self.workdir, self.lr_epochs = workdir, tuple(lr_epochs)
         self.tensorboard = TensorBoard(workdir)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curves")
-        self.pending = None
+        # matplotlib takes seconds to import on a slow CPU: done now, while the run compiles, so
+        # the first picture (and a stop request right after it) does not wait for it.
+        self.pending = self.pool.submit(importlib.import_module, "matplotlib.figure")
 
     def write(self, rec: dict, history):
         from resnet_jax import workdir as wd
 
         wd.append_metrics(self.workdir, rec)
         self.tensorboard.write(rec)
+        if self.pending is not None and self.pending.done() and not self.pending.cancelled():
+            self.pending.result()  # the last picture's error (a full disk) surfaces here
         if self.pending is not None and not self.pending.done():
             self.pending.cancel()  # superseded by this epoch's picture, unless already drawing
         self.pending = self.pool.submit(

@@ -1,8 +1,14 @@
-"""Train state and the pure step functions: loss, train_step, eval_step, predict."""
+"""Train state and the pure step functions: loss, train_step, eval_step, predict.
+
+The state is Flax's `TrainState` (step, params, opt_state, `apply_fn`, `tx`, `apply_gradients`)
+plus the BatchNorm statistics (empty for a model without BatchNorm), the training set's per-pixel
+mean and the run's Config. A checkpoint saves exactly its array fields, whatever the model and
+optimizer make of them.
+"""
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -10,75 +16,98 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.training import train_state
 
-from resnet_jax import models, optim, tuning
 from resnet_jax.config import Config
 from resnet_jax.errors import UserError
 
+DROPOUT = 0x64726F70  # fold_in constant deriving a step's dropout key from its data key
 
-class TrainState(flax.struct.PyTreeNode):
-    """Everything a checkpoint holds. `config`, `model` and `tx` are static (not saved as arrays)."""
 
-    step: jax.Array
-    params: Any
+class TrainState(train_state.TrainState):
+    """Flax's TrainState with `batch_stats`, `pixel_mean` (float32 HxWxC, for predict) and the
+    run's `config` (static). `apply_fn` is the model's `apply`; `model` is that model."""
+
     batch_stats: Any
-    opt_state: Any
-    pixel_mean: jax.Array  # the training set's per-pixel mean, float32 HxWxC (for predict)
+    pixel_mean: jax.Array
     config: Config = flax.struct.field(pytree_node=False)
-    model: Any = flax.struct.field(pytree_node=False)
-    tx: Any = flax.struct.field(pytree_node=False)
+
+    @property
+    def model(self):
+        return getattr(self.apply_fn, "__self__", None)
+
+    def variables(self) -> dict:
+        """What `apply_fn` takes: params, and batch_stats when the model has any."""
+        if self.batch_stats:
+            return {"params": self.params, "batch_stats": self.batch_stats}
+        return {"params": self.params}
 
 
 def create_train_state(
-    config: Config, rng: jax.Array, image_shape, steps_per_epoch: int, materialize: bool | None = None
+    config: Config,
+    rng: jax.Array,
+    image_shape,
+    steps_per_epoch: int,
+    *,
+    model=None,
+    optimizer=None,
+    materialize: bool | None = None,
 ) -> TrainState:
-    """Initialise the model for images of `image_shape` (H, W, C) and the optimizer.
+    """Initialise a model (the Config's ResNet, or yours) and optimizer (the Config's Keras-form
+    Adam, or an optax transformation / a function of steps_per_epoch returning one) for images of
+    `image_shape` (H, W, C). `materialize` (the ResNet's CPU speed setting) defaults to what
+    resnet_jax.tuning decides for the platform JAX runs on."""
+    from resnet_jax import parts, tuning
 
-    The initial values are computed on the host CPU on every platform (one small compile there
-    instead of many small GPU kernels; the same numbers whatever the accelerator); the training
-    loop places them on the devices. `materialize` (a CPU speed setting, see models.materialize)
-    defaults to what resnet_jax.tuning decides for the platform JAX runs on.
-    """
+    platform = tuning.started()
+    if materialize is not None:
+        platform = dataclasses.replace(platform, materialize=materialize)
+    chosen = parts.resolve(config, image_shape, steps_per_epoch, platform, model=model, optimizer=optimizer)
+    return init_state(chosen.model, chosen.tx, config, rng, image_shape)
+
+
+def _check_shape(image_shape) -> tuple:
     image_shape = tuple(int(d) for d in image_shape)
     if len(image_shape) != 3 or min(image_shape) <= 0:
         raise UserError(f"image_shape must be (height, width, channels), got {image_shape}")
-    if steps_per_epoch <= 0:
-        raise UserError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
-    if materialize is None:
-        materialize = tuning.started().materialize
-    model = models.from_config(config, materialize=materialize)
-    tx = optim.make_optimizer(config, steps_per_epoch)
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        return TrainState(
-            **_init(model, tx, image_shape, jax.device_put(rng)), config=config, model=model, tx=tx
+    return image_shape
+
+
+def _init_fn(model, tx, config, image_shape):
+    def init(rng):
+        x = jnp.zeros((1,) + image_shape, jnp.float32)
+        variables = model.init({"params": rng, "dropout": rng}, x, train=False)
+        params = variables["params"]
+        return dict(
+            step=jnp.zeros([], jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            pixel_mean=jnp.zeros(image_shape, jnp.float32),
         )
 
+    return init
 
-@functools.partial(
-    jax.jit, static_argnums=(0, 1, 2), compiler_options={"xla_backend_optimization_level": 0}
-)  # runs once
-def _init(model, tx, image_shape, rng):
-    variables = model.init(rng, jnp.zeros((1,) + image_shape, jnp.float32), train=False)
-    params = variables["params"]
-    return dict(
-        step=jnp.zeros([], jnp.int32),
-        params=params,
-        batch_stats=variables["batch_stats"],
-        opt_state=tx.init(params),
-        pixel_mean=jnp.zeros(image_shape, jnp.float32),
+
+def init_state(model, tx, config: Config, rng: jax.Array, image_shape) -> TrainState:
+    """The initial state of `model` and `tx`, computed on the host CPU on every platform (one
+    small compile there instead of many small GPU kernels; the same numbers whatever the
+    accelerator); the training loop places it on the devices."""
+    image_shape = _check_shape(image_shape)
+    init = jax.jit(
+        _init_fn(model, tx, config, image_shape), compiler_options={"xla_backend_optimization_level": 0}
     )
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        arrays = init(jax.device_put(rng))
+    return TrainState(**arrays, apply_fn=model.apply, tx=tx, config=config)
 
 
-def abstract_train_state(config: Config, image_shape, steps_per_epoch: int) -> TrainState:
+def abstract_state(model, tx, config: Config, image_shape) -> TrainState:
     """The state's structure, shapes and dtypes without computing it (jax.eval_shape): the
     template to restore a checkpoint into."""
-    model = models.from_config(config, materialize=tuning.started().materialize)
-    tx = optim.make_optimizer(config, steps_per_epoch)
-    shapes = jax.eval_shape(
-        lambda rng: _init.__wrapped__(model, tx, tuple(image_shape), rng),
-        jax.eval_shape(lambda: jax.random.key(0)),
-    )
-    return TrainState(**shapes, config=config, model=model, tx=tx)
+    init = _init_fn(model, tx, config, _check_shape(image_shape))
+    shapes = jax.eval_shape(init, jax.eval_shape(lambda: jax.random.key(0)))
+    return TrainState(**shapes, apply_fn=model.apply, tx=tx, config=config)
 
 
 def l2_penalty(params, config: Config) -> jax.Array:
@@ -87,7 +116,11 @@ def l2_penalty(params, config: Config) -> jax.Array:
     wanted = {ndims[k] for k in config.l2_layers}
     leaves = jax.tree_util.tree_leaves_with_path(params)
     total = sum(
-        (jnp.sum(jnp.square(w)) for path, w in leaves if path[-1].key == "kernel" and w.ndim in wanted),
+        (
+            jnp.sum(jnp.square(w))
+            for path, w in leaves
+            if getattr(path[-1], "key", None) == "kernel" and w.ndim in wanted
+        ),
         jnp.float32(0),
     )
     return config.l2_weight * total
@@ -117,45 +150,46 @@ def summed_metrics(loss, logits, labels, weights=None):
     return {"loss": jnp.sum(loss * weights), "correct": jnp.sum(correct * weights), "count": jnp.sum(weights)}
 
 
-def train_step(state: TrainState, images, labels):
-    """One Adam step on a preprocessed batch: (state, images, labels) -> (state, metrics).
+def train_step(state: TrainState, images, labels, key: jax.Array | None = None):
+    """One optimizer step on a preprocessed batch: (state, images, labels) -> (state, metrics).
 
-    BatchNorm runs in training mode and its moving statistics are updated. metrics["loss"] is
-    (cross-entropy + L2) times the batch size; see `summed_metrics`.
+    BatchNorm runs in training mode and its moving statistics are updated. `key` feeds the
+    model's `dropout` rng (derived from it; by default from the step number). metrics["loss"]
+    is (cross-entropy + L2) times the batch size; see `summed_metrics`.
     """
     _check_inputs(images, labels, state.config.num_classes)
+    if key is None:
+        key = jax.random.fold_in(jax.random.key(0), state.step)
+    rngs = {"dropout": jax.random.fold_in(key, DROPOUT)}
 
     def loss_fn(params):
-        logits, updates = state.model.apply(
-            {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
-        )
+        variables = state.replace(params=params).variables()
+        logits, updates = state.apply_fn(variables, images, train=True, mutable=["batch_stats"], rngs=rngs)
+        logits = jnp.asarray(logits, jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return ce + l2_penalty(params, state.config), (logits, updates["batch_stats"])
+        return ce + l2_penalty(params, state.config), (logits, updates.get("batch_stats", {}))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-    )
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     return new_state, summed_metrics(loss, logits, labels)
+
+
+def logits_of(state: TrainState, images):
+    """The model's float32 logits in inference mode (BatchNorm moving statistics)."""
+    return jnp.asarray(state.apply_fn(state.variables(), images, train=False), jnp.float32)
 
 
 def eval_step(state: TrainState, images, labels, weights=None):
     """Metrics with BatchNorm moving statistics; `weights` (0/1) masks padded rows."""
     _check_inputs(images, labels, state.config.num_classes)
-    logits = state.model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
-    )
+    logits = logits_of(state, images)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return summed_metrics(ce + l2_penalty(state.params, state.config), logits, labels, weights)
 
 
 @jax.jit
 def _probabilities(state: TrainState, images_u8):
-    x = images_u8.astype(jnp.float32) / 255.0 - state.pixel_mean
-    logits = state.model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
-    return jax.nn.softmax(logits)
+    return jax.nn.softmax(logits_of(state, images_u8.astype(jnp.float32) / 255.0 - state.pixel_mean))
 
 
 def predict(state: TrainState, images, batch_size: int = 1000) -> np.ndarray:

@@ -3,7 +3,7 @@
     decision                       CPU                              GPU                  TPU
     JAX devices                    one per core (`auto`: models     the GPUs             the cores
                                    worth splitting, see below)
-    huge-page malloc restart       yes, when a run will train       no                   no
+    glibc malloc settings          yes, before JAX starts           no                   no
     device loop (`auto`)           python: one jitted step a call   scan                 scan
     materialize block outputs      yes (models.materialize)         no                   no
     XLA flags                      none                             GPU_XLA_FLAGS        none
@@ -16,18 +16,33 @@ loops included, win it back: seed model, batch 32, float32: 17,626 images/s with
 defaults, 14,869 deterministic, 19,844 with command buffers, 18,330 with both. Flags the user
 sets in XLA_FLAGS win over these.
 
-`decide` is pure. The decisions that must precede JAX's start (CPU device count, XLA flags) are
-applied by `configure`, which train.py and the benchmarks call before JAX starts its backends; a
-notebook gets the same by calling `resnet_jax.configure(config)` first (`train_and_evaluate`
-says so in one line when the CPU split differs from what `configure` would choose).
+glibc malloc (MALLOC_SETTINGS): XLA:CPU mallocs a step's temporaries afresh on every call. With
+glibc's defaults each JAX thread has its own arena, whose heaps are unmapped as soon as they are
+empty and mapped again (4 KiB page by page, tens of thousands of faults) at the next step. One
+arena, no mmap for large blocks, a 1 GiB trim threshold and a 64 MiB top pad keep that memory
+mapped: measured on the seed step, 6.2 M page faults and 22 s of kernel time per 120 steps become
+78 k and 0.9 s, 610 -> 513 ms a step (docs/performance.md). They must be set before JAX starts its
+CPU threads (their arenas exist from then on): `configure` (train.py, rj.configure) or, in a
+notebook, the first `train_and_evaluate` / `create_train_state` do it, once, unless JAX started
+first (one line then says how to get them) or RESNET_JAX_MALLOC=0 opts out. They apply to the
+whole process: every thread then shares one malloc arena.
+
+`decide` is pure. The decisions that must precede JAX's start (CPU device count, XLA flags,
+malloc) are applied by `configure`, which train.py and the benchmarks call before JAX starts its
+backends; a notebook gets the same by calling `resnet_jax.configure(config)` first
+(`train_and_evaluate` says so in one line when the CPU split differs from what `configure` would
+choose).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import glob
 import importlib.util
 import os
+import platform as host
+import sys
 
 from resnet_jax.errors import UserError
 
@@ -50,7 +65,7 @@ SPLIT_MIN_FLOPS = 3.5e8
 class Tuning:
     platform: str  # cpu | gpu | tpu
     cpu_devices: int | None  # CPU: JAX devices to split the host into; None elsewhere
-    huge_pages: bool  # CPU: restart with glibc's huge-page malloc (resnet_jax/hugepages.py)
+    malloc: bool  # CPU: glibc malloc settings for XLA:CPU's per-step temporaries (MALLOC_SETTINGS)
     device_loop: str  # what Config.device_loop "auto" means: python | scan
     materialize: bool  # models.materialize on block outputs
     xla_flags: tuple[str, ...]  # added to XLA_FLAGS unless the user set the same flag
@@ -114,13 +129,52 @@ def _installed(module: str) -> bool:
         return False
 
 
-def restart_for_cpu_training() -> None:
-    """For a command that will train: restart it once with huge-page malloc when the platform is
-    the CPU (resnet_jax/hugepages.py says when that helps); elsewhere, nothing."""
-    if detect_platform() == "cpu":
-        from resnet_jax import hugepages
+# mallopt(3) parameters: one arena for every thread, no mmap for large blocks, keep up to 1 GiB of
+# free memory at the heap's top, grow it 64 MiB at a time.
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
+MALLOC_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))
+MALLOC_ENV = "RESNET_JAX_MALLOC"  # 0: leave malloc as it is
+_malloc = {"done": None}  # process-wide settings are applied (or refused) once: "applied", "off", "late"
 
-        hugepages.reexec_with_huge_pages()
+
+def malloc_settings(platform: str, libc=None, environ=None) -> tuple:
+    """The mallopt settings for a run on `platform`: MALLOC_SETTINGS on a CPU with glibc, unless
+    RESNET_JAX_MALLOC=0; none elsewhere (GPU, TPU, musl, macOS)."""
+    environ = os.environ if environ is None else environ
+    name, _ = host.libc_ver() if libc is None else libc
+    if (
+        platform != "cpu"
+        or name != "glibc"
+        or environ.get(MALLOC_ENV, "").strip().lower() in ("0", "off", "no")
+    ):
+        return ()
+    return MALLOC_SETTINGS
+
+
+def tune_malloc(platform: str, enabled: bool = True) -> str | None:
+    """Apply the malloc settings once, before JAX starts its threads; returns what happened:
+    "applied", "off" (not for this platform or opted out), "late" (JAX had started: one line on
+    stderr says how to get them), or None (decided already, earlier in this process)."""
+    if _malloc["done"] is not None:
+        return None
+    settings = malloc_settings(platform) if enabled else ()
+    if not settings:
+        _malloc["done"] = "off"
+    elif backends_started():
+        _malloc["done"] = "late"
+        print(
+            "note: JAX started before resnet_jax could set malloc up for XLA:CPU (about 1.2x faster "
+            "steps); import resnet_jax and call resnet_jax.configure() or train_and_evaluate before "
+            "any other JAX work, or start Python with GLIBC_TUNABLES=glibc.malloc.hugetlb=1",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        libc = ctypes.CDLL(None)
+        for param, value in settings:
+            libc.mallopt(ctypes.c_int(param), ctypes.c_int(value))
+        _malloc["done"] = "applied"
+    return _malloc["done"]
 
 
 def cores() -> int:
@@ -140,18 +194,30 @@ def backends_started() -> bool:
     return xla_bridge.backends_are_initialized()
 
 
-def configure(config=None, cpu_devices="auto", image_shape=(32, 32, 3)) -> Tuning:
+def configure(
+    config=None,
+    cpu_devices="auto",
+    image_shape=(32, 32, 3),
+    *,
+    malloc: bool = True,
+    compilation_cache: bool = True,
+) -> Tuning:
     """Apply the decisions that must come before JAX starts its backends; returns them all.
 
-    `config` sizes the CPU split (`auto` keeps small models on one device). Does nothing to JAX
-    once its backends are up (the decisions are still returned). A device count in XLA_FLAGS or
-    JAX_NUM_CPU_DEVICES, and any flag already in XLA_FLAGS, win.
+    `config` sizes the CPU split (`auto` keeps small models on one device). On a CPU with glibc
+    sets malloc up for XLA:CPU (`malloc=False` or RESNET_JAX_MALLOC=0: not). Switches on the
+    persistent compilation cache (resnet_jax.cache; `compilation_cache=False` or
+    RESNET_JAX_COMPILATION_CACHE=0: not). Does nothing to JAX once its backends are up (the
+    decisions are still returned). A device count in XLA_FLAGS or JAX_NUM_CPU_DEVICES, and any
+    flag already in XLA_FLAGS, win. Every setting here is process-wide.
     """
     import jax
 
-    from resnet_jax import models
+    from resnet_jax import cache, models
 
     platform = detect_platform()
+    tune_malloc(platform, enabled=malloc)
+    cache.enable_compilation_cache(enabled=compilation_cache)
     flops = None
     batch_size = 32
     if config is not None:
@@ -174,9 +240,14 @@ def configure(config=None, cpu_devices="auto", image_shape=(32, 32, 3)) -> Tunin
 
 
 def started() -> Tuning:
-    """The decisions for the platform JAX has started on (device loop, materialize)."""
+    """The decisions for the platform JAX runs on (device loop, materialize), starting JAX if it
+    has not started: the malloc settings come first then, as in `configure`."""
     import jax
 
+    if not backends_started():
+        tune_malloc(detect_platform())
+    elif _malloc["done"] is None:
+        tune_malloc(jax.default_backend())  # too late: one line says how to get them
     return decide(jax.default_backend())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import fcntl
 import json
 import os
@@ -10,6 +11,7 @@ import tempfile
 
 from resnet_jax.config import CHANGEABLE_FIELDS, FIXED_FIELDS, MODEL_FIELDS, Config
 from resnet_jax.errors import UserError
+from resnet_jax.faults import writing
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -22,7 +24,8 @@ def prepare(workdir: str) -> str:
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"workdir {path} is a file, not a directory; pass another --workdir")
     try:
-        os.makedirs(path, exist_ok=True)
+        with writing("the workdir", path):
+            os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create workdir {path} ({e.strerror}); pass a writable --workdir") from None
     if not os.access(path, os.W_OK | os.X_OK):
@@ -41,7 +44,8 @@ class Lock:
     def __enter__(self):
         if not self.enabled:
             return self
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        with writing("the lock file", self.path):
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -51,8 +55,13 @@ class Lock:
                 f"workdir {os.path.dirname(self.path)} is in use by a running training "
                 f"(pid {holder}); wait for it or pass another --workdir"
             ) from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
+        try:
+            with writing("the lock file", self.path):
+                os.ftruncate(self.fd, 0)
+                os.write(self.fd, str(os.getpid()).encode())
+        except BaseException:
+            os.close(self.fd)
+            raise
         return self
 
     def __exit__(self, *exc):
@@ -61,18 +70,21 @@ class Lock:
 
 
 def write_atomic(path: str, text: str):
-    """Write via a temporary file and rename: readers see the old or the new file, never half."""
+    """Write via a temporary file and rename: readers see the old or the new file, never half
+    (a full disk leaves the old one and raises faults.DiskFull naming the file)."""
     folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    tmp = None
     try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(os.path.basename(path), path):
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
@@ -168,24 +180,108 @@ def check_holdout(workdir: str, indices):
         )
 
 
-def write_run(
-    workdir: str,
-    config: Config,
-    image_shape,
-    steps_per_epoch: int,
-    num_train: int,
-    data: dict | None = None,
-    changes=(),
-):
-    info = {
-        "config": dataclasses.asdict(config),
-        "image_shape": list(image_shape),
-        "steps_per_epoch": steps_per_epoch,
-        "num_train": num_train,
-        "data": data,
-        "changes": list(changes),
-    }
+def write_run(workdir: str, info: dict):
     write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(info, indent=1))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def run_info(saved, config: Config, train_set, steps_per_epoch: int, *, data, parts, tree, change, finished):
+    """run.json's record of a run: what resnet_jax wrote it (version), its config, data, parts
+    (model, optimizer, augmentation), the shapes of every saved array, the settings changed on
+    resume, when it started and was resumed, and (once finished) its test result."""
+    from resnet_jax import __version__
+
+    before = saved[1] if saved else {}
+    now = _now()
+    return {
+        "version": __version__,
+        "config": dataclasses.asdict(config),
+        "image_shape": list(train_set.image_shape),
+        "steps_per_epoch": steps_per_epoch,
+        "num_train": len(train_set.train_images),
+        "data": data,
+        "parts": parts,
+        "state_tree": tree,
+        "changes": list(before.get("changes") or []) + ([change] if change else []),
+        "started": before.get("started") or now,
+        "resumed": list(before.get("resumed") or []) + ([now] if saved else []),
+        "finished": before.get("finished") if finished else None,
+        "test": before.get("test") if finished else None,
+    }
+
+
+def finished(info: dict, test, progress, step: int) -> dict:
+    """run.json once the run has its Test loss / Test accuracy (of the final model)."""
+    return {
+        **info,
+        "finished": _now(),
+        "test": {
+            "loss": test.mean_loss,
+            "accuracy": test.accuracy,
+            "model": "final (the latest checkpoint)",
+            "epoch": progress.epoch,
+            "step": step,
+            "on": "test set",
+        },
+    }
+
+
+def describe_data(dataset, config: Config, held) -> dict:
+    """What run.json records of the data: source, counts, shape, classes, fingerprint, split."""
+    data = dataset.describe()
+    if held is not None:
+        data.update(val_split=config.val_split, held_out=len(held))
+    return data
+
+
+def state_tree(state) -> list:
+    """[path, shape, dtype] of every array a checkpoint of `state` holds (run.json's record, to
+    refuse a resume or restore with another model or optimizer before touching a checkpoint)."""
+    import jax
+
+    return [
+        [jax.tree_util.keystr(path), list(leaf.shape), str(leaf.dtype)]
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+    ]
+
+
+def check_tree(info: dict, tree: list, workdir: str, only=None):
+    """Refuse a state whose arrays differ from the saved run's, naming the first that differs
+    (`only`: the top-level fields to compare, e.g. params and batch_stats)."""
+    saved = info.get("state_tree")
+    if saved is None:  # written by an earlier version: the config check stands alone
+        return
+    keep = (
+        (lambda rows: rows)
+        if only is None
+        else (lambda rows: [r for r in rows if any(r[0].startswith(f".{f}") for f in only)])
+    )
+    a, b = {r[0]: r for r in keep(saved)}, {r[0]: r for r in keep(tree)}
+    for path in [r[0] for r in keep(saved)] + [r[0] for r in keep(tree)]:
+        if a.get(path) == b.get(path):
+            continue
+        what = "model" if path.startswith((".params", ".batch_stats")) else "optimizer"
+        there = f"{tuple(a[path][1])} {a[path][2]}" if path in a else "absent"
+        here = f"{tuple(b[path][1])} {b[path][2]}" if path in b else "absent"
+        raise UserError(
+            f"workdir {workdir} holds a run of another {what}: {path.lstrip('.')} is {there} there, "
+            f"{here} here; pass the run's {what} to resume or restore it, or another --workdir "
+            "(nothing was deleted)"
+        )
+
+
+def check_resume(saved, config: Config, data: dict, tree: list, workdir: str) -> dict:
+    """Before a checkpoint is touched: refuse another model, data, seed or state layout; return
+    the settings that may change and did ({field: [saved, now]})."""
+    if saved is None:
+        return {}
+    check_compatible(saved[0], config, workdir)
+    check_data(saved[1], data, workdir)
+    check_tree(saved[1], tree, workdir)
+    return changed_settings(saved[0], config)
 
 
 def rewrite_metrics(workdir: str, history):
@@ -194,5 +290,6 @@ def rewrite_metrics(workdir: str, history):
 
 
 def append_metrics(workdir: str, record: dict):
-    with open(os.path.join(workdir, METRICS_FILE), "a") as f:
+    path = os.path.join(workdir, METRICS_FILE)
+    with writing(METRICS_FILE, path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

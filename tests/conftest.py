@@ -3,10 +3,22 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# resnet_jax's caches (compiled steps, decoded image folders) in a folder of this test session: the
+# tests share what they compile, and never read or write the user's ~/.cache.
+CACHE_HOME = tempfile.mkdtemp(prefix="resnet_jax-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = CACHE_HOME
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+
+from resnet_jax import cache, tuning  # noqa: E402
+
+# This process as train.py sets itself up, before JAX starts: malloc, and the compilation cache.
+tuning.tune_malloc(tuning.detect_platform())
+cache.enable_compilation_cache()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -108,6 +120,12 @@ def full_run(archive, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run") / "ckpt")
     proc = train("--workdir", workdir, "--data_dir", archive, "--epochs", "3", *TINY)
     return proc, workdir
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(CACHE_HOME, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

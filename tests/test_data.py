@@ -84,8 +84,8 @@ def test_pixel_mean():
 
 
 def test_bad_inputs(tmp_path):
-    with pytest.raises(rj.UserError, match="unknown dataset 'mnist'"):
-        rj.load_dataset("mnist")
+    with pytest.raises(rj.UserError, match="unknown dataset 'no_such_dataset'"):
+        rj.load_dataset("no_such_dataset")
     with pytest.raises(rj.UserError, match="does not exist"):
         rj.load_dataset("cifar10", data_dir=str(tmp_path / "nope"))
     # truncated archive

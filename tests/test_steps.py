@@ -155,3 +155,57 @@ def test_config_round_trips_and_defaults_are_the_seed():
     assert rj.Config.from_json(c.to_json()) == c
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.epochs = 3
+
+
+def test_moving_statistics_are_the_exponential_average_of_the_batch_statistics(tiny_config):
+    """After many steps each BatchNorm's moving mean and variance equal an exponential average
+    (momentum 0.99, from 0 and 1) of the batch statistics of its input, computed here in float64
+    from the conv outputs the model produces at each step (plus the conv bias it folds in)."""
+    from resnet_jax import layers
+
+    state = rj.create_train_state(tiny_config, jax.random.key(0), (16, 16, 3), steps_per_epoch=10)
+    step = jax.jit(rj.train_step)
+
+    @jax.jit
+    def conv_outputs(state, x):
+        _, inter = state.apply_fn(
+            state.variables(),
+            x,
+            train=True,
+            mutable=["batch_stats", "intermediates"],
+            capture_intermediates=lambda module, _: isinstance(module, layers.Conv),
+        )
+        return inter["intermediates"]
+
+    def bn_inputs(inter, params, prefix=()):
+        """{bn path: its input} from the captured conv outputs: bn_init <- conv_init, bnK <- convK."""
+        out = {}
+        for name, value in inter.items():
+            if isinstance(value, dict) and "__call__" not in value:
+                out.update(bn_inputs(value, params[name], prefix + (name,)))
+            elif name.startswith("conv"):
+                bn = "bn_init" if name == "conv_init" else "bn" + name[len("conv") :]
+                out[prefix + (bn,)] = np.asarray(value["__call__"][0], np.float64) + np.asarray(
+                    params[name]["bias"], np.float64
+                )
+        return out
+
+    ema = {}
+    rng = np.random.default_rng(0)
+    for i in range(150):
+        scale = 1 + 0.5 * np.sin(i / 10)  # inputs whose statistics drift, as weights do in training
+        x = jnp.asarray(rng.normal(0.2, scale, (8, 16, 16, 3)), jnp.float32)
+        y = rng.integers(0, 10, 8)
+        for path, h in bn_inputs(
+            jax.device_get(conv_outputs(state, x)), jax.device_get(state.params)
+        ).items():
+            mean, var = ema.get(path, (np.zeros(h.shape[-1]), np.ones(h.shape[-1])))
+            ema[path] = (0.99 * mean + 0.01 * h.mean((0, 1, 2)), 0.99 * var + 0.01 * h.var((0, 1, 2)))
+        state, _ = step(state, x, y)
+    assert len(ema) == 7  # stem + 2 per block, 3 blocks
+    for path, (mean, var) in ema.items():
+        stats = state.batch_stats
+        for p in path:
+            stats = stats[p]
+        np.testing.assert_allclose(stats["mean"], mean, rtol=1e-4, atol=1e-6, err_msg=str(path))
+        np.testing.assert_allclose(stats["var"], var, rtol=1e-4, atol=1e-6, err_msg=str(path))

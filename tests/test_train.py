@@ -110,7 +110,7 @@ def test_help_lists_every_config_field_with_defaults():
         (["--dtype", "float16"], "dtype must be one of"),
         (["--workdir", "/proc/no/such/dir"], "cannot create workdir"),
         (["--eval_only"], "holds no resnet_jax run"),
-        (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["--dataset", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
         (["--batch_size", "1000"], "larger than the 100 training images"),
     ],
 )

@@ -28,14 +28,14 @@ def test_auto_cpu_devices_splits_only_models_worth_splitting():
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
 def test_nothing_cpu_specific_off_the_cpu(platform):
     t = tuning.decide(platform, cores=16, batch_size=32, flops_per_step=1e12)
-    assert t.cpu_devices is None and not t.huge_pages and not t.materialize
+    assert t.cpu_devices is None and not t.malloc and not t.materialize
     assert t.device_loop == "scan"
     assert ("--xla_gpu_deterministic_ops=true" in t.xla_flags) == (platform == "gpu")
 
 
 def test_the_cpu_choice():
     t = tuning.decide("cpu", cores=2, batch_size=32, flops_per_step=1e10)
-    assert (t.cpu_devices, t.huge_pages, t.device_loop, t.materialize, t.xla_flags) == (
+    assert (t.cpu_devices, t.malloc, t.device_loop, t.materialize, t.xla_flags) == (
         2,
         True,
         "python",

@@ -1,0 +1,90 @@
+"""The seed recipe rebuilt in Keras 3 (`fit` on keras-preprocessing's ImageDataGenerator, as the
+seed run did), trained on real images; one JSON line per epoch (benchmarks/real_curve.py runs it).
+
+    pip install -e ".[bench]"
+    python benchmarks/keras_real.py --data_dir ../shared/data/cifar10-jpeg75.tar.gz --epochs 2 --seed 0
+
+The images come through resnet_jax's loader (the same uint8 arrays resnet_jax trains on); the rest
+is Keras: per-pixel mean subtraction, shift 0.1 + flip (nearest fill), Adam(1e-3, epsilon 1e-7),
+the log's learning-rate steps, batch 32 with the partial batch kept, the test set as validation.
+"""
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def seed_rate(epoch: int) -> float:
+    """The seed log's rate for a 0-based epoch (RECIPE.md): 1e-3, 1e-4 after 26, 1e-6 after 36,
+    5e-7 after 46."""
+    return 1e-3 if epoch < 26 else 1e-4 if epoch < 36 else 1e-6 if epoch < 46 else 5e-7
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--data_dir", required=True, help="as train.py's --data_dir (an image folder or archive)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="tensorflow", help="KERAS_BACKEND: tensorflow or jax")
+    a = p.parse_args()
+    os.environ["KERAS_BACKEND"] = a.backend
+    import keras
+    import numpy as np
+    from keras_baseline import build
+    from keras_preprocessing.image import ImageDataGenerator
+
+    import resnet_jax as rj
+
+    ds = rj.load_dataset("cifar10", data_dir=a.data_dir)
+    mean = rj.data.pixel_mean(ds.train_images)
+    x = ds.train_images.astype(np.float32) / 255 - mean
+    xt = ds.test_images.astype(np.float32) / 255 - mean
+    keras.utils.set_random_seed(a.seed)
+    model = build(keras, 32, (3, 3, 2), ds.num_classes)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3, epsilon=1e-7),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    gen = ImageDataGenerator(
+        width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True, fill_mode="nearest"
+    )
+    times = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.start)
+
+    history = model.fit(
+        gen.flow(x, ds.train_labels, batch_size=32, seed=a.seed),
+        epochs=a.epochs,
+        validation_data=(xt, ds.test_labels),
+        callbacks=[Timer(), keras.callbacks.LearningRateScheduler(seed_rate)],
+        verbose=0,
+    ).history
+    for e in range(a.epochs):
+        print(
+            json.dumps(
+                {
+                    "side": f"keras {keras.__version__} ({keras.backend.backend()})",
+                    "seed": a.seed,
+                    "epoch": e + 1,
+                    "acc": history["accuracy"][e],
+                    "val_acc": history["val_accuracy"][e],
+                    "loss": history["loss"][e],
+                    "val_loss": history["val_loss"][e],
+                    "seconds": round(times[e], 1),
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""resnet_jax's caches in the user's cache directory: decoded image folders, and XLA's persistent
+compilation cache (compiled train steps, so a second run of the same shapes does not compile).
+
+Both are conveniences: a cache that cannot be written (a full disk, a read-only home) costs a
+warning line and the time it would have saved, never the run.
+
+    $XDG_CACHE_HOME/resnet_jax (or ~/.cache/resnet_jax)
+        images/<key>.npz     decoded image folders (image_folder.py)
+        xla/                 jax's compilation cache (JAX_COMPILATION_CACHE_DIR, if set, wins)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+
+OFF = ("0", "false", "no", "off")
+ENV_SWITCH = "RESNET_JAX_COMPILATION_CACHE"  # 0: no compilation cache from resnet_jax
+
+
+def home(environ=None) -> str:
+    """The cache root: $XDG_CACHE_HOME/resnet_jax, else ~/.cache/resnet_jax."""
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "resnet_jax")
+
+
+def key(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
+def warn(text: str):
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def load_arrays(kind: str, name: str) -> dict | None:
+    """The arrays saved under `name`, or None when there are none (or they cannot be read)."""
+    path = os.path.join(home(), kind, name + ".npz")
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError):
+        return None  # damaged: decoded again and rewritten
+
+
+def save_arrays(kind: str, name: str, arrays: dict) -> None:
+    """Save arrays atomically under `name`; a failure is one warning line (a cache is optional)."""
+    folder = os.path.join(home(), kind)
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, os.path.join(folder, name + ".npz"))
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        warn(f"cannot cache the decoded images in {folder} ({e.strerror or e}); the next run decodes again")
+
+
+def compilation_cache_dir(environ=None, enabled: bool = True) -> str | None:
+    """Where compiled programs are cached: JAX_COMPILATION_CACHE_DIR if set (JAX reads it itself),
+    else <home>/xla; None when switched off (`enabled` False or RESNET_JAX_COMPILATION_CACHE=0)."""
+    environ = os.environ if environ is None else environ
+    if not enabled or environ.get(ENV_SWITCH, "").strip().lower() in OFF:
+        return None
+    return environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(home(environ), "xla")
+
+
+def enable_compilation_cache(environ=None, enabled: bool = True) -> str | None:
+    """Switch JAX's persistent compilation cache on (process-wide; train.py and rj.configure).
+    Every compiled program is kept (JAX's default keeps those over 1 s, which skips a small
+    model's steps and makes what a run reads from the cache depend on the machine's load)."""
+    import jax
+
+    path = compilation_cache_dir(environ, enabled)
+    if path is None:
+        return None
+    try:  # a cache that cannot be written is a line here, not a warning per compiled program
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+    except OSError as e:
+        warn(
+            f"the compilation cache in {path} cannot be written ({e.strerror or e}); "
+            "the run goes on without it"
+        )
+        return None
+    # JAX's own warnings for entries it cannot write later (a disk that fills up) are collected by
+    # `compiling` into one line; elsewhere they are not shown.
+    warnings.filterwarnings("ignore", message=".*persistent compilation cache", category=UserWarning)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+@contextlib.contextmanager
+def compiling():
+    """Compiles inside: JAX's per-entry warnings that the compilation cache could not be written
+    or read become one line, saying the run goes on; other warnings pass through unchanged."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    failures = [str(w.message) for w in caught if "persistent compilation cache" in str(w.message)]
+    for w in caught:
+        if "persistent compilation cache" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if failures:
+        import jax
+
+        reason = failures[0].split(": ", 1)[-1][:200]
+        warn(
+            f"the compilation cache in {jax.config.jax_compilation_cache_dir} could not be used "
+            f"({reason}); compiling without it, the run goes on"
+        )

@@ -1,0 +1,136 @@
+"""Any tensorflow-datasets image-classification dataset that fits in memory, as a Dataset.
+
+What qualifies: `supervised_keys` naming an `Image` feature of one fixed size (HxWxC, grayscale as
+C=1) and a `ClassLabel`; the `train` split and the `test` split (else `validation`). A prepared
+copy under `data_dir` (or TFDS_DATA_DIR) is used as is; otherwise tfds downloads it, and offline
+that fails within seconds with one line. TensorFlow is tfds's reader only: it is kept off every
+GPU (JAX owns the accelerators).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import numpy as np
+
+from resnet_jax.errors import UserError
+
+# Where tfds downloads from: its own mirror first, then the dataset's site (CIFAR's here).
+DOWNLOAD_HOSTS = (("storage.googleapis.com", 443), ("www.cs.toronto.edu", 443))
+OFFLINE_HINTS = {
+    "cifar10": "the official cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/)",
+    "cifar100": "the official cifar-100-python.tar.gz (or its extracted cifar-100-python/)",
+}
+
+
+def _tfds():
+    """tensorflow_datasets with TensorFlow kept off every GPU (JAX owns the accelerators)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+def _reachable(address, timeout: float = 5.0) -> bool:
+    try:
+        socket.create_connection(address, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline_error(name: str, data_dir) -> UserError:
+    local = OFFLINE_HINTS.get(name, "a folder of images in class subfolders (train/<class>/, test/<class>/)")
+    return UserError(
+        f"cannot download {name}: no network and no prepared copy in {data_dir or 'the tfds data dir'}. "
+        f"Offline, either pass --data_dir pointing at {local}, or at a tfds data_dir where {name} "
+        "was prepared (TFDS_DATA_DIR)"
+    )
+
+
+def image_and_label(name: str, info) -> tuple[str, str, tuple, int]:
+    """(image key, label key, image shape, classes) of a dataset's info, or a UserError saying
+    why it is not a fixed-size image-classification dataset."""
+    tfds = _tfds()
+    keys = info.supervised_keys
+    if not keys or len(keys) != 2 or not all(isinstance(k, str) for k in keys):
+        raise UserError(
+            f"{name} is not an image-classification dataset (no (image, label) supervised keys); "
+            "resnet_jax trains on images with class labels"
+        )
+    image, label = info.features[keys[0]], info.features[keys[1]]
+    if not isinstance(image, tfds.features.Image) or not isinstance(label, tfds.features.ClassLabel):
+        raise UserError(
+            f"{name} is not an image-classification dataset (its {keys[0]!r} is "
+            f"{type(image).__name__}, its {keys[1]!r} {type(label).__name__}; resnet_jax needs Image "
+            "and ClassLabel)"
+        )
+    if None in image.shape:
+        raise UserError(
+            f"{name} has images of varying size {image.shape}; resize them to one size and pass "
+            "a resnet_jax.Dataset of arrays (or a folder of images of one size)"
+        )
+    return keys[0], keys[1], tuple(image.shape), int(label.num_classes)
+
+
+def _test_split(name: str, splits) -> str:
+    if not splits:  # not prepared (or mocked): tfds's usual names
+        return "test"
+    for candidate in ("test", "validation"):
+        if candidate in splits:
+            return candidate
+    raise UserError(f"{name} has no test or validation split (splits: {', '.join(sorted(splits))})")
+
+
+def load(name: str, data_dir: str | None = None, fits=None):
+    """The dataset `name` from tensorflow-datasets as host arrays.
+
+    `fits(nbytes, what)` is called with the uint8 size of both splits before they are read into
+    memory (resnet_jax.data.check_fits), when tfds knows the split sizes."""
+    from resnet_jax.data import Dataset
+
+    tfds = _tfds()
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise UserError(
+            f"unknown dataset {name!r}: not a tensorflow-datasets name (tfds.list_builders() lists "
+            "them); for your own images pass --data_dir with a folder in class subfolders, or build "
+            "a resnet_jax.Dataset from arrays"
+        ) from None
+    image_key, label_key, shape, classes = image_and_label(name, builder.info)
+
+    def read(download: bool):
+        if download:
+            builder.download_and_prepare()
+        test = _test_split(name, builder.info.splits)
+        if fits is not None and builder.info.splits:
+            count = builder.info.splits["train"].num_examples + builder.info.splits[test].num_examples
+            fits(count * math.prod(shape), f"{name} ({count:,} images of {'x'.join(map(str, shape))})")
+        arrays = []
+        for split in ("train", test):
+            ds = builder.as_dataset(split=split, as_supervised=True)
+            # Batch by hand: batch_size=-1 trusts split sizes from metadata, which may be absent.
+            parts = list(tfds.as_numpy(ds.batch(4096)))
+            arrays += [np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])]
+        return Dataset(*arrays, num_classes=classes, source=f"tfds:{name}", name=name)
+
+    try:
+        return read(download=False)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - not prepared here: download, but only if the network is there
+        if not any(_reachable(host) for host in DOWNLOAD_HOSTS):
+            raise _offline_error(name, data_dir) from None
+        try:
+            return read(download=True)
+        except UserError:
+            raise
+        except AssertionError as e:  # tfds's way of saying a manual download is needed
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else "manual download needed"
+            raise UserError(f"tensorflow-datasets cannot prepare {name}: {first}") from None

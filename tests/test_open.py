@@ -1,0 +1,361 @@
+"""An open library: your own model, optimizer, augmentation, callbacks and datasets, each with the
+seed recipe's guarantees (exact resume after SIGKILL, restore from the workdir, honest records,
+one-line errors)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+from conftest import ENV, ROOT, kill_after_first_epoch, metrics, random_dataset, without_seconds
+from digits import digits_dataset
+from own_parts import CNN, DropoutCNN, blank, identity, sgd_cosine
+
+import resnet_jax as rj
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OWN_ENV = dict(ENV, PYTHONPATH=HERE + os.pathsep + ENV.get("PYTHONPATH", ""))
+
+
+def own_run(workdir, epochs, background=False):
+    cmd = [sys.executable, os.path.join(HERE, "own_run.py"), str(workdir), str(epochs)]
+    if background:
+        return subprocess.Popen(cmd, env=OWN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=OWN_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def run_json(workdir):
+    with open(os.path.join(workdir, "run.json")) as f:
+        return json.load(f)
+
+
+def test_own_model_and_optimizer_resume_bit_for_bit_and_restore_with_the_model(tmp_path):
+    reference, workdir = tmp_path / "reference", tmp_path / "killed"
+    out = own_run(reference, 3).stdout
+    kill_after_first_epoch(own_run(workdir, 3, background=True), str(workdir))
+    assert 1 <= len(metrics(workdir)) < 3, "the kill came too late to test anything"
+    assert "Resuming" in own_run(workdir, 3).stdout
+    assert without_seconds(metrics(workdir)) == without_seconds(metrics(reference))
+
+    # The console, metrics.jsonl (and so TensorBoard and curves.png) show the optimizer's own rate:
+    # the cosine's value at each epoch's first step, not the Config's 0.001.
+    spe = 6  # 96 images, batch 16
+    schedule = optax.cosine_decay_schedule(0.05, decay_steps=3 * spe)
+    rates = [r["lr"] for r in metrics(reference)]
+    np.testing.assert_allclose(rates, [float(schedule(e * spe)) for e in range(3)], rtol=1e-6)
+    assert rates[0] == pytest.approx(0.05) and "Learning rate: 0.001" not in out
+    assert f"Learning rate: {rates[1]:g}" in out
+
+    # What ran is said and recorded: the model's class and size, the optimizer.
+    assert "Model: CNN: 9,098 parameters, no batch norm" in out
+    record = run_json(reference)["parts"]
+    assert record["model"] == {
+        "own": True,
+        "class": "CNN",
+        "name": "CNN",
+        "parameters": 9098,
+        "batch_stats": 0,
+    }
+    assert record["optimizer"]["own"] and "sgd_cosine" in record["optimizer"]["name"]
+    assert record["augment"] == {"own": False, "name": "shift 0.1 + flip"}
+
+    # Restored here, a process that trained neither: with the model (and the optimizer, to go on
+    # training), bit for bit; without the model, one line saying to pass it.
+    with pytest.raises(rj.UserError, match=r"your own model \(CNN\); pass it.*model=CNN"):
+        rj.restore(str(workdir))
+    a = rj.restore(str(workdir), "latest", model=CNN(), optimizer=sgd_cosine(spe, 3))
+    b = rj.restore(str(reference), "latest", model=CNN(), optimizer=sgd_cosine(spe, 3))
+    assert a.batch_stats == {} and int(a.step) == 3 * spe
+    jax.tree.map(np.testing.assert_array_equal, (a.params, a.opt_state), (b.params, b.opt_state))
+    c = rj.restore(str(workdir), "latest", model=CNN())  # the optimizer's state as saved, plain arrays
+    jax.tree.map(np.testing.assert_array_equal, a.params, c.params)
+    images = np.zeros((2, 28, 28, 1), np.uint8)
+    np.testing.assert_array_equal(rj.predict(a, images), rj.predict(c, images))
+
+
+def test_a_resume_with_another_model_is_refused_naming_the_first_difference(tmp_path):
+    ds = random_dataset(n_train=32, n_test=16, shape=(16, 16, 1))
+    config = rj.tiny(batch_size=8, epochs=1)
+    workdir = str(tmp_path / "w")
+    rj.train_and_evaluate(config, workdir, ds, model=CNN(), verbosity=0)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    with pytest.raises(rj.UserError) as e:
+        rj.train_and_evaluate(
+            config.__class__(**{**config.__dict__, "epochs": 2}),
+            workdir,
+            ds,
+            model=CNN(features=(4, 16)),
+            verbosity=0,
+        )
+    message = str(e.value)
+    assert "another model" in message and "params['Conv_0']['bias']" in message and "(8,)" in message
+    assert "\n" not in message
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before  # nothing set aside
+    assert not os.path.exists(os.path.join(workdir, "checkpoints.damaged"))
+
+
+def test_an_augmentation_that_blanks_the_images_leaves_nothing_to_learn(tmp_path):
+    ds = digits_dataset()
+    config = rj.Config(epochs=3, batch_size=32, learning_rate=3e-3, lr_epochs=(), lr_factors=())
+    accuracy = {}
+    for fn in (identity, blank):
+        _, history = rj.train_and_evaluate(
+            config, str(tmp_path / fn.__name__), ds, model=CNN(), augment=fn, verbosity=0
+        )
+        accuracy[fn.__name__] = history[-1]["acc"]
+        assert run_json(tmp_path / fn.__name__)["parts"]["augment"] == {
+            "own": True,
+            "name": f"own_parts.{fn.__name__}",
+        }
+    assert accuracy["blank"] < 0.2 and accuracy["identity"] > 0.9, accuracy
+
+
+def test_a_model_with_dropout_trains_with_a_key_per_step(tmp_path):
+    ds = random_dataset(n_train=32, n_test=16, shape=(16, 16, 1))
+    config = rj.tiny(batch_size=8, epochs=1)
+    state, history = rj.train_and_evaluate(config, str(tmp_path / "w"), ds, model=DropoutCNN(), verbosity=0)
+    assert np.isfinite(history[-1]["loss"])
+    x, y = jax.random.normal(jax.random.key(0), (8, 16, 16, 1)), np.arange(8) % 10
+    step = jax.jit(rj.train_step)
+    losses = [float(step(state, x, y, jax.random.key(k))[1]["loss"]) for k in (1, 1, 2)]
+    assert losses[0] == losses[1] != losses[2]  # the key reaches the dropout: same key, same mask
+
+
+def test_a_callback_stops_the_run_and_the_same_call_trains_nothing(tmp_path, capsys):
+    ds = random_dataset(n_train=32, n_test=16, shape=(16, 16, 1))
+    config = rj.tiny(batch_size=8, epochs=5)
+    seen = []
+
+    def early_stop(epoch, metrics, state):
+        seen.append((epoch, sorted(metrics), int(state.step)))
+        return epoch == 2
+
+    workdir = str(tmp_path / "w")
+    _, history = rj.train_and_evaluate(config, workdir, ds, callbacks=[early_stop], verbosity=1)
+    assert [e for e, _, _ in seen] == [1, 2] and [s for _, _, s in seen] == [4, 8]
+    assert "val_acc" in seen[0][1] and len(history) == 2
+    assert "Stopped by a callback after epoch 2" in capsys.readouterr().out
+    info = run_json(workdir)
+    assert (
+        info["finished"] and info["test"]["epoch"] == 2 and info["test"]["accuracy"] == history[-1]["val_acc"]
+    )
+    steps = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    _, again = rj.train_and_evaluate(config, workdir, ds, callbacks=[early_stop], verbosity=1)
+    out = capsys.readouterr().out
+    assert "is finished (stopped by a callback after epoch 2)" in out and "Epoch 3/5" not in out
+    assert again == history and len(seen) == 2
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == steps
+
+
+def test_run_json_keeps_the_version_the_times_and_the_test_result(full_run):
+    _, workdir = full_run
+    info = run_json(workdir)
+    assert info["version"] == rj.__version__ and info["started"] <= info["finished"]
+    assert info["test"]["epoch"] == 3 and info["test"]["model"].startswith("final")
+    assert info["test"]["accuracy"] == pytest.approx(metrics(workdir)[-1]["val_acc"])
+    assert info["parts"]["model"] == {
+        "own": False,
+        "class": "ResNet",
+        "name": "ResNet v1, 4 filters, blocks 1,1,1",
+        "parameters": 5250,
+        "batch_stats": 120,
+    }
+
+
+# Bad input of each new kind: one UserError line, nothing lost ----------------------------------
+
+
+def test_parts_that_do_not_fit_are_one_line_each(tmp_path):
+    ds = random_dataset(n_train=16, n_test=8, shape=(16, 16, 1))
+    config = rj.tiny(batch_size=8, epochs=1)
+    cases = [
+        (dict(model=CNN(num_classes=5)), r"shape \(2, 5\).*must return float logits of shape \(2, 10\)"),
+        (dict(model="resnet"), "must be a flax.linen.Module"),
+        (dict(model=CNN(features=[8, 16])), "unhashable attributes"),
+        (dict(optimizer="adam"), "optimizer must be an optax.GradientTransformation"),
+        (dict(optimizer=optax.adam), r"an optax constructor; call it"),
+        (dict(optimizer=lambda spe: "sgd"), "must return an optax.GradientTransformation"),
+        (dict(augment=lambda key, x: x[:, :8]), r"into float32 of shape \(8, 8, 16, 1\); it must return"),
+        (dict(augment=lambda key, x: x.astype(np.float16)), "into float16 of shape"),
+        (dict(augment=lambda x: x), r"must be called as augment\(key, images\)"),
+        (dict(augment=lambda key, x: x * float(x.sum())), "is not jit-able"),
+    ]
+    for i, (kw, message) in enumerate(cases):
+        with pytest.raises(rj.UserError, match=message) as e:
+            rj.train_and_evaluate(config, str(tmp_path / f"w{i}"), ds, verbosity=0, **kw)
+        assert "\n" not in str(e.value)
+        assert not os.path.exists(tmp_path / f"w{i}" / "checkpoints")
+
+
+def test_a_model_without_a_train_argument_is_named():
+    import flax.linen as nn
+
+    class NoTrain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(10)(x.mean((1, 2)))
+
+    with pytest.raises(rj.UserError, match="must take a `train` argument"):
+        rj.create_train_state(rj.tiny(), jax.random.key(0), (8, 8, 1), 1, model=NoTrain())
+
+
+# Datasets: any tfds image-classification dataset, folders of images -------------------------------
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+
+@pytest.mark.parametrize(
+    "name, shape", [("mnist", (28, 28, 1)), ("fashion_mnist", (28, 28, 1)), ("svhn_cropped", (32, 32, 3))]
+)
+def test_tfds_image_datasets_load_and_train(name, shape, tmp_path):
+    with tfds.testing.mock_data(num_examples=24):
+        ds = rj.load_dataset(name)
+    assert ds.train_images.shape == (24, *shape) and ds.test_images.shape == (24, *shape)
+    assert ds.train_images.dtype == np.uint8 and ds.num_classes == 10 and ds.name == name
+    _, history = rj.train_and_evaluate(rj.tiny(batch_size=8, epochs=1), str(tmp_path / "w"), ds, verbosity=0)
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+    info = run_json(tmp_path / "w")
+    assert info["config"]["dataset"] == name and info["data"]["source"] == f"tfds:{name}"
+
+
+def test_datasets_that_are_not_image_classification_are_refused():
+    with pytest.raises(rj.UserError, match="imdb_reviews is not an image-classification dataset"):
+        rj.load_dataset("imdb_reviews")
+    with pytest.raises(rj.UserError, match="images of varying size"):
+        rj.load_dataset("oxford_flowers102")
+    with pytest.raises(rj.UserError, match="unknown dataset 'cifar11': not a tensorflow-datasets name"):
+        rj.load_dataset("cifar11")
+
+
+def test_in_memory_arrays_are_recorded_as_arrays_not_a_dataset_name(tmp_path):
+    ds = random_dataset(n_train=16, n_test=8, shape=(8, 8, 3))
+    rj.train_and_evaluate(rj.tiny(batch_size=8, epochs=1), str(tmp_path / "w"), ds, verbosity=0)
+    info = run_json(tmp_path / "w")
+    assert info["config"]["dataset"] == "arrays" and info["data"]["source"] == "arrays"
+    assert info["data"]["fingerprint"] == ds.fingerprint()
+
+
+def write_folder(root, rng, size=(12, 10), gray=False):
+    """train/ and test/ class folders of PNG images (lossless); returns the arrays they hold."""
+    from PIL import Image
+
+    arrays = {}
+    for split, n in (("train", 5), ("test", 2)):
+        images, labels = [], []
+        for label, cls in enumerate(("cat", "dog", "emu")):  # sorted: labels 0, 1, 2
+            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
+            for i in range(n if cls != "emu" or split == "train" else 0):  # no emu in test/
+                shape = size[::-1] + (() if gray else (3,))
+                array = rng.integers(0, 256, shape, dtype=np.uint8)
+                Image.fromarray(array).save(os.path.join(root, split, cls, f"{i:03d}.png"))
+                images.append(array if not gray else array[..., None])
+                labels.append(label)
+        arrays[split] = (np.stack(images), np.asarray(labels))
+    with open(os.path.join(root, "train", "notes.txt"), "w") as f:
+        f.write("not an image, not a class folder")
+    return arrays
+
+
+@pytest.mark.parametrize("gray", [False, True])
+def test_an_image_folder_and_its_archive_load_as_the_arrays_they_hold(tmp_path, gray):
+    import tarfile
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "pets"
+    arrays = write_folder(root, rng, gray=gray)
+    archive = tmp_path / "pets.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="pets")
+    folder = os.path.join(rj.cache.home(), "images")
+    before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    for path in (root, archive, archive):  # the third read comes from the cache
+        ds = rj.load_dataset(data_dir=str(path))
+        np.testing.assert_array_equal(ds.train_images, arrays["train"][0])
+        np.testing.assert_array_equal(ds.train_labels, arrays["train"][1])
+        np.testing.assert_array_equal(ds.test_images, arrays["test"][0])
+        np.testing.assert_array_equal(ds.test_labels, arrays["test"][1])
+        assert ds.class_names == ("cat", "dog", "emu") and ds.num_classes == 3 and ds.name == "folder"
+        assert ds.image_shape == (10, 12, 1 if gray else 3)
+    assert len(set(os.listdir(folder)) - before) == 2  # one decoded copy per source
+
+
+def test_bad_image_folders_and_archives_are_one_line(tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "mixed"
+    write_folder(root, rng)
+    Image.fromarray(np.zeros((7, 9, 3), np.uint8)).save(root / "test" / "dog" / "odd.png")
+    with pytest.raises(rj.UserError, match=r"test/dog/odd.png is 9x7 pixels, train/cat/000.png 12x10"):
+        rj.load_dataset(data_dir=str(root))
+    (root / "test" / "dog" / "odd.png").unlink()
+    (root / "test" / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(rj.UserError, match=r"test/dog/broken.jpg is not a readable image"):
+        rj.load_dataset(data_dir=str(root))
+    (root / "test" / "dog" / "broken.jpg").unlink()
+    os.makedirs(root / "test" / "yak")
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(root / "test" / "yak" / "0.png")
+    with pytest.raises(rj.UserError, match=r"test/ has classes that train/ lacks \(yak\)"):
+        rj.load_dataset(data_dir=str(root))
+
+    evil = tmp_path / "evil.tar.gz"
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(png, format="PNG")
+    with tarfile.open(evil, "w:gz") as tar:
+        for name in ("train/cat/0.png", "test/cat/0.png", "../outside/train/cat/1.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(png.getvalue())
+            tar.addfile(info, io.BytesIO(png.getvalue()))
+    with pytest.raises(rj.UserError, match=r"leaves its folder \(../outside/train/cat/1.png\)"):
+        rj.load_dataset(data_dir=str(evil))
+    assert not (tmp_path / "outside").exists()
+
+
+def test_the_command_line_trains_on_an_image_archive_and_refuses_other_data(tmp_path):
+    import tarfile
+
+    from conftest import train
+
+    root = tmp_path / "pets"
+    write_folder(root, np.random.default_rng(2))
+    archive = tmp_path / "pets.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="pets")
+    workdir = str(tmp_path / "w")
+    tiny = ["--num_filters", "4", "--stage_sizes", "1,1,1", "--batch_size", "5", "--epochs", "1"]
+    out = train("--workdir", workdir, "--data_dir", str(archive), *tiny).stdout
+    assert "Data: folder (folder:" in out and "15 train / 4 test images of 10x12x3, 3 classes" in out
+    assert "Test accuracy" in out
+    assert run_json(workdir)["config"]["dataset"] == "folder"
+    # --eval_only finds the folder from the run's record
+    assert "Test accuracy" in train("--workdir", workdir, "--eval_only").stdout
+    proc = train("--workdir", str(tmp_path / "x"), "--dataset", "imdb_reviews", check=False)
+    assert proc.returncode == 2 and "not an image-classification dataset" in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_readme_snippets_for_your_own_parts_run(tmp_path):
+    """The README's "Your own model, optimizer, augmentation and data" snippets, in order, with
+    their data and workdirs pointed at small local files."""
+    import re
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"<!-- own -->\s*```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 4
+    root = tmp_path / "flowers"
+    write_folder(root, np.random.default_rng(3))
+    scope = {"__name__": "readme"}
+    for code in blocks:
+        code = code.replace('"~/data/flowers"', f'"{root}"').replace('"runs/', f'"{tmp_path}/')
+        code = code.replace("epochs=30", "epochs=2").replace("epochs=20", "epochs=2")
+        exec(compile(code, "README.md", "exec"), scope)
+    assert os.path.exists(tmp_path / "cnn" / "run.json")
