@@ -1,29 +1,38 @@
 """What the benchmarks share: model flags, a CIFAR-shaped random dataset and its placement on the
 devices with a replicated train state."""
 
+import argparse
+import dataclasses
+
 import jax
 import numpy as np
 
 import resnet_jax as rj
-from resnet_jax import parallel, pipeline
+from resnet_jax import cli, parallel, pipeline
 
 
-def add_model_args(parser, cpu_devices="auto"):
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--num_filters", type=int, default=32)
-    parser.add_argument("--stage_sizes", default="3,3,2")
-    parser.add_argument(
-        "--preset", default="", help="a named model (resnet56v2, ...): replaces the two above"
+def parser(description=None) -> argparse.ArgumentParser:
+    """A benchmark's flags: train.py's own (every Config field, --preset, --cpu_devices, ...; from
+    cli.build_parser, not declared again) and --batchnorm_derivative. A flag the benchmark adds
+    afterwards replaces train.py's flag of the same name (speed.py's comma-separated --batch_size)."""
+    p = argparse.ArgumentParser(
+        description=description,
+        parents=[cli.build_parser(add_help=False)],
+        conflict_handler="resolve",
+        allow_abbrev=False,
     )
-    parser.add_argument(
-        "--cpu_devices", default=cpu_devices, help="as train.py: CPU split into per-core devices"
-    )
-    parser.add_argument(
+    p.add_argument(
         "--batchnorm_derivative",
         default="custom",
         choices=("custom", "autodiff"),
         help="autodiff: BatchNorm differentiated by JAX instead of layers.normalize's own JVP (an A/B)",
     )
+    return p
+
+
+def parse(p):
+    """The flags, on top of --preset's values when one is named (as train.py parses them)."""
+    return cli.parse(p)
 
 
 def use_batchnorm_derivative(kind: str):
@@ -37,17 +46,16 @@ def use_batchnorm_derivative(kind: str):
 
 
 def model_config(args, **fields) -> rj.Config:
+    """The Config the flags say, with `fields` replacing some (a benchmark's own sweeps)."""
     use_batchnorm_derivative(args.batchnorm_derivative)
-    if args.preset:
-        return rj.config.preset(args.preset, **fields)
-    return rj.Config(
-        num_filters=args.num_filters, stage_sizes=tuple(int(s) for s in args.stage_sizes.split(",")), **fields
-    )
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(rj.Config)}
+    values.update(fields)
+    return rj.Config(**values)
 
 
 def configure_devices(args, config):
     """As train.py: the platform decisions (resnet_jax.tuning) before JAX starts its backends."""
-    rj.configure(config, args.cpu_devices)
+    rj.configure(config, args.cpu_devices, compilation_cache=args.compilation_cache)
 
 
 def random_cifar(n_train, n_test, seed=0) -> rj.Dataset:

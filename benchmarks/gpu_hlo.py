@@ -19,7 +19,6 @@ XLA_FLAGS apply as on a GPU: the user's, then resnet_jax.tuning's GPU flags (set
 JAX starts a backend). The model flags are speed.py's (benchmarks/common.py).
 """
 
-import argparse
 import collections
 import functools
 import json
@@ -28,7 +27,7 @@ import re
 
 import jax
 import jax.numpy as jnp
-from common import add_model_args, model_config
+from common import model_config, parse, parser
 from hlo_text import computations, first_match, op_of
 from jax.experimental import topologies
 from jax.sharding import NamedSharding
@@ -123,14 +122,11 @@ def kernels(comps, name, seen=()):
 
 
 def main():
-    p = argparse.ArgumentParser(allow_abbrev=False)
-    add_model_args(p)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--steps_per_call", type=int, default=100)
+    p = parser(__doc__.splitlines()[0])
     p.add_argument("--target", default="h200", choices=sorted(TARGETS))
     p.add_argument("--tag", default="")
     p.add_argument("--hlo", help="also write the optimized HLO text here")
-    a = p.parse_args()
+    a = parse(p)
 
     # As on a GPU: the user's XLA_FLAGS, then resnet_jax's; and Triton GEMMs off, since without a
     # device XLA cannot autotune them (jax 0.11 fails to compile; the few small GEMMs of the head

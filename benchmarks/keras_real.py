@@ -29,6 +29,7 @@ def main():
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="tensorflow", help="KERAS_BACKEND: tensorflow or jax")
+    p.add_argument("--limit", type=int, default=0, help="train on the first N images only (a quick check)")
     a = p.parse_args()
     os.environ["KERAS_BACKEND"] = a.backend
     import keras
@@ -40,7 +41,8 @@ def main():
 
     ds = rj.load_dataset("cifar10", data_dir=a.data_dir)
     mean = rj.data.pixel_mean(ds.train_images)
-    x = ds.train_images.astype(np.float32) / 255 - mean
+    n = a.limit or len(ds.train_images)
+    x, y = ds.train_images[:n].astype(np.float32) / 255 - mean, ds.train_labels[:n]
     xt = ds.test_images.astype(np.float32) / 255 - mean
     keras.utils.set_random_seed(a.seed)
     model = build(keras, 32, (3, 3, 2), ds.num_classes)
@@ -62,7 +64,7 @@ def main():
             times.append(time.perf_counter() - self.start)
 
     history = model.fit(
-        gen.flow(x, ds.train_labels, batch_size=32, seed=a.seed),
+        gen.flow(x, y, batch_size=32, seed=a.seed),
         epochs=a.epochs,
         validation_data=(xt, ds.test_labels),
         callbacks=[Timer(), keras.callbacks.LearningRateScheduler(seed_rate)],

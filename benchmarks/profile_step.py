@@ -10,7 +10,6 @@ With several devices (one per core on CPU) op times are summed over the devices:
 `devices` for one device's share of the wall time.
 """
 
-import argparse
 import collections
 import glob
 import gzip
@@ -21,7 +20,7 @@ import tempfile
 import time
 
 import jax
-from common import add_model_args, configure_devices, model_config, random_cifar, setup
+from common import configure_devices, model_config, parse, parser, random_cifar, setup
 from hlo_text import first_match
 
 import resnet_jax as rj
@@ -80,11 +79,10 @@ def kind(name, is_conv):
 
 
 def main():
-    p = argparse.ArgumentParser(allow_abbrev=False)
-    add_model_args(p)
+    p = parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=15)
-    a = p.parse_args()
+    a = parse(p)
     configure_devices(a, model_config(a, batch_size=a.batch_size))
     _, mesh, _, state, _, _ = setup(a, random_cifar(4 * a.batch_size, a.batch_size), batch_size=a.batch_size)
     images = jax.device_put(
@@ -136,7 +134,7 @@ def main():
             {
                 "device": jax.devices()[0].device_kind,
                 "devices": mesh.size,
-                "model": f"{a.num_filters}x{a.stage_sizes}",
+                "model": rj.models.name(model_config(a)),
                 "batch_size": a.batch_size,
                 "wall_ms_per_step": round(wall_ms, 2),
                 "ops_per_step": round(sum(count.values()) / a.steps),

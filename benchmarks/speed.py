@@ -23,7 +23,6 @@ of about --steps steps after a warm-up call; Keras is timed the same way), epoch
 appends the lines to a file too (benchmarks/gpu.sh writes benchmarks/results/gpu.jsonl so).
 """
 
-import argparse
 import json
 import os
 import resource
@@ -32,7 +31,7 @@ import sys
 import time
 
 import jax
-from common import add_model_args, configure_devices, model_config, random_cifar, setup
+from common import configure_devices, model_config, parse, parser, random_cifar, setup
 from jsonl import emit
 
 import resnet_jax as rj
@@ -42,14 +41,7 @@ N_TRAIN, N_TEST = 50_000, 10_000
 
 
 def measure(a, batch_size, dtype, dataset):
-    config, mesh, data, state, key, perm = setup(
-        a,
-        dataset,
-        batch_size=batch_size,
-        dtype=dtype,
-        device_loop=a.device_loop,
-        **({"steps_per_call": a.steps_per_call} if a.steps_per_call else {}),
-    )
+    config, mesh, data, state, key, perm = setup(a, dataset, batch_size=batch_size, dtype=dtype)
     k = min(config.steps_per_call, N_TRAIN // batch_size)  # a call never spans epochs
     calls = max(1, round(a.steps / k))
     chunk = pipeline.make_train_chunk(mesh, config.device_loop)
@@ -123,7 +115,7 @@ def keras(a, batch_size, images_per_s, backend):
             "--num_filters",
             str(a.num_filters),
             "--stage_sizes",
-            a.stage_sizes,
+            ",".join(map(str, a.stage_sizes)),
             "--steps",
             str(a.steps),
             "--repeats",
@@ -152,29 +144,23 @@ def keras_sides(a, batch_size, images_per_s):
 
 
 def main():
-    p = argparse.ArgumentParser(allow_abbrev=False)
-    add_model_args(p)
-    batch = next(x for x in p._actions if x.dest == "batch_size")
-    batch.type, batch.default, batch.help = str, "32", "comma-separated: 32,128,512"
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--batch_size", default="32", help="comma-separated: 32,128,512")
     p.add_argument("--dtype", default="float32", help="comma-separated: float32,bfloat16")
     p.add_argument("--steps", type=int, default=200, help="train steps per timed window")
     p.add_argument(
-        "--steps_per_call", type=int, default=0, help="train steps per device call (default: the Config's)"
-    )
-    p.add_argument(
         "--repeats", type=int, default=3, help="timed windows; the fastest is reported (Keras too)"
     )
-    p.add_argument("--device_loop", default="auto")
     p.add_argument("--keras", action="store_true", help="also run benchmarks/keras_baseline.py")
     p.add_argument("--keras_backends", default="tensorflow,jax", help="Keras 3 backends to time")
     p.add_argument("--process", default="cli", choices=("cli", "notebook", "plain"), help="see above")
     p.add_argument("--what", default="seed_epoch", help="the `what` field of each JSON line")
     p.add_argument("--tag", default="", help="a label for this run's settings (e.g. its XLA flags)")
     p.add_argument("--out", help="also append the JSON lines to this file")
-    a = p.parse_args()
+    a = parse(p)
     batch_sizes = [int(b) for b in str(a.batch_size).split(",")]
     dtypes = a.dtype.split(",")
-    config = model_config(a, batch_size=batch_sizes[0])
+    config = model_config(a, batch_size=batch_sizes[0], dtype=dtypes[0])
     if a.process == "cli":
         configure_devices(a, config)  # as train.py: rj.configure before JAX starts
     else:

@@ -45,13 +45,15 @@ def _parse_tuple(kind):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """train.py's flags; the benchmarks build theirs on it (benchmarks/common.py)."""
     parser = _Parser(
         prog="train.py",
         description="Train the seed ResNet (resnet_jax); every flag "
         "is a field of resnet_jax.Config, defaults are the seed recipe.",
         formatter_class=_Help,
         allow_abbrev=False,
+        add_help=add_help,
     )
     parser.add_argument("--workdir", default="ckpt", help="checkpoints, metrics.jsonl, curves.png")
     hints = typing.get_type_hints(Config)

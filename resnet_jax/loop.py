@@ -94,12 +94,13 @@ def train_and_evaluate(
             config, train_set.image_shape, spe, platform, model=model, optimizer=optimizer, augment=augment
         )
         template = steps.abstract_state(chosen.model, chosen.tx, config, train_set.image_shape)
+        tree = wd.state_tree(template)  # every array a checkpoint holds: path, shape, dtype
         run.enter_context(faults.out_of_memory_as(config, chosen.record["model"]["name"], mesh))
 
         # -- State: the workdir's latest checkpoint (same model, data and seed), else a new one.
         ckpts = run.enter_context(checkpoint.Checkpoints(path))
         saved = wd.read_run(path) if checkpoint.exists(path) else None
-        changed = wd.check_resume(saved, config, data, wd.state_tree(template), path)
+        changed = wd.check_resume(saved, config, data, tree, path)
         if held is not None:
             wd.check_holdout(path, held)
         init_key, data_key = keys(config)
@@ -120,7 +121,7 @@ def train_and_evaluate(
             spe,
             data=data,
             parts=chosen.record,
-            tree=wd.state_tree(template),
+            tree=tree,
             change=progress.change_record(changed) if changed else None,
             finished=progress.finished(config.epochs),
         )
@@ -153,7 +154,6 @@ def train_and_evaluate(
             chunk,
             pipeline.make_evaluate(config, mesh),
             config,
-            n,
             progress,
             state,
             device_data,
@@ -162,7 +162,8 @@ def train_and_evaluate(
         )
 
         # -- Epochs: device calls of many steps, an evaluation, the callbacks, a checkpoint.
-        writer = report.EpochWriter(path, config.lr_epochs) if _is_primary() else None
+        drops = () if chosen.record["optimizer"]["own"] else config.lr_epochs  # curves.png marks these
+        writer = report.EpochWriter(path, drops) if _is_primary() else None
         if writer is not None:
             run.callback(writer.close)
         pace = _Pace(chunk.loop, config.steps_per_call)
@@ -283,11 +284,12 @@ def _callbacks_stop(callbacks, epoch: int, rec: dict, state) -> bool:
     return stopping
 
 
-def _compile(chunk, evaluate, config, n, progress, state, data, data_key, console):
+def _compile(chunk, evaluate, config, progress, state, data, data_key, console):
     """Compile every train-call shape the run will use and the evaluation, in parallel, up front
     (one compile per shape: the epoch's full calls, its shorter last call, the partial batch);
     from the persistent compilation cache when it holds them (resnet_jax.cache)."""
     start = time.monotonic()
+    n = data.train_labels.shape[0]
     key = pipeline.epoch_key(data_key, progress.epoch)
     perm = pipeline.permutation(key, n)
     plans = pipeline.epoch_plan(n, config.batch_size, config.steps_per_call)

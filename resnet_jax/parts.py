@@ -78,11 +78,13 @@ def resolve(config, image_shape, steps_per_epoch: int, platform, *, model=None, 
     augment = functools.partial(seed_augment, config=config) if augment is None else augment
     _check_augment(augment, (config.batch_size,) + image_shape)
 
-    count = lambda tree: int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
-    if own_optimizer:
-        rate = _injected_rate(tx, opt_state)
+    if not own_optimizer:
+        rate, shown = (lambda state, epoch: optim.lr_for_epoch(config, epoch)), "the Config's schedule"
+    elif (peek := _injected_rate(tx, opt_state)) is not None:
+        rate, shown = peek, "inject_hyperparams"
     else:
-        rate = lambda state, epoch: optim.lr_for_epoch(config, epoch)
+        rate, shown = (lambda state, epoch: None), "not shown"
+    count = lambda tree: int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
     record = {
         "model": {
             "own": own_model,
@@ -94,9 +96,7 @@ def resolve(config, image_shape, steps_per_epoch: int, platform, *, model=None, 
         "optimizer": {
             "own": own_optimizer,
             "name": _optimizer_name(optimizer, opt_state) if own_optimizer else "Keras-form Adam",
-            "learning_rate": "shown"
-            if own_optimizer and rate is not None
-            else ("none" if own_optimizer else "config"),
+            "learning_rate": shown,
         },
         "augment": {
             "own": own_augment,
@@ -105,8 +105,6 @@ def resolve(config, image_shape, steps_per_epoch: int, platform, *, model=None, 
             else f"shift {config.shift_range:g} + {'flip' if config.flip else 'no flip'}",
         },
     }
-    if rate is None:
-        rate = lambda state, epoch: None
     return Parts(model, tx, augment, rate, record)
 
 

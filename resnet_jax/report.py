@@ -83,7 +83,9 @@ def start_lines(config, data: dict, record: dict, mesh, spe: int, path: str) -> 
     )
     lines.append(f"Model: {model['name']}{preset}: {model['parameters']:,} parameters{stats}")
     if optimizer["own"]:
-        shown = "" if optimizer["learning_rate"] == "shown" else "; its learning rate is not shown"
+        shown = (
+            "" if optimizer["learning_rate"] == "inject_hyperparams" else "; its learning rate is not shown"
+        )
         lines.append(f"Optimizer: yours, {optimizer['name']}{shown}; L2 {config.l2_weight:g} on kernels")
     if augment["own"]:
         lines.append(f"Augmentation: yours, {augment['name']}")

@@ -102,22 +102,30 @@ def decide(
     return Tuning("cpu", n, True, "python", True, ())
 
 
-def detect_platform(environ=None) -> str:
+GPU_PLUGINS = (
+    "jax_plugins.xla_cuda13",
+    "jax_plugins.xla_cuda12",
+    "jax_plugins.xla_rocm",
+    "jax_cuda13_plugin",
+    "jax_cuda12_plugin",
+)
+
+
+def detect_platform(environ=None, installed=None, devices=None) -> str:
     """The platform JAX will pick, found without starting it (starting it fixes the CPU device
     count): JAX_PLATFORMS if set, else a GPU when a CUDA or ROCm plugin is installed and the
-    kernel has a GPU device, a TPU when libtpu and an accelerator device are there, else cpu."""
+    kernel has a GPU device, a TPU when libtpu and an accelerator device are there, else cpu.
+    `installed(module)` and `devices(pattern)` (the device files matching a glob) default to
+    this machine's."""
     environ = os.environ if environ is None else environ
+    installed = _installed if installed is None else installed
+    devices = glob.glob if devices is None else devices
     first = environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
     if first:
         return {"cuda": "gpu", "rocm": "gpu"}.get(first, first)
-    plugins = [
-        p
-        for p in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12", "jax_plugins.xla_rocm")
-        if _installed(p)
-    ] + [p for p in ("jax_cuda13_plugin", "jax_cuda12_plugin") if _installed(p)]
-    if plugins and (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")):
+    if any(installed(p) for p in GPU_PLUGINS) and (devices("/dev/nvidia[0-9]*") or devices("/dev/kfd")):
         return "gpu"
-    if _installed("libtpu") and (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+    if installed("libtpu") and (devices("/dev/accel*") or devices("/dev/vfio/[0-9]*")):
         return "tpu"
     return "cpu"
 

@@ -19,7 +19,7 @@ from resnet_jax import parallel, pipeline
 pytestmark = pytest.mark.gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--num_filters", "8", "--stage_sizes", "1,1,1", "--batch_size", "16", "--steps_per_call", "4"]
+SMALL = ["--num_filters", "8", "--stage_sizes", "1,1,1", "--batch_size", "16", "--steps_per_call", "4"]
 GPU_ENV = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
 
 
@@ -54,11 +54,11 @@ def test_scan_loop_equals_python_loop_on_the_gpu(tiny_config):
 
 def test_sigkilled_run_resumes_to_the_uninterrupted_result_on_the_gpu(gpu_archive, tmp_path):
     reference = str(tmp_path / "reference")
-    train("--workdir", reference, "--data_dir", gpu_archive, "--epochs", "3", *TINY, env=GPU_ENV)
+    train("--workdir", reference, "--data_dir", gpu_archive, "--epochs", "3", *SMALL, env=GPU_ENV)
     workdir = str(tmp_path / "killed")
-    kill_after_first_epoch(start(workdir, gpu_archive, "--epochs", "3", env=GPU_ENV, tiny=TINY), workdir)
+    kill_after_first_epoch(start(workdir, gpu_archive, "--epochs", "3", env=GPU_ENV, tiny=SMALL), workdir)
     assert 1 <= len(metrics(workdir)) < 3, "the kill came too late to test anything"
-    out = train("--workdir", workdir, "--data_dir", gpu_archive, "--epochs", "3", *TINY, env=GPU_ENV)
+    out = train("--workdir", workdir, "--data_dir", gpu_archive, "--epochs", "3", *SMALL, env=GPU_ENV)
     assert "Resuming" in out.stdout
     assert_same_run(workdir, reference)
 

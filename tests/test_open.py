@@ -354,8 +354,12 @@ def test_readme_snippets_for_your_own_parts_run(tmp_path):
     root = tmp_path / "flowers"
     write_folder(root, np.random.default_rng(3))
     scope = {"__name__": "readme"}
-    for code in blocks:
-        code = code.replace('"~/data/flowers"', f'"{root}"').replace('"runs/', f'"{tmp_path}/')
-        code = code.replace("epochs=30", "epochs=2").replace("epochs=20", "epochs=2")
-        exec(compile(code, "README.md", "exec"), scope)
-    assert os.path.exists(tmp_path / "cnn" / "run.json")
+    with tfds.testing.mock_data(num_examples=64):  # fashion_mnist without a download
+        for code in blocks:
+            code = code.replace('"~/data/flowers"', f'"{root}"').replace('"runs/', f'"{tmp_path}/')
+            code = code.replace("epochs=20", "epochs=2")
+            exec(compile(code, "README.md", "exec"), scope)
+    for run in ("cnn", "sgd", "aug", "fashion"):
+        assert run_json(tmp_path / run)["test"] is not None, run  # each ran to its test result
+    assert run_json(tmp_path / "sgd")["parts"]["optimizer"]["learning_rate"] == "inject_hyperparams"
+    assert scope["state"].model.__class__.__name__ == "ResNet"  # the fashion run's (the default model)

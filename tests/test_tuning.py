@@ -51,7 +51,21 @@ def test_platform_detection_honours_jax_platforms():
     assert tuning.detect_platform({"JAX_PLATFORMS": "cpu"}) == "cpu"
     assert tuning.detect_platform({"JAX_PLATFORMS": "cuda,cpu"}) == "gpu"
     assert tuning.detect_platform({"JAX_PLATFORMS": "tpu"}) == "tpu"
-    assert tuning.detect_platform({}) in ("cpu", "gpu", "tpu")
+
+    # Without JAX_PLATFORMS: what is installed and which device files the kernel has.
+    def machine(modules=(), files=()):
+        return dict(
+            installed=lambda m: m in modules,
+            devices=lambda pattern: [f for f in files if __import__("fnmatch").fnmatch(f, pattern)],
+        )
+
+    assert tuning.detect_platform({}, **machine()) == "cpu"
+    assert tuning.detect_platform({}, **machine(["jax_plugins.xla_cuda12"], ["/dev/nvidia0"])) == "gpu"
+    assert tuning.detect_platform({}, **machine(["jax_plugins.xla_cuda12"])) == "cpu"  # plugin, no GPU
+    assert tuning.detect_platform({}, **machine(files=["/dev/nvidia0"])) == "cpu"  # GPU, no plugin
+    assert tuning.detect_platform({}, **machine(["jax_plugins.xla_rocm"], ["/dev/kfd"])) == "gpu"
+    assert tuning.detect_platform({}, **machine(["libtpu"], ["/dev/accel0"])) == "tpu"
+    assert tuning.detect_platform({"JAX_PLATFORMS": "cpu"}, **machine(["libtpu"], ["/dev/accel0"])) == "cpu"
 
 
 def test_users_xla_flags_win():
