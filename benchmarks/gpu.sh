@@ -33,18 +33,26 @@ else
   SEED=""; TORCH=""
 fi
 # Command-buffer settings tried on top of resnet_jax.tuning's GPU flags (tag:flags). A batch-32
-# step is about 330 small kernels (benchmarks/gpu_hlo.py), each using a sliver of the GPU; these
-# let independent kernels of a step run at once (XLA's command-buffer guide: for "independent small
-# kernels that individually underutilize the GPU") or unroll the 100-step loop into one graph.
+# step is about 330 small kernels (benchmarks/gpu_hlo.py), each using a sliver of the GPU. The
+# defaults let independent kernels of a step run at once (CONCURRENT: 1.39x XLA's LHS on an H200,
+# 2026-11-30); "lhs" is XLA's own scheduling, "unroll" unrolls the 100-step loop into one graph.
+# CONCURRENT_REGIONS failed there ("Concurrent region ids are not monotonic", jax 0.11.2).
 VARIANTS=(
   "default:"
-  "concurrent_regions:--xla_gpu_command_buffer_scheduling_mode=CONCURRENT_REGIONS"
-  "concurrent:--xla_gpu_command_buffer_scheduling_mode=CONCURRENT"
+  "lhs:--xla_gpu_command_buffer_scheduling_mode=LHS"
   "unroll:--xla_gpu_command_buffer_unroll_loops=true"
-  "concurrent_regions_unroll:--xla_gpu_command_buffer_scheduling_mode=CONCURRENT_REGIONS --xla_gpu_command_buffer_unroll_loops=true"
 )
+BEST=""
 
 part() { echo "=== $1 ($(( $(date +%s) - T0 )) s)"; }
+# PARTS="seed50 second tests" runs only those parts, in the script's order (default: all but
+# warmup_control): sweep seed50 warmup_control second tests bn speed profile presets torch.
+# (Part bodies are not indented: their heredocs and python -c programs must start in column 1.)
+want() {
+  local parts=" ${PARTS:-all} "
+  if [[ $parts == *" $1 "* ]]; then return 0; fi
+  [[ $parts == *" all "* && $1 != warmup_control ]]
+}
 record() { echo "$1" >> "$R"; echo "$1"; }
 # limit N: N seconds, or what is left of the budget if less; fails (skip the part) under 20 s left.
 limit() {
@@ -65,15 +73,6 @@ print(json.dumps({"what": "machine", "device_kind": d.device_kind, "platform": d
 EOF
 tail -1 "$R"
 
-part "synthetic CIFAR-10 archive ($N_TRAIN + $N_TEST images)"
-$PY - "$DATA" $N_TRAIN $N_TEST <<'EOF'
-import sys
-sys.path.insert(0, "benchmarks")
-import resnet_jax as rj
-from common import random_cifar
-print(rj.data.write_archive(sys.argv[1], random_cifar(int(sys.argv[2]), int(sys.argv[3])), tar=False))
-EOF
-
 # CIFAR-10 itself (JPEG-75 in class folders, shared/data/README.md) for the 50-epoch run, when it
 # travelled with the working tree (or CIFAR_ARCHIVE names it): decoded once here with Pillow into
 # resnet_jax's cache, so train.py's timer starts with the arrays ready.
@@ -89,6 +88,19 @@ print(f"{len(d.train_images)} + {len(d.test_images)} images {d.image_shape}, {d.
   [ "${DRY_RUN:-0}" = 1 ] || DATA=$REAL  # the dry run keeps its small synthetic set for the 50 epochs
 fi
 
+# the synthetic set: the data of the 50 epochs when CIFAR-10 itself is not here (and of the dry run)
+if [ "$DATA" != "$REAL" ]; then
+part "synthetic CIFAR-10 archive ($N_TRAIN + $N_TEST images)"
+$PY - "$DATA" $N_TRAIN $N_TEST <<'EOF'
+import sys
+sys.path.insert(0, "benchmarks")
+import resnet_jax as rj
+from common import random_cifar
+print(rj.data.write_archive(sys.argv[1], random_cifar(int(sys.argv[2]), int(sys.argv[3])), tar=False))
+EOF
+fi
+
+if want sweep; then
 part "which command-buffer settings run the seed step fastest (batch 32, float32)"
 SWEEP=$OUT/flag_sweep.jsonl
 : > "$SWEEP"
@@ -102,7 +114,9 @@ BEST=$($PY benchmarks/fastest.py "$SWEEP" "${VARIANTS[@]}")
 export XLA_FLAGS="$BEST"
 echo "fastest: XLA_FLAGS='$BEST' on top of resnet_jax.tuning.GPU_XLA_FLAGS; used from here on"
 record "{\"what\": \"flags_chosen\", \"xla_flags\": \"$BEST\", \"device_kind\": null, \"dtype\": \"float32\", \"batch_size\": 32}"
+fi
 
+if want seed50; then
 part "the seed recipe end to end: train.py, 50 epochs ($DATA)"
 WORK=$(mktemp -d)/seed50
 start=$(date +%s.%N)
@@ -132,7 +146,22 @@ print(json.dumps({
     "xla_flags": os.environ.get("XLA_FLAGS", "")}))
 EOF
 tail -1 "$R"
+fi
 
+if want warmup_control; then
+part "control: a cached start without tuning.warm_gpu_libraries (cuDNN first reached in a CUDA graph)"
+WORK3=$(mktemp -d)/control
+t=$(limit 60) && timeout "$t" $PY -c 'import sys
+from resnet_jax import cli, tuning
+tuning.warm_gpu_libraries = lambda: None
+sys.argv[0] = "train.py"
+sys.exit(cli.main())' --workdir "$WORK3" --data_dir "$DATA" --verbose 1 $SEED --epochs 1 > "$OUT/warmup_control.log" 2>&1
+rc=$?
+grep -E "Compiled in|cudnn handle|Test accuracy" "$OUT/warmup_control.log" | head -3 | cut -c1-200
+record "{\"what\": \"warmup_control\", \"exit\": $rc, \"cudnn_error\": $(grep -c 'cudnn handle' "$OUT/warmup_control.log"), \"device_kind\": null, \"dtype\": \"float32\", \"batch_size\": 32}"
+fi
+
+if want second; then
 part "a second start of the same shapes: the compilation cache (time to Epoch 1)"
 WORK2=$(mktemp -d)/second
 t=$(limit 90) && timeout "$t" $PY train.py --workdir "$WORK2" --data_dir "$DATA" --verbose 1 $SEED --epochs 1 2>&1 \
@@ -152,36 +181,47 @@ print(json.dumps({"what": "second_start", "device_kind": None, "dtype": "float32
                   "compiled_line": next((l for l in open(second) if "Compiled in" in l), "").strip()}))
 EOF
 tail -1 "$R"
+fi
 
+if want tests; then
 part "GPU tests"
 t=$(limit 150) && timeout "$t" $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 tail -12 "$OUT/gpu_tests.log"
-if grep -q "FAILED.*sigkilled" "$OUT/gpu_tests.log" && [ -n "$BEST" ]; then
-  part "resume exactness again, with resnet_jax's default GPU flags only"
-  t=$(limit 60) && XLA_FLAGS= timeout "$t" $PY -m pytest -q -m gpu tests/test_gpu.py -k sigkilled \
+if grep -q "FAILED.*sigkilled" "$OUT/gpu_tests.log"; then
+  part "resume exactness again, with XLA's own command-buffer scheduling (LHS)"
+  t=$(limit 60) && XLA_FLAGS="$BEST --xla_gpu_command_buffer_scheduling_mode=LHS" timeout "$t" $PY -m pytest -q -m gpu tests/test_gpu.py -k sigkilled \
     -p no:cacheprovider > "$OUT/gpu_tests_default_flags.log" 2>&1
   tail -3 "$OUT/gpu_tests_default_flags.log"
 fi
+fi
 
+if want bn; then
 part "BatchNorm's custom derivative against autodiff (batch 32, float32; the sweep's best is the other half)"
 t=$(limit 45) && timeout "$t" $PY benchmarks/speed.py --batch_size 32 $SPEED --batchnorm_derivative autodiff \
   --out "$R" --tag batchnorm_autodiff | cut -c1-200
+fi
 
+if want speed; then
 part "speed: seed model, float32 at batch 128/512, bfloat16 at 32"
 t=$(limit 70) && timeout "$t" $PY benchmarks/speed.py --batch_size 128,512 --dtype float32 $SPEED --out "$R" --tag chosen
 t=$(limit 45) && timeout "$t" $PY benchmarks/speed.py --batch_size 32 --dtype bfloat16 $SPEED --out "$R" --tag chosen
+fi
 
+if want profile; then
 part "where a step's time goes (profile_step.py)"
 t=$(limit 60) && timeout "$t" $PY benchmarks/profile_step.py --steps 10 > "$OUT/profile_step.json" 2>&1
 tail -c 1500 "$OUT/profile_step.json"
+fi
 
+if want presets; then
 part "speed: the presets at batch 32 (float32)"
 for preset in resnet20v1 resnet56v2 resnet110v1; do
   t=$(limit 45) || break
   timeout "$t" $PY benchmarks/speed.py --preset $preset $SPEED --out "$R" --tag "preset_$preset"
 done
+fi
 
-if [ "${TORCH_PEER:-0}" = 1 ]; then
+if [ "${TORCH_PEER:-0}" = 1 ] && want torch; then
   part "PyTorch peer: eager, torch.compile, torch.compile reduce-overhead"
   t=$(limit 180) && timeout "$t" $TORCH_PY benchmarks/torch_peer.py $TORCH --out "$R"
 fi

@@ -13,8 +13,11 @@ Each CPU choice is measured in docs/performance.md; the GPU flags on an H200
 (without them XLA's autotuner may pick other kernels after a restart: the resumed run differed in
 the 6th digit), at -16 % images/s alone; command buffers (CUDA graphs) for every kind of op,
 loops included, win it back: seed model, batch 32, float32: 17,626 images/s with XLA's
-defaults, 14,869 deterministic, 19,844 with command buffers, 18,330 with both. Flags the user
-sets in XLA_FLAGS win over these.
+defaults, 14,869 deterministic, 19,844 with command buffers, 18,330 with both; and scheduled
+CONCURRENT (independent kernels of a step at once, not XLA's serial LHS order): 28,026 against
+20,138 in the same run (2026-11-30), the SIGKILL exact-resume test still passing. (CONCURRENT lets
+buffer assignment pack temporaries less tightly: more peak memory, small for these models.) On a
+GPU `started` also runs `warm_gpu_libraries`. Flags the user sets in XLA_FLAGS win over these.
 
 glibc malloc (MALLOC_SETTINGS): XLA:CPU mallocs a step's temporaries afresh on every call. With
 glibc's defaults each JAX thread has its own arena, whose heaps are unmapped as soon as they are
@@ -50,6 +53,7 @@ GPU_XLA_FLAGS = (
     "--xla_gpu_deterministic_ops=true",
     "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,WHILE,"
     "CONVOLUTION,DYNAMIC_SLICE_FUSION",
+    "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT",
 )
 
 # Below this many forward FLOPs per step, one CPU device beats one per core: the step is
@@ -256,7 +260,31 @@ def started() -> Tuning:
         tune_malloc(detect_platform())
     elif _malloc["done"] is None:
         tune_malloc(jax.default_backend())  # too late: one line says how to get them
-    return decide(jax.default_backend())
+    tuning = decide(jax.default_backend())
+    if tuning.platform == "gpu":
+        warm_gpu_libraries()
+    return tuning
+
+
+def warm_gpu_libraries() -> None:
+    """Run one convolution and one matrix product on the default device, each alone (too few
+    kernels for a command buffer), so cuDNN and cuBLAS create their handles outside any CUDA
+    graph. Without it a step loaded from the compilation cache (no autotuning, so no library call
+    yet) first reaches cuDNN while XLA records its command buffer, where the handle cannot be
+    created: "Could not create cudnn handle ... No DNN support for stream" (H200, jax 0.11.2,
+    benchmarks/results/gpu.jsonl). Costs one small compile the first time, microseconds after."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((1, 8, 8, 4), jnp.float32)
+    k = jnp.ones((3, 3, 4, 4), jnp.float32)
+    conv = jax.jit(
+        lambda x, k: jax.lax.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    )
+    dot = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready((conv(x, k), dot(x.reshape(8, 32), k.reshape(36, 4)[:32])))
 
 
 def advice(config) -> str | None:

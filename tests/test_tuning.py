@@ -33,6 +33,21 @@ def test_nothing_cpu_specific_off_the_cpu(platform):
     assert ("--xla_gpu_deterministic_ops=true" in t.xla_flags) == (platform == "gpu")
 
 
+def test_a_gpu_start_creates_the_library_handles_outside_command_buffers(monkeypatch):
+    # On a GPU, a step loaded from the compilation cache first reached cuDNN while XLA recorded
+    # its CUDA graph ("Could not create cudnn handle"; docs/performance.md): started() runs one
+    # lone convolution and matrix product first. Here: it is called on a GPU, not elsewhere,
+    # and its computation runs (on the CPU).
+    calls = []
+    monkeypatch.setattr(tuning, "warm_gpu_libraries", lambda: calls.append(1))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert tuning.started().platform == "gpu" and calls == [1]
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert tuning.started().platform == "cpu" and calls == [1]
+    monkeypatch.undo()
+    tuning.warm_gpu_libraries()  # the real one: a convolution and a product that run
+
+
 def test_the_cpu_choice():
     t = tuning.decide("cpu", cores=2, batch_size=32, flops_per_step=1e10)
     assert (t.cpu_devices, t.malloc, t.device_loop, t.materialize, t.xla_flags) == (
