@@ -28,9 +28,10 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   N_TRAIN=2000; N_TEST=500; SPEED="--num_filters 4 --stage_sizes 1,1,1 --steps 20 --steps_per_call 10"
   SEED="--epochs 2 --num_filters 4 --stage_sizes 1,1,1"
   TORCH="--device cpu --mode eager --steps 5 --warmup 2 --repeats 1 --n_train 2000"
+  KERAS="--limit 320"
 else
   N_TRAIN=50000; N_TEST=10000; SPEED="--steps 400"
-  SEED=""; TORCH=""
+  SEED=""; TORCH=""; KERAS=""
 fi
 # Command-buffer settings tried on top of resnet_jax.tuning's GPU flags (tag:flags). A batch-32
 # step is about 330 small kernels (benchmarks/gpu_hlo.py), each using a sliver of the GPU. The
@@ -46,12 +47,13 @@ BEST=""
 
 part() { echo "=== $1 ($(( $(date +%s) - T0 )) s)"; }
 # PARTS="seed50 second tests" runs only those parts, in the script's order (default: all but
-# warmup_control): sweep seed50 warmup_control second tests bn speed profile presets torch.
+# warmup_control and keras50): sweep seed50 warmup_control second tests bn speed profile presets
+# keras50 torch.
 # (Part bodies are not indented: their heredocs and python -c programs must start in column 1.)
 want() {
   local parts=" ${PARTS:-all} "
   if [[ $parts == *" $1 "* ]]; then return 0; fi
-  [[ $parts == *" all "* && $1 != warmup_control ]]
+  [[ $parts == *" all "* && $1 != warmup_control && $1 != keras50 ]]
 }
 record() { echo "$1" >> "$R"; echo "$1"; }
 # limit N: N seconds, or what is left of the budget if less; fails (skip the part) under 20 s left.
@@ -219,6 +221,19 @@ for preset in resnet20v1 resnet56v2 resnet110v1; do
   t=$(limit 45) || break
   timeout "$t" $PY benchmarks/speed.py --preset $preset $SPEED --out "$R" --tag "preset_$preset"
 done
+fi
+
+if want keras50 && [ -n "$REAL" ]; then
+part "Keras 3 (JAX backend) on the same CIFAR-10: the seed rebuilt, KERAS_EPOCHS epochs (issue 22)"
+# Needs keras, namex, optree and Keras-Preprocessing as wheels in .whl (carried; see the README of
+# benchmarks): installed into /tmp/site. One JSON line per epoch in $OUT/keras_real.jsonl.
+if [ "${DRY_RUN:-0}" != 1 ] && ls .whl/*.whl > /dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+t=$(limit 560) && PYTHONPATH=/tmp/site:$PYTHONPATH timeout "$t" $PY benchmarks/keras_real.py --data_dir "$REAL" \
+  --epochs "${KERAS_EPOCHS:-50}" --backend jax $KERAS > "$OUT/keras_real.jsonl" 2> "$OUT/keras_real.err"
+echo "exit status $? after $(grep -c . "$OUT/keras_real.jsonl") epochs"; tail -2 "$OUT/keras_real.jsonl" | cut -c1-200
+tail -3 "$OUT/keras_real.err" | cut -c1-200
 fi
 
 if [ "${TORCH_PEER:-0}" = 1 ] && want torch; then
