@@ -175,17 +175,23 @@ def train_and_evaluate(
             key = pipeline.epoch_key(data_key, epoch - 1)
             perm = pipeline.permutation(key, n)
             sums, step, first = progress.partial, progress.step_in_epoch, progress.step_in_epoch
+            sent, inflight = step, []  # steps handed to the devices; calls whose metrics are unread
             while step < spe:
-                offset, step0, length, batch = pipeline.next_call(n, config.batch_size, pace.k, step)
-                t = time.monotonic()
-                state, m = chunk(state, device_data, perm, offset, step0, key, length=length, batch=batch)
+                # Keep pace.ahead calls queued behind the one being read, so the devices never
+                # wait for the host between calls (reading metrics, a thread holding the GIL).
+                while sent < spe and len(inflight) <= pace.ahead and not (stop.is_set() and inflight):
+                    offset, step0, length, batch = pipeline.next_call(n, config.batch_size, pace.k, sent)
+                    state, m = chunk(state, device_data, perm, offset, step0, key, length=length, batch=batch)
+                    inflight.append((m, step0, length, time.monotonic()))
+                    sent = step0 + length
+                m, step0, length, t = inflight.pop(0)
                 m = jax.device_get(m)
                 pace.update(length, time.monotonic() - t)
                 ckpts.poll()  # the last epoch's outputs, once its checkpoint is on disk
                 _check_finite(m, epoch, step0, spe, ckpts)
                 sums, step = sums.add(m), step0 + length
                 console.progress(step, spe, sums, start)
-                if stop.is_set() and step < spe:
+                if stop.is_set() and not inflight and step < spe:
                     ckpts.save(state, progress.stopped_mid_epoch(step, sums).to_meta(), rank=None)
                     console.end_bar()
                     raise Interrupted(
@@ -266,6 +272,9 @@ class _Pace:
     def __init__(self, loop: str, steps_per_call: int, seconds: float = 0.5):
         self.loop, self.cap, self.seconds = loop, steps_per_call, seconds
         self.k = steps_per_call if loop == "scan" else 1
+        # calls queued behind the one being read: one on the scan loop (accelerators); none on the
+        # python loop, whose call is already many asynchronous steps and whose pace is timed.
+        self.ahead = 1 if loop == "scan" else 0
 
     def update(self, length: int, elapsed: float):
         if self.loop == "python" and elapsed > 0:
