@@ -82,7 +82,7 @@ class Checkpoints:
         self.wait()  # the previous save (long finished, an epoch ago) and its callbacks
         step = int(jax.device_get(state.step))
         if step not in self.steps():
-            copy = jax.device_put(state, may_alias=False)
+            copy = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state), may_alias=False)
             self._pending = self._worker.submit(self._write, step, copy, meta, rank)
         if then is not None:
             self._after_save.append(then)
