@@ -35,7 +35,7 @@ FOLDER = "checkpoints"
 
 
 class Checkpoints:
-    def __init__(self, workdir: str, read_only: bool = False):
+    def __init__(self, workdir: str, read_only: bool = False, save_thread: bool = True):
         self.path = os.path.join(os.path.abspath(workdir), FOLDER)
         keep = policies.AnyPreservationPolicy(
             [
@@ -60,9 +60,11 @@ class Checkpoints:
             )
             self.manager = ocp.CheckpointManager(self.path, options=options, item_names=("state", "meta"))
         self._after_save = []  # callbacks of saves still being written
-        # Orbax's own synchronous part of a save (~0.1 s for the seed state's 260 arrays) runs on
-        # this thread, so the devices train on meanwhile; one thread keeps the saves in order.
-        self._worker = None if read_only else ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        # `save_thread`: orbax's own synchronous part of a save (~0.1 s for the seed state's 260
+        # arrays) runs on this thread, so the devices train on meanwhile; one thread keeps the
+        # saves in order. Without it (resnet_jax.tuning: on a CPU) `save` does it inline.
+        threaded = save_thread and not read_only
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if threaded else None
         self._pending = None  # the save handed to the worker, until it has reached orbax
 
     def steps(self):
@@ -81,7 +83,9 @@ class Checkpoints:
         folder that the next run removes."""
         self.wait()  # the previous save (long finished, an epoch ago) and its callbacks
         step = int(jax.device_get(state.step))
-        if step not in self.steps():
+        if step not in self.steps() and self._worker is None:
+            self._write(step, state, meta, rank)  # returns once orbax has the arrays off the devices
+        elif step not in self.steps():
             copy = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state), may_alias=False)
             self._pending = self._worker.submit(self._write, step, copy, meta, rank)
         if then is not None:

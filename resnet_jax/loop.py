@@ -98,7 +98,7 @@ def train_and_evaluate(
         run.enter_context(faults.out_of_memory_as(config, chosen.record["model"]["name"], mesh))
 
         # -- State: the workdir's latest checkpoint (same model, data and seed), else a new one.
-        ckpts = run.enter_context(checkpoint.Checkpoints(path))
+        ckpts = run.enter_context(checkpoint.Checkpoints(path, save_thread=platform.save_thread))
         saved = wd.read_run(path) if checkpoint.exists(path) else None
         changed = wd.check_resume(saved, config, data, tree, path)
         if held is not None:

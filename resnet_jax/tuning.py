@@ -7,6 +7,7 @@
     device loop (`auto`)           python: one jitted step a call   scan                 scan
     materialize block outputs      yes (models.materialize)         no                   no
     XLA flags                      none                             GPU_XLA_FLAGS        none
+    checkpoint saves               inline (the cores compute)       on a worker thread   worker
 
 Each CPU choice is measured in docs/performance.md; the GPU flags on an H200
 (benchmarks/results/gpu.jsonl): deterministic ops make a SIGKILLed run resume bit for bit
@@ -73,6 +74,10 @@ class Tuning:
     device_loop: str  # what Config.device_loop "auto" means: python | scan
     materialize: bool  # models.materialize on block outputs
     xla_flags: tuple[str, ...]  # added to XLA_FLAGS unless the user set the same flag
+    # orbax's synchronous part of a save on a worker thread, while the devices train: on a GPU
+    # 0.38 -> 0.06 s between epochs (H200); on a CPU the cores it would free are the ones
+    # computing, and a stop request would wait for it (docs/performance.md)
+    save_thread: bool = False
 
 
 def auto_cpu_devices(cores: int, batch_size: int, flops_per_step: float | None = None) -> int:
@@ -93,7 +98,7 @@ def decide(
 ) -> Tuning:
     """Every platform decision for a run of `batch_size` whose step costs `flops_per_step`."""
     if platform != "cpu":
-        return Tuning(platform, None, False, "scan", False, GPU_XLA_FLAGS if platform == "gpu" else ())
+        return Tuning(platform, None, False, "scan", False, GPU_XLA_FLAGS if platform == "gpu" else (), True)
     if cpu_devices == "auto":
         n = auto_cpu_devices(cores, batch_size, flops_per_step)
     else:

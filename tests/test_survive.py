@@ -47,7 +47,8 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(full_run, archive, tmp_path
     jax.tree.map(np.testing.assert_array_equal, (a.params, a.batch_stats), (b.params, b.batch_stats))
 
 
-def test_a_save_keeps_its_arrays_when_the_next_step_donates_them(tmp_path):
+@pytest.mark.parametrize("save_thread", [True, False])
+def test_a_save_keeps_its_arrays_when_the_next_step_donates_them(tmp_path, save_thread):
     # Checkpoints.save returns while orbax still writes (on a worker thread, in the background):
     # the arrays it was given may be donated by the next train call at once. Deleting them right
     # after save stands in for that; the checkpoint must still hold their values.
@@ -57,7 +58,7 @@ def test_a_save_keeps_its_arrays_when_the_next_step_donates_them(tmp_path):
     state = rj.create_train_state(rj.tiny(), jax.random.key(0), (32, 32, 3), 5)
     state = state.replace(step=jax.numpy.asarray(7, jax.numpy.int32))
     expected = jax.device_get(state)
-    with checkpoint.Checkpoints(str(tmp_path)) as ckpts:
+    with checkpoint.Checkpoints(str(tmp_path), save_thread=save_thread) as ckpts:
         ckpts.save(state, Progress().to_meta(), rank=1)
         for leaf in jax.tree.leaves(state):
             leaf.delete()
