@@ -83,9 +83,11 @@ class Checkpoints:
         folder that the next run removes."""
         self.wait()  # the previous save (long finished, an epoch ago) and its callbacks
         step = int(jax.device_get(state.step))
-        if step not in self.steps() and self._worker is None:
+        if step in self.steps():
+            pass
+        elif self._worker is None:
             self._write(step, state, meta, rank)  # returns once orbax has the arrays off the devices
-        elif step not in self.steps():
+        else:
             copy = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state), may_alias=False)
             self._pending = self._worker.submit(self._write, step, copy, meta, rank)
         if then is not None:
@@ -101,11 +103,12 @@ class Checkpoints:
             )
 
     def _settled(self, raising: bool = True):
-        """Wait until the save handed to the worker has reached orbax; re-raise its error."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            futures.wait([pending])
+        """Wait until the save handed to the worker has reached orbax; re-raise its error
+        (`raising=False`: kept for the next `wait`, never dropped)."""
+        if self._pending is not None:
+            futures.wait([self._pending])
             if raising:
+                pending, self._pending = self._pending, None
                 pending.result()
 
     def poll(self):
