@@ -17,10 +17,21 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def seed_rate(epoch: int) -> float:
-    """The seed log's rate for a 0-based epoch (RECIPE.md): 1e-3, 1e-4 after 26, 1e-6 after 36,
-    5e-7 after 46."""
-    return 1e-3 if epoch < 26 else 1e-4 if epoch < 36 else 1e-6 if epoch < 46 else 5e-7
+def rate(epoch: int, lr_epochs=(26, 36, 46), lr_factors=(0.1, 0.01, 0.5), base=1e-3) -> float:
+    """The rate of a 0-based epoch: `base` times every factor whose boundary (in epochs) it has
+    reached, as train.py's --lr_epochs/--lr_factors (optax's piecewise-constant schedule). The
+    defaults are the seed log's (RECIPE.md): 1e-3, 1e-4 after 26, 1e-6 after 36, 5e-7 after 46."""
+    for boundary, factor in zip(lr_epochs, lr_factors):
+        base *= factor if epoch >= boundary else 1
+    return base
+
+
+def ints(text):
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def floats(text):
+    return tuple(float(x) for x in text.split(",") if x)
 
 
 def main():
@@ -29,6 +40,9 @@ def main():
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="tensorflow", help="KERAS_BACKEND: tensorflow or jax")
+    p.add_argument("--lr_epochs", type=ints, default=(26, 36, 46), help="as train.py's")
+    p.add_argument("--lr_factors", type=floats, default=(0.1, 0.01, 0.5), help="as train.py's")
+    p.add_argument("--num_filters", type=int, default=32, help="the stem's width (seed: 32)")
     p.add_argument("--limit", type=int, default=0, help="train on the first N images only (a quick check)")
     a = p.parse_args()
     os.environ["KERAS_BACKEND"] = a.backend
@@ -45,7 +59,7 @@ def main():
     x, y = ds.train_images[:n].astype(np.float32) / 255 - mean, ds.train_labels[:n]
     xt = ds.test_images.astype(np.float32) / 255 - mean
     keras.utils.set_random_seed(a.seed)
-    model = build(keras, 32, (3, 3, 2), ds.num_classes)
+    model = build(keras, a.num_filters, (3, 3, 2), ds.num_classes)
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3, epsilon=1e-7),
         loss="sparse_categorical_crossentropy",
@@ -71,7 +85,10 @@ def main():
         gen.flow(x, y, batch_size=32, seed=a.seed),
         epochs=a.epochs,
         validation_data=(xt, ds.test_labels),
-        callbacks=[EpochLines(), keras.callbacks.LearningRateScheduler(seed_rate)],
+        callbacks=[
+            EpochLines(),
+            keras.callbacks.LearningRateScheduler(lambda e: rate(e, a.lr_epochs, a.lr_factors)),
+        ],
         verbose=0,
     )
 

@@ -2,6 +2,7 @@
 
     python benchmarks/real_curve.py --data_dir ../shared/data/cifar10-jpeg75.tar.gz \\
         [--epochs 2] [--seeds 0,1,2] [--sides resnet_jax,keras] [--out FILE]
+        [--lr_epochs 8 --lr_factors 0.1] [--num_filters 8]   # both sides alike
     python benchmarks/real_curve.py --summarize FILE [FILE ...]
 
 Runs interleaved (resnet_jax seed 0, Keras seed 0, resnet_jax seed 1, ...) so that a drift of the
@@ -26,6 +27,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+def schedule(a):
+    """What both sides get alike: the rate steps (the seed log's unless --lr_epochs/--lr_factors are
+    given) and the width (--num_filters, 32 unless given)."""
+    keys = ("lr_epochs", "lr_factors", "num_filters")
+    return [f for k in keys if getattr(a, k) for f in (f"--{k}", str(getattr(a, k)))]
+
+
 def resnet_jax_run(a, seed):
     workdir = tempfile.mkdtemp(prefix=f"real_curve_{seed}_")
     cmd = [
@@ -41,6 +49,7 @@ def resnet_jax_run(a, seed):
         str(seed),
         "--verbose",
         "1",
+        *schedule(a),
         *a.train_flags.split(),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -68,6 +77,7 @@ def keras_run(a, seed):
         str(seed),
         "--backend",
         a.keras_backend,
+        *schedule(a),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
     if proc.returncode != 0:
@@ -118,6 +128,9 @@ def main():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--sides", default="resnet_jax,keras")
     p.add_argument("--keras_backend", default="tensorflow")
+    p.add_argument("--lr_epochs", help="rate boundaries in epochs for both sides, e.g. 4 (seed: 26,36,46)")
+    p.add_argument("--lr_factors", help="their factors for both sides, e.g. 0.1 (seed: 0.1,0.01,0.5)")
+    p.add_argument("--num_filters", type=int, help="a narrower seed model on both sides (seed: 32)")
     p.add_argument("--train_flags", default="", help="extra train.py flags for the resnet_jax side")
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument("--summarize", nargs="+", metavar="FILE", help="only summarize lines written before")
@@ -129,6 +142,7 @@ def main():
         return
     if not a.data_dir:
         p.error("--data_dir is required (or --summarize FILE)")
+    a.data_dir = os.path.abspath(a.data_dir)  # keras_real.py runs in benchmarks/
     rows = []
     runs = {"resnet_jax": resnet_jax_run, "keras": keras_run}
     for seed in (int(s) for s in a.seeds.split(",")):
