@@ -94,6 +94,7 @@ def summarize(rows):
     sides = sorted({r["side"] for r in rows})
     for epoch in sorted({r["epoch"] for r in rows}):
         by = {s: [r["val_acc"] for r in rows if r["side"] == s and r["epoch"] == epoch] for s in sides}
+        by = {s: v for s, v in by.items() if v}  # a run cut short has no line for the later epochs
         line = {"what": "summary", "epoch": epoch}
         for s, v in by.items():
             line[s] = {
@@ -105,7 +106,7 @@ def summarize(rows):
                     statistics.mean(r["acc"] for r in rows if r["side"] == s and r["epoch"] == epoch), 4
                 ),
             }
-        if len(sides) == 2 and all(len(v) > 1 for v in by.values()):
+        if len(by) == 2 and all(len(v) > 1 for v in by.values()):
             a, b = (by[s] for s in sides)
             diff = statistics.mean(a) - statistics.mean(b)
             spread = max(statistics.stdev(a), statistics.stdev(b))
