@@ -227,11 +227,13 @@ if want keras50 && [ -n "$REAL" ]; then
 part "Keras 3 (JAX backend) on the same CIFAR-10: the seed rebuilt, KERAS_EPOCHS epochs (issue 22)"
 # Needs keras, namex, optree and Keras-Preprocessing as wheels in .whl (carried; see the README of
 # benchmarks): installed into /tmp/site. One JSON line per epoch in $OUT/keras_real.jsonl.
+# KERAS_FLAGS adds keras_real.py flags, e.g. issue 22's width-8 run for another seed:
+# KERAS_EPOCHS=10 KERAS_FLAGS="--num_filters 8 --lr_epochs 8 --lr_factors 0.1 --seed 1".
 if [ "${DRY_RUN:-0}" != 1 ] && ls .whl/*.whl > /dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 t=$(limit 560) && PYTHONPATH=/tmp/site:$PYTHONPATH timeout "$t" $PY benchmarks/keras_real.py --data_dir "$REAL" \
-  --epochs "${KERAS_EPOCHS:-50}" --backend jax $KERAS > "$OUT/keras_real.jsonl" 2> "$OUT/keras_real.err"
+  --epochs "${KERAS_EPOCHS:-50}" --backend jax $KERAS ${KERAS_FLAGS:-} > "$OUT/keras_real.jsonl" 2> "$OUT/keras_real.err"
 echo "exit status $? after $(grep -c . "$OUT/keras_real.jsonl") epochs"; tail -2 "$OUT/keras_real.jsonl" | cut -c1-200
 tail -3 "$OUT/keras_real.err" | cut -c1-200
 fi
