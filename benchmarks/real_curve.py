@@ -79,13 +79,16 @@ def keras_run(a, seed):
         a.keras_backend,
         *schedule(a),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
-    if proc.returncode != 0:
-        sys.exit(f"keras_real.py failed: {proc.stderr.strip().splitlines()[-1:]}")
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            r = json.loads(line)
-            yield {**r, "side": "keras"}
+    # Each epoch's line is passed on as keras_real.py prints it (a run stopped early keeps its
+    # epochs); its stderr goes to a temporary file for the failure message.
+    with tempfile.TemporaryFile("w+") as err:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=HERE) as proc:
+            for line in proc.stdout:
+                if line.startswith("{"):
+                    yield {**json.loads(line), "side": "keras"}
+        if proc.returncode != 0:
+            err.seek(0)
+            sys.exit(f"keras_real.py failed: {err.read().strip().splitlines()[-1:]}")
 
 
 def summarize(rows):
