@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def schedule(a):
+def shared_flags(a):
     """What both sides get alike: the rate steps (the seed log's unless --lr_epochs/--lr_factors are
     given) and the width (--num_filters, 32 unless given)."""
     keys = ("lr_epochs", "lr_factors", "num_filters")
@@ -49,7 +49,7 @@ def resnet_jax_run(a, seed):
         str(seed),
         "--verbose",
         "1",
-        *schedule(a),
+        *shared_flags(a),
         *a.train_flags.split(),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -77,7 +77,7 @@ def keras_run(a, seed):
         str(seed),
         "--backend",
         a.keras_backend,
-        *schedule(a),
+        *shared_flags(a),
     ]
     # Each epoch's line is passed on as keras_real.py prints it (a run stopped early keeps its
     # epochs); its stderr goes to a temporary file for the failure message.
