@@ -14,24 +14,19 @@ import json
 import os
 import time
 
+from resnet_jax.cli import comma_list
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def rate(epoch: int, lr_epochs=(26, 36, 46), lr_factors=(0.1, 0.01, 0.5), base=1e-3) -> float:
-    """The rate of a 0-based epoch: `base` times every factor whose boundary (in epochs) it has
-    reached, as train.py's --lr_epochs/--lr_factors (optax's piecewise-constant schedule). The
-    defaults are the seed log's (RECIPE.md): 1e-3, 1e-4 after 26, 1e-6 after 36, 5e-7 after 46."""
-    for boundary, factor in zip(lr_epochs, lr_factors):
-        base *= factor if epoch >= boundary else 1
-    return base
+def rate(epoch: int, lr_epochs, lr_factors, base=1e-3) -> float:
+    """The rate of a 0-based epoch: resnet_jax's own optax piecewise-constant schedule
+    (rj.optim.lr_for_epoch) on a Config with these steps, so both sides step alike; a Config also
+    refuses steps train.py refuses."""
+    import resnet_jax as rj
 
-
-def ints(text):
-    return tuple(int(x) for x in text.split(",") if x)
-
-
-def floats(text):
-    return tuple(float(x) for x in text.split(",") if x)
+    config = rj.Config(learning_rate=base, lr_epochs=lr_epochs, lr_factors=lr_factors)
+    return rj.optim.lr_for_epoch(config, epoch + 1)
 
 
 def main():
@@ -40,8 +35,8 @@ def main():
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="tensorflow", help="KERAS_BACKEND: tensorflow or jax")
-    p.add_argument("--lr_epochs", type=ints, default=(26, 36, 46), help="as train.py's")
-    p.add_argument("--lr_factors", type=floats, default=(0.1, 0.01, 0.5), help="as train.py's")
+    p.add_argument("--lr_epochs", type=comma_list(int), default=(26, 36, 46), help="as train.py's")
+    p.add_argument("--lr_factors", type=comma_list(float), default=(0.1, 0.01, 0.5), help="as train.py's")
     p.add_argument("--num_filters", type=int, default=32, help="the stem's width (seed: 32)")
     p.add_argument("--limit", type=int, default=0, help="train on the first N images only (a quick check)")
     a = p.parse_args()

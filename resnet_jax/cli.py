@@ -32,7 +32,9 @@ class _Help(argparse.HelpFormatter):
         return f"{text} (default: {value})"
 
 
-def _parse_tuple(kind):
+def comma_list(kind):
+    """An argparse type: "26,36,46" -> (26, 36, 46) of `kind` (train.py's tuple flags)."""
+
     def parse(text: str):
         try:
             return tuple(kind(v) for v in text.split(",") if v.strip() != "")
@@ -68,7 +70,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         elif typing.get_origin(hint) is tuple:
             parser.add_argument(
                 flag,
-                type=_parse_tuple(args[0]),
+                type=comma_list(args[0]),
                 **kw,
                 metavar=",".join(str(v) for v in field.default) or "A,B",
             )
