@@ -99,3 +99,30 @@ def test_same_key_same_batch_different_keys_differ(images):
     c = augment(jax.random.key(6), images, config)
     np.testing.assert_array_equal(a, b)
     assert np.max(np.abs(np.asarray(a) - np.asarray(c))) > 1e-3
+
+
+def test_fractional_shifts_equal_image_data_generators_own_call():
+    """Per image, what ImageDataGenerator(width_shift_range, height_shift_range, fill_mode='nearest')
+    computes for a drawn (tx, ty): keras_preprocessing's apply_affine_transform calls
+    scipy.ndimage.affine_transform(channel, identity, offset=(tx, ty), order=1, mode='nearest') on
+    each channel, then flips. Shifts up to 0.1 * 32 and beyond the edge, any fraction."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
+    tx, ty = rng.uniform(-3.2, 3.2, (2, 16))
+    tx[:2], ty[:2] = (-3.2, 3.2), (0.5, -2.75)  # the range's ends, a half pixel, a quarter
+    flip = rng.random(16) < 0.5
+    out = np.asarray(transform(jnp.asarray(x), jnp.asarray(tx), jnp.asarray(ty), jnp.asarray(flip)))
+    for b in range(16):
+        ref = np.stack(
+            [
+                ndimage.affine_transform(
+                    x[b, :, :, c], np.eye(2), offset=(tx[b], ty[b]), order=1, mode="nearest"
+                )
+                for c in range(3)
+            ],
+            axis=-1,
+        )
+        ref = ref[:, ::-1] if flip[b] else ref
+        np.testing.assert_allclose(out[b], ref, rtol=0, atol=2e-6)
