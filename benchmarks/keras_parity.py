@@ -11,9 +11,17 @@ Keras with `train_on_batch` (its Adam, its L2 regularizers, its BatchNorm), resn
 the BatchNorm moving statistics are (the largest relative difference over the layers); at the
 end, both models' inference-mode accuracy on the test set. A systematic difference in how the
 moving statistics are kept shows up as a gap that grows with the steps.
+
+After each epoch (a fresh order each epoch, the partial last batch kept) one more line: both
+sides' training accuracy over the epoch on this shared stream and their test accuracy. Long after
+the two trajectories have parted, these say whether the step itself trains better on one side
+(issue 22: on their own streams Keras's training accuracy ran ahead):
+
+    KERAS_BACKEND=jax python benchmarks/keras_parity.py --data_dir D --num_filters 8 --steps 7815 --every 1563
 """
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -49,6 +57,8 @@ def main():
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_filters", type=int, default=32, help="both models' width (seed: 32)")
+    p.add_argument("--limit", type=int, default=0, help="train on N random images only (a quick check)")
     a = p.parse_args()
     import jax
     import keras
@@ -60,7 +70,7 @@ def main():
 
     ds = rj.load_dataset("cifar10", data_dir=a.data_dir)
     mean = rj.data.pixel_mean(ds.train_images)
-    config = rj.Config()
+    config = rj.Config(num_filters=a.num_filters)
     keras.utils.set_random_seed(a.seed)
     kmodel = build(keras, config.num_filters, config.stage_sizes, 10)
     kmodel.compile(
@@ -88,7 +98,13 @@ def main():
     state = state.replace(params=params, batch_stats=stats, opt_state=tx.init(params))
 
     step = jax.jit(rj.train_step)
-    order = np.random.default_rng(a.seed).permutation(len(ds.train_images))
+    rng = np.random.default_rng(a.seed)
+    if a.limit:
+        keep = rng.permutation(len(ds.train_images))[: a.limit]
+        ds = dataclasses.replace(ds, train_images=ds.train_images[keep], train_labels=ds.train_labels[keep])
+    n, batch = len(ds.train_images), 32
+    per_epoch = -(-n // batch)  # the partial last batch kept, as both fit loops keep it
+    correct = {"resnet_jax": 0.0, "keras": 0.0}
     data_key = jax.random.key(a.seed + 1)
     xt = ds.test_images.astype(np.float32) / 255 - mean
 
@@ -115,12 +131,25 @@ def main():
         return correct / len(xt)
 
     for i in range(a.steps):
-        idx = order[i * 32 : (i + 1) * 32]
+        if i % per_epoch == 0:
+            order = rng.permutation(n)  # a fresh order each epoch
+            correct = dict.fromkeys(correct, 0.0)
+        idx = order[(i % per_epoch) * batch : (i % per_epoch + 1) * batch]
         x = ds.train_images[idx].astype(np.float32) / 255 - mean
         x = np.asarray(rj.augment(jax.random.fold_in(data_key, i), x, config))
         y = ds.train_labels[idx]
-        keras_loss = kmodel.train_on_batch(x, y, return_dict=True)["loss"]
+        kmodel.reset_metrics()  # Keras 3's train_on_batch returns running means otherwise
+        keras_out = kmodel.train_on_batch(x, y, return_dict=True)
+        keras_loss = keras_out["loss"]
         state, m = step(state, x, y)
+        correct["keras"] += float(keras_out["accuracy"]) * len(idx)
+        correct["resnet_jax"] += float(m["correct"])
+        if (i + 1) % per_epoch == 0:  # an epoch's training accuracy on the shared stream, and test
+            _, keras_acc = kmodel.evaluate(xt, ds.test_labels, batch_size=1000, verbose=0)
+            line = {"epoch": (i + 1) // per_epoch, "step": i + 1}
+            line |= {f"acc_{k}": round(v / n, 5) for k, v in correct.items()}
+            line |= {"test_acc_resnet_jax": accuracy_ours(), "test_acc_keras": round(keras_acc, 4)}
+            print(json.dumps(line), flush=True)
         if (i + 1) % a.every == 0 or i + 1 == a.steps:
             stat, param = distance()
             print(
