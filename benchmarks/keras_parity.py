@@ -51,6 +51,28 @@ def get(tree, path):
     return tree
 
 
+def copy_weights(kmodel, state):
+    """`state` with the Keras model's variables: kernels, biases, BatchNorm scales, offsets and
+    moving statistics (and a fresh optimizer state for them)."""
+    import jax
+    import numpy as np
+
+    params, stats = jax.tree.map(np.array, (state.params, state.batch_stats))
+    convs, norms = flax_order(params)
+    kconvs, knorms = keras_layers(kmodel, "Conv2D"), keras_layers(kmodel, "BatchNormalization")
+    assert len(kconvs) == len(convs) and len(knorms) == len(norms)
+    for path, layer in zip(convs, kconvs):
+        kernel, bias = layer.get_weights()
+        get(params, path).update(kernel=kernel, bias=bias)
+    for path, layer in zip(norms, knorms):
+        gamma, beta, moving_mean, moving_var = layer.get_weights()
+        get(params, path).update(scale=gamma, bias=beta)
+        get(stats, path).update(mean=moving_mean, var=moving_var)
+    kernel, bias = keras_layers(kmodel, "Dense")[0].get_weights()
+    params["head"].update(kernel=kernel, bias=bias)
+    return state.replace(params=params, batch_stats=stats, opt_state=state.tx.init(params))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data_dir", required=True)
@@ -82,20 +104,9 @@ def main():
     model = models.from_config(config, materialize=False)
     tx = optim.make_optimizer(config, 1563)
     state = steps.init_state(model, tx, config, jax.random.key(a.seed), (32, 32, 3))
-    params, stats = jax.tree.map(np.array, (state.params, state.batch_stats))
-    convs, norms = flax_order(params)
+    state = copy_weights(kmodel, state)
+    convs, norms = flax_order(state.params)
     kconvs, knorms = keras_layers(kmodel, "Conv2D"), keras_layers(kmodel, "BatchNormalization")
-    assert len(kconvs) == len(convs) and len(knorms) == len(norms)
-    for path, layer in zip(convs, kconvs):
-        kernel, bias = layer.get_weights()
-        get(params, path).update(kernel=kernel, bias=bias)
-    for path, layer in zip(norms, knorms):
-        gamma, beta, moving_mean, moving_var = layer.get_weights()
-        get(params, path).update(scale=gamma, bias=beta)
-        get(stats, path).update(mean=moving_mean, var=moving_var)
-    kernel, bias = keras_layers(kmodel, "Dense")[0].get_weights()
-    params["head"].update(kernel=kernel, bias=bias)
-    state = state.replace(params=params, batch_stats=stats, opt_state=tx.init(params))
 
     step = jax.jit(rj.train_step)
     rng = np.random.default_rng(a.seed)
