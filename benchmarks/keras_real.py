@@ -19,16 +19,6 @@ from resnet_jax.cli import comma_list
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def rate(epoch: int, lr_epochs, lr_factors, base=1e-3) -> float:
-    """The rate of a 0-based epoch: resnet_jax's own optax piecewise-constant schedule
-    (rj.optim.lr_for_epoch) on a Config with these steps, so both sides step alike; a Config also
-    refuses steps train.py refuses."""
-    import resnet_jax as rj
-
-    config = rj.Config(learning_rate=base, lr_epochs=lr_epochs, lr_factors=lr_factors)
-    return rj.optim.lr_for_epoch(config, epoch + 1)
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data_dir", required=True, help="as train.py's --data_dir (an image folder or archive)")
@@ -40,13 +30,17 @@ def main():
     p.add_argument("--num_filters", type=int, default=32, help="the stem's width (seed: 32)")
     p.add_argument("--limit", type=int, default=0, help="train on the first N images only (a quick check)")
     a = p.parse_args()
+    import resnet_jax as rj
+
+    try:  # the rate steps as train.py takes them: a Config refuses what train.py refuses
+        steps = rj.Config(lr_epochs=a.lr_epochs, lr_factors=a.lr_factors)
+    except rj.UserError as e:
+        p.error(str(e))
     os.environ["KERAS_BACKEND"] = a.backend
     import keras
     import numpy as np
     from keras_baseline import build
     from keras_preprocessing.image import ImageDataGenerator
-
-    import resnet_jax as rj
 
     ds = rj.load_dataset("cifar10", data_dir=a.data_dir)
     mean = rj.data.pixel_mean(ds.train_images)
@@ -82,7 +76,8 @@ def main():
         validation_data=(xt, ds.test_labels),
         callbacks=[
             EpochLines(),
-            keras.callbacks.LearningRateScheduler(lambda e: rate(e, a.lr_epochs, a.lr_factors)),
+            # resnet_jax's own optax schedule by epoch, so both sides step alike
+            keras.callbacks.LearningRateScheduler(lambda e: rj.optim.lr_for_epoch(steps, e + 1)),
         ],
         verbose=0,
     )

@@ -85,8 +85,7 @@ def keras_run(a, seed):
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=HERE) as proc:
             for line in proc.stdout:
                 if line.startswith("{"):
-                    row = json.loads(line)  # its side names the backend: "keras 3.15.1 (jax)"
-                    yield {**row, "side": "keras", "backend": a.keras_backend}
+                    yield {**json.loads(line), "side": "keras", "backend": a.keras_backend}
         if proc.returncode != 0:
             err.seek(0)
             sys.exit(f"keras_real.py failed: {err.read().strip().splitlines()[-1:]}")
