@@ -39,7 +39,7 @@ def main():
     p.add_argument("--train_images", type=int, default=10000)
     a = p.parse_args()
 
-    state, progress, step = rj.loop.restore_with_meta(a.workdir, a.which)
+    state, progress, step = rj.checkpoint.restore_with_meta(a.workdir, a.which)
     data = rj.load_dataset(data_dir=a.data_dir)
     mean = np.asarray(state.pixel_mean)
     momentum = state.config.bn_momentum if hasattr(state.config, "bn_momentum") else 0.99

@@ -76,7 +76,7 @@ def setup(args, dataset, **config_fields):
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     n = len(dataset.train_images)
-    data = pipeline.to_device(dataset, rj.data.pixel_mean(dataset.train_images), config, mesh)
+    data = pipeline.to_device(dataset, rj.dataset.pixel_mean(dataset.train_images), config, mesh)
     spe = pipeline.steps_per_epoch(n, config.batch_size)
     state = parallel.replicate(
         jax.device_get(rj.create_train_state(config, jax.random.key(0), dataset.image_shape, spe)), mesh

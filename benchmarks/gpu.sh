@@ -98,7 +98,7 @@ import sys
 sys.path.insert(0, "benchmarks")
 import resnet_jax as rj
 from common import random_cifar
-print(rj.data.write_archive(sys.argv[1], random_cifar(int(sys.argv[2]), int(sys.argv[3])), tar=False))
+print(rj.cifar_archive.write_archive(sys.argv[1], random_cifar(int(sys.argv[2]), int(sys.argv[3])), tar=False))
 EOF
 fi
 

@@ -91,7 +91,7 @@ def main():
     from resnet_jax import models, optim, steps
 
     ds = rj.load_dataset("cifar10", data_dir=a.data_dir)
-    mean = rj.data.pixel_mean(ds.train_images)
+    mean = rj.dataset.pixel_mean(ds.train_images)
     config = rj.Config(num_filters=a.num_filters)
     keras.utils.set_random_seed(a.seed)
     kmodel = build(keras, config.num_filters, config.stage_sizes, 10)

@@ -43,7 +43,7 @@ def main():
     from keras_preprocessing.image import ImageDataGenerator
 
     ds = rj.load_dataset("cifar10", data_dir=a.data_dir)
-    mean = rj.data.pixel_mean(ds.train_images)
+    mean = rj.dataset.pixel_mean(ds.train_images)
     n = a.limit or len(ds.train_images)
     x, y = ds.train_images[:n].astype(np.float32) / 255 - mean, ds.train_labels[:n]
     xt = ds.test_images.astype(np.float32) / 255 - mean

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from resnet_jax.dataset import Dataset
 from resnet_jax.errors import UserError
 
 # name -> (archive file, extracted folder, train files, test files, label key)
@@ -113,8 +114,6 @@ def _read_members(path: str, names) -> dict:
 
 def read_archive(name: str, path: str):
     """Read an official CIFAR python archive (tar.gz) or its extracted folder; no network."""
-    from resnet_jax.data import Dataset
-
     _, _, train_files, test_files, label_key = ARCHIVES[name]
     raw = _read_members(path, set(train_files + test_files))
     missing = [n for n in [train_files[0]] + test_files if n not in raw]

@@ -40,7 +40,11 @@ class Config:
     epochs: int = _f(50, "passes over the training set")
     batch_size: int = _f(32, "global batch over all devices; the final partial batch is kept")
     seed: int = _f(0, "init and data keys derive from it")
-    steps_per_call: int = _f(100, "train steps per device call; metrics come back once per call")
+    steps_per_call: int = _f(
+        100,
+        "train steps per device call on the scan loop (GPU/TPU), metrics read once per call; the CPU's "
+        "python loop paces its calls to about 0.5 s, at most this many steps",
+    )
     device_loop: str = _f("auto", "scan | python | auto (scan on GPU/TPU, python on CPU; see tuning)")
     eval_batch_size: int = _f(1000, "exact over the whole test set (padded and masked)")
     # Optimisation (resnet_jax.optim): Keras-form Adam, piecewise-constant rate.
@@ -61,7 +65,7 @@ class Config:
     stage_sizes: tuple[int, ...] = _f((3, 3, 2), "residual blocks per stage")
     num_classes: int = _f(10, "train_and_evaluate sets it from the dataset")
     bn_momentum: float = _f(0.99, "moving = momentum * moving + (1 - momentum) * batch")
-    bn_epsilon: float = _f(1e-3, "Keras default (Flax: 1e-5)")
+    bn_epsilon: float = _f(1e-3, "added to the variance; Keras's value (Flax's is 1e-5)")
     dtype: str = _f("float32", "compute dtype; parameters, optimizer and BN statistics stay float32")
     preset: str = _f("", "the preset this config started from (see --preset); informational")
 

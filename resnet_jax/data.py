@@ -1,137 +1,18 @@
-"""Datasets as host arrays, and where they come from: any tensorflow-datasets image-classification
-dataset (`tfds_data.py`), the official CIFAR archives offline (`cifar_archive.py`), a folder of
-images in class subfolders (`image_folder.py`), or the user's own arrays (`Dataset`)."""
+"""Where a Dataset comes from: `load_dataset` picks the source for a name and a `data_dir`.
+
+- a folder of images in class subfolders, or its .tar.gz (`image_folder.py`);
+- the official CIFAR-10/100 python archive or its folder, offline (`cifar_archive.py`);
+- any tensorflow-datasets image-classification dataset (`tfds_data.py`);
+- or your own arrays: build a `Dataset` (`dataset.py`) and pass it instead.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import os
 
-import numpy as np
-
-from resnet_jax.cifar_archive import ARCHIVES, find_archive, read_archive, write_archive  # noqa: F401
+from resnet_jax import cifar_archive, image_folder, tfds_data
+from resnet_jax.dataset import Dataset
 from resnet_jax.errors import UserError
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """uint8 NHWC images and integer labels; build one from your own arrays to train on them."""
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    num_classes: int | None = None  # None: 1 + the largest label
-    source: str = "arrays"  # where the data came from: arrays, tfds:<name>, archive:<path>, folder:<path>
-    name: str = "arrays"  # what a run records as its dataset: a tfds name, `folder` or `arrays`
-    class_names: tuple[str, ...] | None = None  # by label, when the source names them
-
-    def __post_init__(self):
-        for split in ("train", "test"):
-            images = np.asarray(getattr(self, f"{split}_images"))
-            labels = np.asarray(getattr(self, f"{split}_labels"))
-            if images.dtype != np.uint8:
-                raise UserError(
-                    f"{split}_images must be uint8 (0-255), got {images.dtype}; "
-                    "convert with np.uint8 (floats in [0, 1]: multiply by 255 first)"
-                )
-            if images.ndim != 4:
-                raise UserError(
-                    f"{split}_images must be (N, H, W, C), got shape {images.shape}; "
-                    "add a channel axis with images[..., None]"
-                )
-            if images.shape[1] in (1, 3, 4) and images.shape[3] > 4:
-                raise UserError(
-                    f"{split}_images look channels-first {images.shape} (N, C, H, W); resnet_jax "
-                    f"takes (N, H, W, C): pass np.transpose({split}_images, (0, 2, 3, 1))"
-                )
-            if labels.ndim != 1 or len(labels) != len(images):
-                raise UserError(
-                    f"{split}_labels must be ({len(images)},) to match {split}_images, "
-                    f"got shape {labels.shape}"
-                )
-            if labels.size and not np.issubdtype(labels.dtype, np.integer):
-                raise UserError(f"{split}_labels must be integers, got {labels.dtype}")
-            if len(images) == 0:
-                raise UserError(f"{split}_images is empty")
-            object.__setattr__(self, f"{split}_images", images)
-            object.__setattr__(self, f"{split}_labels", labels.astype(np.int32))
-        if self.train_images.shape[1:] != self.test_images.shape[1:]:
-            raise UserError(
-                f"train and test images differ in shape: {self.train_images.shape[1:]} "
-                f"vs {self.test_images.shape[1:]}"
-            )
-        top = int(max(self.train_labels.max(), self.test_labels.max()))
-        low = int(min(self.train_labels.min(), self.test_labels.min()))
-        num_classes = self.num_classes if self.num_classes is not None else top + 1
-        if low < 0 or top >= num_classes:
-            raise UserError(f"labels must be in [0, {num_classes}), found {low}..{top}")
-        object.__setattr__(self, "num_classes", int(num_classes))
-
-    @property
-    def image_shape(self):
-        return self.train_images.shape[1:]
-
-    def fingerprint(self) -> str:
-        """A short hash of every image and label (blake2b): the same data, the same string."""
-        h = hashlib.blake2b(digest_size=8)
-        for a in (self.train_images, self.train_labels, self.test_images, self.test_labels):
-            h.update(str(a.shape).encode())
-            h.update(np.ascontiguousarray(a).data)
-        return h.hexdigest()
-
-    def describe(self) -> dict:
-        """What run.json records of the data a run trained on."""
-        return {
-            "source": self.source,
-            "train": len(self.train_images),
-            "test": len(self.test_images),
-            "image_shape": list(self.image_shape),
-            "classes": self.num_classes,
-            "fingerprint": self.fingerprint(),
-        }
-
-
-def holdout_indices(labels: np.ndarray, val_split: float, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded, class-stratified held-out set of `val_split` images (a count,
-    or a fraction < 1 of the labels): each class gives its share, largest remainders round."""
-    n = len(labels)
-    count = int(round(val_split * n)) if val_split < 1 else int(val_split)
-    if not 0 < count < n:
-        raise UserError(
-            f"val_split {val_split:g} asks for {count} of the {n} training images; "
-            f"hold out between 1 and {n - 1} (a count, or a fraction < 1)"
-        )
-    classes, sizes = np.unique(labels, return_counts=True)
-    share = sizes * count / n
-    take = np.floor(share).astype(int)
-    take[np.argsort(-(share - take), kind="stable")[: count - take.sum()]] += 1
-    rng = np.random.default_rng(seed)
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
-    return np.sort(np.concatenate(chosen))
-
-
-def split_holdout(dataset: Dataset, val_split: float, seed: int) -> tuple[Dataset, np.ndarray]:
-    """(a Dataset whose test split is the held-out validation set, the held-out indices)."""
-    idx = holdout_indices(dataset.train_labels, val_split, seed)
-    keep = np.ones(len(dataset.train_labels), bool)
-    keep[idx] = False
-    return Dataset(
-        dataset.train_images[keep],
-        dataset.train_labels[keep],
-        dataset.train_images[idx],
-        dataset.train_labels[idx],
-        dataset.num_classes,
-        dataset.source,
-        dataset.name,
-        dataset.class_names,
-    ), idx
-
-
-def pixel_mean(images: np.ndarray) -> np.ndarray:
-    """Per-pixel mean of uint8 images scaled to [0, 1], float32 (H, W, C)."""
-    return (images.mean(axis=0, dtype=np.float64) / 255.0).astype(np.float32)
 
 
 def load_dataset(name: str = "cifar10", data_dir: str | None = None) -> Dataset:
@@ -142,22 +23,42 @@ def load_dataset(name: str = "cifar10", data_dir: str | None = None) -> Dataset:
     folder (for cifar10 / cifar100), or a tfds data directory. `name` is any tfds
     image-classification dataset that fits in memory (cifar10, mnist, fashion_mnist, svhn_cropped,
     ...)."""
-    from resnet_jax import image_folder, tfds_data
-
+    hint = None
     if data_dir is not None:
         data_dir = os.path.expanduser(str(data_dir))
         if not os.path.exists(data_dir):
-            where = f"{ARCHIVES[name][0]}, {ARCHIVES[name][1]}/, " if name in ARCHIVES else ""
+            archives = cifar_archive.ARCHIVES
+            where = f"{archives[name][0]}, {archives[name][1]}/, " if name in archives else ""
             raise UserError(
-                f"data_dir {data_dir} does not exist; point it at {where}a folder of images in class "
-                "subfolders (train/<class>/, test/<class>/) or a tfds data directory"
+                f"data_dir {data_dir} does not exist; point data_dir (--data_dir) at {where}a folder "
+                "of images in class subfolders (train/<class>/, test/<class>/), its .tar.gz, or a "
+                "tfds data directory"
             )
         if image_folder.looks_like(data_dir):
             return image_folder.load(data_dir)
-        found = find_archive(name, data_dir) if name in ARCHIVES else None
+        found = cifar_archive.find_archive(name, data_dir) if name in cifar_archive.ARCHIVES else None
         if found is not None:
-            return read_archive(name, found)
-    return tfds_data.load(name, data_dir, fits=check_host_memory)
+            return cifar_archive.read_archive(name, found)
+        hint = _archive_hint(data_dir)
+    return tfds_data.load(name, data_dir, fits=check_host_memory, offline_hint=hint)
+
+
+def _archive_hint(folder: str) -> str | None:
+    """What to pass instead when `folder` holds an image-folder archive but is none itself."""
+    if not os.path.isdir(folder):
+        return None
+    found = sorted(
+        os.path.join(folder, n)
+        for n in os.listdir(folder)
+        if image_folder.is_archive(os.path.join(folder, n))
+        and image_folder.looks_like(os.path.join(folder, n))
+    )
+    if not found:
+        return None
+    return (
+        f"{folder} is a folder holding the image archive {found[0]}: pass the archive itself as "
+        f"data_dir (--data_dir {found[0]})"
+    )
 
 
 def check_host_memory(nbytes: int, what: str):

@@ -25,6 +25,7 @@ import zlib
 import numpy as np
 
 from resnet_jax import cache
+from resnet_jax.dataset import Dataset
 from resnet_jax.errors import UserError
 
 SPLITS = ("train", "test")
@@ -188,8 +189,6 @@ def _cache_key(path: str) -> str:
 
 def load(path: str):
     """The Dataset of an image folder or its archive (decoded once, then read from the cache)."""
-    from resnet_jax.data import Dataset
-
     path = os.path.abspath(os.path.expanduser(path))
     key = _cache_key(path)
     arrays = cache.load_arrays("images", key)

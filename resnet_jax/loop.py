@@ -1,9 +1,10 @@
-"""The whole run: train_and_evaluate (resumable), evaluate_checkpoint, restore.
+"""The whole run: `train_and_evaluate`, resumable.
 
-`train_and_evaluate` reads top to bottom as the run's story, one function in named sections
-(as big_vision's train.py): workdir, data, platform, parts, state, record, compile, epochs, test.
-What it decides (the mesh, the model, optimizer and augmentation, the device loop) is decided
-there, once, and passed down.
+It reads top to bottom as the run's story, in named sections (as big_vision's train.py):
+workdir, data, platform, parts, state, record, compile, epochs, test. What it decides (the
+mesh, the model, optimizer and augmentation, the device loop) is decided there, once, and
+passed down. Its parts live elsewhere, each in one place: the device calls of an epoch in
+`calls`, checkpoints in `checkpoint`, everything written or printed in `writer`.
 """
 
 from __future__ import annotations
@@ -14,16 +15,22 @@ import functools
 import os
 import threading
 import time
+from typing import Any
 
 import jax
 import numpy as np
 
-from resnet_jax import cache, checkpoint, faults, parallel, parts, pipeline, report, steps, tuning
+from resnet_jax import cache, calls, checkpoint, faults, parallel, parts, pipeline, steps, tuning
 from resnet_jax import workdir as wd
+from resnet_jax.checkpoint import Progress, Sums
 from resnet_jax.config import Config
-from resnet_jax.data import Dataset, load_dataset, pixel_mean, split_holdout
+from resnet_jax.data import load_dataset
+from resnet_jax.dataset import Dataset, pixel_mean, split_holdout
 from resnet_jax.errors import Interrupted, UserError
-from resnet_jax.progress import Progress, Sums
+from resnet_jax.evaluate import evaluate_on
+from resnet_jax.report import finished_line, resume_lines, start_lines
+from resnet_jax.report import summary as model_summary
+from resnet_jax.writer import RunWriter
 
 
 class NonFinite(UserError):
@@ -33,10 +40,6 @@ class NonFinite(UserError):
 def keys(config: Config):
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
     return init_key, data_key
-
-
-def _is_primary() -> bool:
-    return jax.process_index() == 0
 
 
 def train_and_evaluate(
@@ -65,14 +68,11 @@ def train_and_evaluate(
     """
     path = os.path.abspath(os.path.expanduser(workdir))
     platform = tuning.started()  # first: on a CPU, malloc is set up before JAX starts (tuning.py)
-    console = report.Console(verbosity if _is_primary() else 0)
-    stop = stop or threading.Event()
-    with checkpoint.resumable_on_full_disk(path), contextlib.ExitStack() as run:
-        # -- Workdir: one run at a time (a lock held by process 0), only resnet_jax's own files.
-        wd.prepare(path)
-        run.enter_context(wd.Lock(path, enabled=_is_primary()))
-        if _is_primary():  # the others could see process 0's fresh checkpoints/ before its run.json
-            wd.check_foreign(path)
+    out = RunWriter(path, verbosity)
+    console, stop = out.console, stop or threading.Event()
+    with checkpoint.resumable_on_full_disk(path), contextlib.ExitStack() as stack:
+        # -- Workdir: one run at a time, holding only resnet_jax's own files.
+        stack.enter_context(out.claim())
 
         # -- Data: the test set validates (the seed's way), or a held-out part of the training set.
         if dataset is None:
@@ -93,63 +93,45 @@ def train_and_evaluate(
         chosen = parts.resolve(
             config, train_set.image_shape, spe, platform, model=model, optimizer=optimizer, augment=augment
         )
-        template = steps.abstract_state(chosen.model, chosen.tx, config, train_set.image_shape)
-        tree = wd.state_tree(template)  # every array a checkpoint holds: path, shape, dtype
-        run.enter_context(faults.out_of_memory_as(config, chosen.record["model"]["name"], mesh))
+        template = checkpoint.template(chosen.model, chosen.tx, config, train_set.image_shape)
+        stack.enter_context(faults.out_of_memory_as(config, chosen.record["model"]["name"], mesh))
 
         # -- State: the workdir's latest checkpoint (same model, data and seed), else a new one.
-        ckpts = run.enter_context(checkpoint.Checkpoints(path, save_thread=platform.save_thread))
-        saved = wd.read_run(path) if checkpoint.exists(path) else None
-        changed = wd.check_resume(saved, config, data, tree, path)
-        if held is not None:
-            wd.check_holdout(path, held)
-        init_key, data_key = keys(config)
-        restored = ckpts.restore(template, "latest", set_aside_damaged=_is_primary()) if saved else None
-        if restored is None:
-            with cache.compiling():
-                state = steps.init_state(chosen.model, chosen.tx, config, init_key, train_set.image_shape)
-            state = state.replace(pixel_mean=jax.numpy.asarray(pixel_mean(train_set.train_images)))
-            progress = Progress()
-        else:
-            state, progress = restored[0], Progress.from_meta(restored[1])
+        ckpts = stack.enter_context(checkpoint.Checkpoints(path, save_thread=platform.save_thread))
+        start = _start(path, ckpts, chosen, config, data, train_set, held, template, out.primary)
+        state, progress = start.state, start.progress
 
         # -- Record and report: run.json, metrics.jsonl, what will run.
         info = wd.run_info(
-            saved,
+            start.saved,
             config,
             train_set,
             spe,
             data=data,
             parts=chosen.record,
-            tree=tree,
-            change=progress.change_record(changed) if changed else None,
+            tree=checkpoint.state_tree(template),
+            change=progress.change_record(start.changed) if start.changed else None,
             finished=progress.finished(config.epochs),
         )
-        if _is_primary():
-            wd.write_run(path, info)
-            wd.rewrite_metrics(path, progress.history)
-            if held is not None:
-                wd.write_holdout(path, held)
-        for line in report.start_lines(config, data, chosen.record, mesh, spe, path):
+        out.run_json(info)
+        out.history(progress.history)
+        out.holdout(held)
+        for line in start_lines(config, data, chosen.record, mesh, spe, path):
             console.line(line)
         if summary:
-            console.line(report.summary(chosen.model, data["image_shape"]))
-        if restored is not None:
-            console.line(
-                f"Resuming {path} from {progress.where(spe)} (best val_acc so far {progress.best()})."
-            )
-        if changed:
-            console.line(report.changes_line(changed, progress.where(spe, next_step=True), path))
+            console.line(model_summary(chosen.model, data["image_shape"]))
         if progress.finished(config.epochs):
-            console.line(report.finished_line(path, progress, info.get("test")))
+            console.line(finished_line(path, progress, info.get("test")))
             return state, list(progress.history)
+        for line in resume_lines(path, progress, spe, start.changed) if start.saved else ():
+            console.line(line)
 
         # -- Compile: the dataset on the devices, every train-call shape and the evaluation.
         faults.check_data_fits(pipeline.device_bytes(train_set, config, mesh), mesh)
-        n = len(train_set.train_images)
         state = parallel.replicate(jax.device_get(state), mesh)
         device_data = pipeline.to_device(train_set, np.asarray(state.pixel_mean), config, mesh)
         chunk = pipeline.make_train_chunk(mesh, config.device_loop, chosen.augment)
+        data_key = keys(config)[1]
         evaluate = _compile(
             chunk,
             pipeline.make_evaluate(config, mesh),
@@ -162,63 +144,32 @@ def train_and_evaluate(
         )
 
         # -- Epochs: device calls of many steps, an evaluation, the callbacks, a checkpoint.
-        drops = () if chosen.record["optimizer"]["own"] else config.lr_epochs  # curves.png marks these
-        writer = report.EpochWriter(path, drops) if _is_primary() else None
-        if writer is not None:
-            run.callback(writer.close)
-        pace = _Pace(chunk.loop, config.steps_per_call)
+        out.start_epochs(() if chosen.record["optimizer"]["own"] else config.lr_epochs)
+        stack.callback(out.close)
+        loop = Epochs(chunk, device_data, data_key, spe, config, stop, ckpts, console)
         val_on = "held-out" if held is not None else "test"
         for epoch in range(progress.epoch + 1, config.epochs + 1):
             lr = chosen.rate(state, epoch)
             console.epoch_start(epoch, config.epochs, lr)
-            start = time.monotonic()
-            key = pipeline.epoch_key(data_key, epoch - 1)
-            perm = pipeline.permutation(key, n)
-            sums, step, first = progress.partial, progress.step_in_epoch, progress.step_in_epoch
-            sent, inflight = step, []  # steps handed to the devices; calls whose metrics are unread
-            while step < spe:
-                # Keep pace.ahead calls queued behind the one being read, so the devices never
-                # wait for the host between calls (reading metrics, a thread holding the GIL).
-                while sent < spe and len(inflight) <= pace.ahead and not (stop.is_set() and inflight):
-                    offset, step0, length, batch = pipeline.next_call(n, config.batch_size, pace.k, sent)
-                    state, m = chunk(state, device_data, perm, offset, step0, key, length=length, batch=batch)
-                    inflight.append((m, step0, length, time.monotonic()))
-                    sent = step0 + length
-                m, step0, length, t = inflight.pop(0)
-                m = jax.device_get(m)
-                pace.update(length, time.monotonic() - t)
-                ckpts.poll()  # the last epoch's outputs, once its checkpoint is on disk
-                _check_finite(m, epoch, step0, spe, ckpts)
-                sums, step = sums.add(m), step0 + length
-                console.progress(step, spe, sums, start)
-                if stop.is_set() and not inflight and step < spe:
-                    ckpts.save(state, progress.stopped_mid_epoch(step, sums).to_meta(), rank=None)
-                    console.end_bar()
-                    raise Interrupted(
-                        f"stopped at epoch {epoch}, step {step}/{spe}; state saved in "
-                        f"{ckpts.path}. Run the same command to resume."
-                    )
+            began, first = time.monotonic(), progress.step_in_epoch
+            state, sums, step = loop.train(state, epoch, progress)
+            if step < spe:  # a stop request, mid-epoch: saved, to go on from this step
+                ckpts.save(state, progress.stopped_mid_epoch(step, sums).to_meta(), rank=None)
+                console.end_bar()
+                raise Interrupted(
+                    f"stopped at epoch {epoch}, step {step}/{spe}; state saved in {ckpts.path}. "
+                    "Run the same command to resume."
+                )
             val = Sums().add(jax.device_get(evaluate(state, device_data)))
-            rec = {
-                "epoch": epoch,
-                "lr": lr,
-                "loss": sums.mean_loss,
-                "acc": sums.accuracy,
-                "val_loss": val.mean_loss,
-                "val_acc": val.accuracy,
-                "val_on": val_on,
-                "seconds": time.monotonic() - start,
-            }
+            rec = epoch_record(epoch, lr, sums, val, val_on, time.monotonic() - began)
             stopping = _callbacks_stop(callbacks, epoch, rec, state)
             best_before = progress.best_val_acc
             progress, improved = progress.epoch_done(rec, stopped=stopping)
             # metrics.jsonl, TensorBoard and curves.png follow the checkpoint: written once it is
             # on disk, they never list an epoch that a restart would redo.
+            rank = epoch if improved else -1
             ckpts.save(
-                state,
-                progress.to_meta(),
-                rank=epoch if improved else -1,
-                then=None if writer is None else functools.partial(writer.write, rec, progress.history),
+                state, progress.to_meta(), rank, then=functools.partial(out.epoch, rec, progress.history)
             )
             console.epoch_end(spe, rec, best_before, improved, ckpts.path, steps_run=spe - first)
             if stopping:
@@ -237,11 +188,86 @@ def train_and_evaluate(
             last = progress.history[-1]
             test = Sums(loss=last["val_loss"], correct=last["val_acc"], count=1.0)
         else:
-            test = _evaluate_on(state, dataset, config, mesh)
+            test = evaluate_on(state, dataset, config, mesh)
         console.test_result(test.mean_loss, test.accuracy)
-        if _is_primary():
-            wd.write_run(path, wd.finished(info, test, progress, int(jax.device_get(state.step))))
+        out.run_json(wd.finished(info, test, progress, int(jax.device_get(state.step))))
         return state, list(progress.history)
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Where a run starts: a new state, or the workdir's latest checkpoint."""
+
+    state: Any
+    progress: Progress
+    saved: tuple | None  # (config, run.json) of the run found in the workdir, else None
+    changed: dict  # the settings that differ from the saved run's: {field: [saved, now]}
+
+
+def _start(path, ckpts, chosen, config, data, train_set, held, template, primary) -> Start:
+    """Refuse another model, data, seed or split before any checkpoint is touched; then the latest
+    readable checkpoint (unreadable newer ones set aside by process 0), or a new state."""
+    saved = wd.read_run(path) if checkpoint.exists(path) else None
+    changed = wd.check_resume(saved, config, data, path)
+    if saved is not None:
+        checkpoint.check_tree(saved[1], checkpoint.state_tree(template), path)
+    if held is not None:
+        wd.check_holdout(path, held)
+    restored = ckpts.restore(template, "latest", set_aside_damaged=primary) if saved else None
+    if restored is not None:
+        return Start(restored[0], Progress.from_meta(restored[1]), saved, changed)
+    with cache.compiling():
+        state = steps.init_state(chosen.model, chosen.tx, config, keys(config)[0], train_set.image_shape)
+    state = state.replace(pixel_mean=jax.numpy.asarray(pixel_mean(train_set.train_images)))
+    return Start(state, Progress(), saved, changed)
+
+
+class Epochs:
+    """One epoch's training, from wherever the run stands (`Progress`) to its end or a stop
+    request: the epoch's order and keys, its device calls (`calls.run`), each call's metrics
+    summed, checked for NaN and shown on the progress bar."""
+
+    def __init__(self, chunk, data, data_key, spe: int, config: Config, stop, ckpts, console):
+        self.chunk, self.data, self.data_key, self.spe = chunk, data, data_key, spe
+        self.batch_size, self.stop, self.ckpts, self.console = config.batch_size, stop, ckpts, console
+        self.n = data.train_labels.shape[0]
+        self.pace = calls.Pace(chunk.loop, config.steps_per_call)
+
+    def train(self, state, epoch: int, progress: Progress):
+        """(state, summed metrics, the step reached): below steps_per_epoch after a stop."""
+        key = pipeline.epoch_key(self.data_key, epoch - 1)
+        perm = pipeline.permutation(key, self.n)
+        sums, began = progress.partial, time.monotonic()
+
+        def call(state, offset, step, length, batch):
+            return self.chunk(state, self.data, perm, offset, step, key, length=length, batch=batch)
+
+        def on_metrics(metrics, step, length):
+            nonlocal sums
+            self.ckpts.poll()  # the last epoch's outputs, once its checkpoint is on disk
+            _check_finite(metrics, epoch, step, self.spe, self.ckpts)
+            sums = sums.add(metrics)
+            self.console.progress(step + length, self.spe, sums, began)
+
+        plan = lambda step, k: pipeline.next_call(self.n, self.batch_size, k, step)
+        state, step = calls.run(
+            state, call, plan, progress.step_in_epoch, self.spe, self.pace, self.stop, on_metrics
+        )
+        return state, sums, step
+
+
+def epoch_record(epoch, lr, sums: Sums, val: Sums, val_on: str, seconds: float) -> dict:
+    """metrics.jsonl's line for an epoch."""
+    return {
+        "epoch": epoch,
+        "lr": lr,
+        "loss": sums.mean_loss,
+        "acc": sums.accuracy,
+        "val_loss": val.mean_loss,
+        "val_acc": val.accuracy,
+        "val_on": val_on,
+        "seconds": seconds,
+    }
 
 
 def _steps_per_epoch(config: Config, train_set: Dataset, mesh) -> int:
@@ -253,32 +279,6 @@ def _steps_per_epoch(config: Config, train_set: Dataset, mesh) -> int:
         )
     parallel.check_batch_size(config.batch_size, mesh)
     return pipeline.steps_per_epoch(n, config.batch_size)
-
-
-def _evaluate_on(state, dataset: Dataset, config, mesh) -> Sums:
-    """Summed metrics of a state on a dataset's test split."""
-    state = parallel.replicate(jax.device_get(state), mesh)
-    images, labels, weights = pipeline.eval_set(dataset.test_images, dataset.test_labels, config, mesh)
-    mean = parallel.replicate(np.asarray(state.pixel_mean), mesh)
-    data = pipeline.DeviceData(images[:0], labels[:0], images, labels, weights, mean)
-    return Sums().add(jax.device_get(pipeline.make_evaluate(config, mesh)(state, data)))
-
-
-class _Pace:
-    """Steps per device call: the config's on the scan loop (calls aligned to it); on the python
-    loop (one jitted call per step) as many as fit in about half a second, so the progress bar
-    moves and a stop request is seen at least that often."""
-
-    def __init__(self, loop: str, steps_per_call: int, seconds: float = 0.5):
-        self.loop, self.cap, self.seconds = loop, steps_per_call, seconds
-        self.k = steps_per_call if loop == "scan" else 1
-        # calls queued behind the one being read: one on the scan loop (accelerators); none on the
-        # python loop, whose call is already many asynchronous steps and whose pace is timed.
-        self.ahead = 1 if loop == "scan" else 0
-
-    def update(self, length: int, elapsed: float):
-        if self.loop == "python" and elapsed > 0:
-            self.k = int(min(self.cap, max(1, round(self.seconds * length / elapsed))))
 
 
 def _callbacks_stop(callbacks, epoch: int, rec: dict, state) -> bool:
@@ -297,7 +297,7 @@ def _compile(chunk, evaluate, config, progress, state, data, data_key, console):
     """Compile every train-call shape the run will use and the evaluation, in parallel, up front
     (one compile per shape: the epoch's full calls, its shorter last call, the partial batch);
     from the persistent compilation cache when it holds them (resnet_jax.cache)."""
-    start = time.monotonic()
+    began = time.monotonic()
     n = data.train_labels.shape[0]
     key = pipeline.epoch_key(data_key, progress.epoch)
     perm = pipeline.permutation(key, n)
@@ -312,7 +312,7 @@ def _compile(chunk, evaluate, config, progress, state, data, data_key, console):
         (compiled_evaluate,) = chunk.compile(
             shapes, state, data, perm, key, extra=[evaluate.lower(state, data)]
         )
-    console.line(f"Compiled in {time.monotonic() - start:.1f} s.")
+    console.line(f"Compiled in {time.monotonic() - began:.1f} s.")
     return compiled_evaluate
 
 
@@ -330,105 +330,3 @@ def _check_finite(m, epoch, step0, spe, ckpts):
             f"loss became {m['loss'][bad[0]] / m['count'][bad[0]]} at epoch {epoch}, "
             f"step {step0 + bad[0] + 1}/{spe}; stopped without saving it; {advice}"
         )
-
-
-# -- Reading a saved run ----------------------------------------------------------------------
-
-
-def _open_run(workdir: str):
-    """(path, config, run.json info) of a saved run; clear errors when there is none."""
-    path = os.path.abspath(os.path.expanduser(workdir))
-    saved = wd.read_run(path) if os.path.isdir(path) else None
-    if saved is None:
-        raise UserError(f"{path} holds no resnet_jax run (no {wd.RUN_FILE}); train one first")
-    if not os.path.isdir(os.path.join(path, checkpoint.FOLDER)):
-        raise UserError(f"{path} has no checkpoint yet; train at least one epoch first")
-    return path, saved[0], saved[1]
-
-
-def restore_with_meta(workdir: str, which: str = "best", *, model=None, optimizer=None):
-    """(state, progress, step) of a saved checkpoint (`best` by val_acc, or `latest`).
-
-    A run of your own model needs `model=`. A run of your own optimizer restores its state as
-    saved (plain arrays, no `tx`) unless you pass the `optimizer=` again."""
-    path, config, info = _open_run(workdir)
-    if which not in ("best", "latest"):
-        raise UserError(f"which must be 'best' or 'latest', got {which!r}")
-    record = info.get("parts") or {}
-    if record.get("model", {}).get("own") and model is None:
-        name = record["model"].get("class", "your model")
-        raise UserError(
-            f"the run in {path} trained your own model ({name}); pass it: "
-            f"resnet_jax.restore(workdir, model={name}(...))"
-        )
-    image_shape, spe = tuple(info["image_shape"]), info["steps_per_epoch"]
-    chosen = parts.resolve(config, image_shape, spe, tuning.started(), model=model, optimizer=optimizer)
-    template = steps.abstract_state(chosen.model, chosen.tx, config, image_shape)
-    as_saved = record.get("optimizer", {}).get("own") and optimizer is None
-    wd.check_tree(info, wd.state_tree(template), path, only=("params", "batch_stats") if as_saved else None)
-    with checkpoint.Checkpoints(path, read_only=True) as ckpts:
-        try:
-            restored = ckpts.restore(None if as_saved else template, which)
-        except UserError as e:
-            raise UserError(f"{e}{_readable_alternative(ckpts, which)}") from None
-    if restored is None:
-        raise UserError(f"{path} has no {which} checkpoint yet; train at least one epoch first")
-    state = restored[0]
-    if as_saved:
-        state = steps.TrainState(**state, apply_fn=chosen.model.apply, tx=None, config=config)
-    return state, Progress.from_meta(restored[1]), restored[2]
-
-
-def _readable_alternative(ckpts, which) -> str:
-    """What else is readable when the chosen checkpoint is not, and the flag that picks it."""
-    if which == "best":
-        for step in ckpts.steps()[::-1]:
-            meta = ckpts.read_meta(step)
-            if meta is not None:
-                where = Progress.from_meta(meta).where(None)
-                return f"; the latest checkpoint ({where}, step {step}) is readable: pass --which latest"
-    return ""
-
-
-def restore(workdir: str, which: str = "best", *, model=None, optimizer=None) -> steps.TrainState:
-    """The saved state of a run (`best` by val_acc, or `latest`), from the workdir alone; a run
-    of your own model needs `model=` (and, to go on training it, your `optimizer=`)."""
-    return restore_with_meta(workdir, which, model=model, optimizer=optimizer)[0]
-
-
-def evaluate_checkpoint(
-    workdir: str,
-    which: str = "best",
-    dataset: Dataset | None = None,
-    data_dir: str | None = None,
-    console=None,
-    *,
-    model=None,
-):
-    """(test loss, test accuracy) of a saved state on the run's test set (or `dataset`'s)."""
-    path, config, info = _open_run(workdir)
-    if dataset is None:
-        trained_on = (info.get("data") or {}).get("source", "")
-        if trained_on == "arrays":
-            raise UserError(
-                f"the run in {path} trained on in-memory arrays, which the command line cannot "
-                "load; evaluate it in Python: resnet_jax.evaluate_checkpoint(workdir, "
-                "dataset=resnet_jax.Dataset(...))"
-            )
-        if data_dir is None and config.data_dir is None and trained_on.startswith("folder:"):
-            data_dir = trained_on.split(":", 1)[1]
-        dataset = load_dataset(config.dataset, data_dir if data_dir is not None else config.data_dir)
-    if tuple(dataset.image_shape) != tuple(info["image_shape"]):
-        raise UserError(
-            f"the run in {path} trained on images of shape {tuple(info['image_shape'])}, the data "
-            f"given has {tuple(dataset.image_shape)}; evaluate it on data of the run's shape"
-        )
-    state, progress, step = restore_with_meta(path, which, model=model)
-    if console is not None:
-        console.line(
-            f"Evaluating the {which} checkpoint of {path}: {progress.where(None)} "
-            f"(step {step}{', mid-epoch' if progress.step_in_epoch else ''}), on the "
-            f"{len(dataset.test_images):,} test images"
-        )
-    test = _evaluate_on(state, dataset, state.config, parallel.make_mesh())
-    return test.mean_loss, test.accuracy

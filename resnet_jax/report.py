@@ -100,9 +100,27 @@ def start_lines(config, data: dict, record: dict, mesh, spe: int, path: str) -> 
     lines.append(
         f"Devices: {mesh.size} x {device.device_kind} ({device.platform}), batch "
         f"{config.batch_size} ({config.batch_size // mesh.size} per device), {config.dtype}"
+        + _cpu_split(config, mesh, data["image_shape"], model["own"])
     )
     lines.append(f"Steps per epoch: {spe:,}; workdir {path}")
     return lines
+
+
+def _cpu_split(config, mesh, image_shape, own_model: bool) -> str:
+    """Why a CPU runs as fewer JAX devices than it has cores (resnet_jax.tuning), or nothing."""
+    import jax
+
+    from resnet_jax import models, tuning
+
+    cores = tuning.cores()
+    if mesh.devices.flat[0].platform != "cpu" or jax.process_count() > 1 or mesh.size >= cores:
+        return ""
+    small = (
+        not own_model
+        and config.batch_size * models.forward_flops(config, image_shape) < tuning.SPLIT_MIN_FLOPS
+    )
+    why = "the model is small: one device runs it faster" if small else "as JAX was started"
+    return f"; {mesh.size} of {cores} cores as devices ({why}; --cpu_devices N to choose)"
 
 
 def summary(model, image_shape) -> str:
@@ -122,9 +140,22 @@ def _fmt(value):
     return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
 
 
-def changes_line(changed: dict, where: str, path: str) -> str:
-    what = ", ".join(f"{k} {_fmt(old)} -> {_fmt(new)}" for k, (old, new) in changed.items())
-    return f"Settings changed from {where} on: {what} (recorded in {os.path.join(path, 'run.json')})"
+def resume_lines(path: str, progress, spe: int, changed: dict) -> list[str]:
+    """What a resumed run says before it compiles: where it goes on from, and the settings that
+    changed (in run.json's terms: after how many epochs, and steps of the next)."""
+    if progress.step_in_epoch:
+        where = f"at epoch {progress.epoch + 1}, step {progress.step_in_epoch}/{spe}"
+        after = f"after epoch {progress.epoch} and {progress.step_in_epoch}/{spe} steps of the next"
+    else:
+        where = after = f"after epoch {progress.epoch}"
+    best = (
+        "no epoch finished yet" if progress.best_val_acc is None else f"best val_acc so far {progress.best()}"
+    )
+    lines = [f"Resuming {path} {where} ({best})."]
+    if changed:
+        what = ", ".join(f"{k} {_fmt(old)} -> {_fmt(new)}" for k, (old, new) in changed.items())
+        lines.append(f"Settings changed {after}: {what} (recorded in {os.path.join(path, 'run.json')})")
+    return lines
 
 
 def finished_line(path: str, progress, test: dict | None) -> str:
@@ -154,32 +185,26 @@ def epoch_line(steps: int, rec: dict, steps_run: int | None = None) -> str:
 
 
 class TensorBoard:
-    """Per-epoch scalars as TensorBoard events under workdir/tensorboard.
-
-    Written with the `tensorboard` package's own event writer and protos (no TensorFlow), so
-    `tensorboard --logdir <workdir>` reads them after the README's install.
-    """
+    """Per-epoch scalars as TensorBoard events under workdir/tensorboard, written with
+    tensorboardX's event-file writer (pure Python, no TensorFlow), synchronously: an event is on
+    disk when `write` returns, and a full disk is seen here, not on a writer thread. `tensorboard
+    --logdir <workdir>` reads them."""
 
     def __init__(self, workdir: str):
-        import sys
-        import types
-
-        # tensorboard's writer uses TensorFlow's file API when TensorFlow is installed (importing
-        # it costs seconds); this marker module makes it use its own, as without TensorFlow.
-        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
         self.folder, self.writer = os.path.join(workdir, "tensorboard"), None
         try:
-            self.writer = EventFileWriter(self.folder)
-        except Exception as e:  # noqa: BLE001 - a full disk at the first event file
+            from tensorboardX.event_file_writer import EventsWriter
+
+            os.makedirs(self.folder, exist_ok=True)
+            self.writer = EventsWriter(os.path.join(self.folder, "events"))
+        except OSError as e:  # a full disk at the first event file
             self._give_up(e)
 
     def write(self, rec: dict):
         """One event per epoch; a write the disk refuses is one warning line and TensorBoard is
         off for the rest of the run (a convenience: the run goes on)."""
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
 
         if self.writer is None:
             return
@@ -189,11 +214,11 @@ class TensorBoard:
             if rec.get(name) is not None
         ]
         try:
-            self.writer.add_event(
+            self.writer.write_event(
                 Event(wall_time=time.time(), step=int(rec["epoch"]), summary=Summary(value=values))
             )
             self.writer.flush()
-        except Exception as e:  # noqa: BLE001 - the writer's thread re-raises what the disk said
+        except OSError as e:
             self._give_up(e)
 
     def _give_up(self, e):
@@ -213,7 +238,7 @@ class TensorBoard:
         if self.writer is not None:
             try:
                 self.writer.close()
-            except Exception as e:  # noqa: BLE001
+            except OSError as e:
                 self._give_up(e)
 
 

@@ -66,14 +66,16 @@ def create_train_state(
     return init_state(chosen.model, chosen.tx, config, rng, image_shape)
 
 
-def _check_shape(image_shape) -> tuple:
+def check_image_shape(image_shape) -> tuple:
     image_shape = tuple(int(d) for d in image_shape)
     if len(image_shape) != 3 or min(image_shape) <= 0:
         raise UserError(f"image_shape must be (height, width, channels), got {image_shape}")
     return image_shape
 
 
-def _init_fn(model, tx, config, image_shape):
+def initial_arrays(model, tx, image_shape):
+    """rng -> the initial state's arrays (step, params, batch_stats, opt_state, pixel_mean)."""
+
     def init(rng):
         x = jnp.zeros((1,) + image_shape, jnp.float32)
         variables = model.init({"params": rng, "dropout": rng}, x, train=False)
@@ -93,21 +95,13 @@ def init_state(model, tx, config: Config, rng: jax.Array, image_shape) -> TrainS
     """The initial state of `model` and `tx`, computed on the host CPU on every platform (one
     small compile there instead of many small GPU kernels; the same numbers whatever the
     accelerator); the training loop places it on the devices."""
-    image_shape = _check_shape(image_shape)
+    image_shape = check_image_shape(image_shape)
     init = jax.jit(
-        _init_fn(model, tx, config, image_shape), compiler_options={"xla_backend_optimization_level": 0}
+        initial_arrays(model, tx, image_shape), compiler_options={"xla_backend_optimization_level": 0}
     )
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         arrays = init(jax.device_put(rng))
     return TrainState(**arrays, apply_fn=model.apply, tx=tx, config=config)
-
-
-def abstract_state(model, tx, config: Config, image_shape) -> TrainState:
-    """The state's structure, shapes and dtypes without computing it (jax.eval_shape): the
-    template to restore a checkpoint into."""
-    init = _init_fn(model, tx, config, _check_shape(image_shape))
-    shapes = jax.eval_shape(init, jax.eval_shape(lambda: jax.random.key(0)))
-    return TrainState(**shapes, apply_fn=model.apply, tx=tx, config=config)
 
 
 def l2_penalty(params, config: Config) -> jax.Array:

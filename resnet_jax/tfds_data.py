@@ -9,12 +9,15 @@ GPU (JAX owns the accelerators).
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import re
 import socket
 
 import numpy as np
 
+from resnet_jax.dataset import Dataset
 from resnet_jax.errors import UserError
 
 # Where tfds downloads from: its own mirror first, then the dataset's site (CIFAR's here).
@@ -44,12 +47,42 @@ def _reachable(address, timeout: float = 5.0) -> bool:
         return False
 
 
-def _offline_error(name: str, data_dir) -> UserError:
-    local = OFFLINE_HINTS.get(name, "a folder of images in class subfolders (train/<class>/, test/<class>/)")
+def _offline_error(name: str, data_dir, hint: str | None = None) -> UserError:
+    if hint is not None:  # data_dir holds an image archive: say to pass it
+        return UserError(f"cannot download {name} (no network), and {hint}")
+    local = OFFLINE_HINTS.get(
+        name, "a folder of images in class subfolders (train/<class>/, test/<class>/) or its .tar.gz"
+    )
     return UserError(
         f"cannot download {name}: no network and no prepared copy in {data_dir or 'the tfds data dir'}. "
-        f"Offline, either pass --data_dir pointing at {local}, or at a tfds data_dir where {name} "
-        "was prepared (TFDS_DATA_DIR)"
+        f"Offline, point data_dir (--data_dir) at {local}, an image-folder archive, or a tfds data_dir "
+        f"where {name} was prepared (TFDS_DATA_DIR)"
+    )
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def closest_name(name: str, known) -> str | None:
+    """The tfds name a mistyped one most likely meant: the same letters and digits (cifar-10,
+    CIFAR_10 -> cifar10), else the nearest by spelling; None when nothing is close."""
+    known = sorted(known)
+    same = [k for k in known if _normal(k) == _normal(name)]
+    if same:
+        return same[0]
+    by_normal = {_normal(k): k for k in known}
+    close = difflib.get_close_matches(_normal(name), list(by_normal), n=1, cutoff=0.75)
+    return by_normal[close[0]] if close else None
+
+
+def unknown_dataset(name: str, tfds) -> UserError:
+    guess = closest_name(name, tfds.list_builders())
+    return UserError(
+        f"unknown dataset {name!r}: not a tensorflow-datasets name"
+        + (f"; did you mean {guess}?" if guess and guess != name else "")
+        + " (tfds.list_builders() lists them); for your own images point data_dir (--data_dir) at a "
+        "folder in class subfolders, or build a resnet_jax.Dataset from arrays"
     )
 
 
@@ -87,22 +120,19 @@ def _test_split(name: str, splits) -> str:
     raise UserError(f"{name} has no test or validation split (splits: {', '.join(sorted(splits))})")
 
 
-def load(name: str, data_dir: str | None = None, fits=None):
+def load(name: str, data_dir: str | None = None, fits=None, offline_hint: str | None = None):
     """The dataset `name` from tensorflow-datasets as host arrays.
 
     `fits(nbytes, what)` is called with the uint8 size of both splits before they are read into
-    memory (resnet_jax.data.check_fits), when tfds knows the split sizes."""
-    from resnet_jax.data import Dataset
-
+    memory (resnet_jax.data.check_fits), when tfds knows the split sizes. `offline_hint` replaces
+    the offline advice (data_dir holds an image archive to pass instead)."""
     tfds = _tfds()
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise UserError(
-            f"unknown dataset {name!r}: not a tensorflow-datasets name (tfds.list_builders() lists "
-            "them); for your own images pass --data_dir with a folder in class subfolders, or build "
-            "a resnet_jax.Dataset from arrays"
-        ) from None
+    except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise unknown_dataset(name, tfds) from None  # also names tfds cannot parse (cifar-10)
     image_key, label_key, shape, classes = image_and_label(name, builder.info)
 
     def read(download: bool):
@@ -126,7 +156,7 @@ def load(name: str, data_dir: str | None = None, fits=None):
         raise
     except Exception:  # noqa: BLE001 - not prepared here: download, but only if the network is there
         if not any(_reachable(host) for host in DOWNLOAD_HOSTS):
-            raise _offline_error(name, data_dir) from None
+            raise _offline_error(name, data_dir, offline_hint) from None
         try:
             return read(download=True)
         except UserError:

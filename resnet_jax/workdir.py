@@ -36,14 +36,11 @@ def prepare(workdir: str) -> str:
 class Lock:
     """One run per workdir: an flock on workdir/.lock, released by the kernel if the run dies."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str):
         self.path = os.path.join(workdir, LOCK_FILE)
         self.fd = None
-        self.enabled = enabled
 
     def __enter__(self):
-        if not self.enabled:
-            return self
         with writing("the lock file", self.path):
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -237,50 +234,14 @@ def describe_data(dataset, config: Config, held) -> dict:
     return data
 
 
-def state_tree(state) -> list:
-    """[path, shape, dtype] of every array a checkpoint of `state` holds (run.json's record, to
-    refuse a resume or restore with another model or optimizer before touching a checkpoint)."""
-    import jax
-
-    return [
-        [jax.tree_util.keystr(path), list(leaf.shape), str(leaf.dtype)]
-        for path, leaf in jax.tree_util.tree_leaves_with_path(state)
-    ]
-
-
-def check_tree(info: dict, tree: list, workdir: str, only=None):
-    """Refuse a state whose arrays differ from the saved run's, naming the first that differs
-    (`only`: the top-level fields to compare, e.g. params and batch_stats)."""
-    saved = info.get("state_tree")
-    if saved is None:  # written by an earlier version: the config check stands alone
-        return
-    keep = (
-        (lambda rows: rows)
-        if only is None
-        else (lambda rows: [r for r in rows if any(r[0].startswith(f".{f}") for f in only)])
-    )
-    a, b = {r[0]: r for r in keep(saved)}, {r[0]: r for r in keep(tree)}
-    for path in [r[0] for r in keep(saved)] + [r[0] for r in keep(tree)]:
-        if a.get(path) == b.get(path):
-            continue
-        what = "model" if path.startswith((".params", ".batch_stats")) else "optimizer"
-        there = f"{tuple(a[path][1])} {a[path][2]}" if path in a else "absent"
-        here = f"{tuple(b[path][1])} {b[path][2]}" if path in b else "absent"
-        raise UserError(
-            f"workdir {workdir} holds a run of another {what}: {path.lstrip('.')} is {there} there, "
-            f"{here} here; pass the run's {what} to resume or restore it, or another --workdir "
-            "(nothing was deleted)"
-        )
-
-
-def check_resume(saved, config: Config, data: dict, tree: list, workdir: str) -> dict:
-    """Before a checkpoint is touched: refuse another model, data, seed or state layout; return
-    the settings that may change and did ({field: [saved, now]})."""
+def check_resume(saved, config: Config, data: dict, workdir: str) -> dict:
+    """Before a checkpoint is touched: refuse another model, data or seed; return the settings
+    that may change and did ({field: [saved, now]}). (The saved arrays' layout is
+    checkpoint.check_tree's to check.)"""
     if saved is None:
         return {}
     check_compatible(saved[0], config, workdir)
     check_data(saved[1], data, workdir)
-    check_tree(saved[1], tree, workdir)
     return changed_settings(saved[0], config)
 
 

@@ -53,16 +53,16 @@ elif kind == "disk" and where in ("run.json", "holdout.json", "curves.png", "met
 
     os.replace, builtins.open = replace, open_
 elif kind == "disk" and where == "tensorboard":
-    from tensorboard.summary.writer import event_file_writer
+    from tensorboardX import event_file_writer
 
-    real_add = event_file_writer.EventFileWriter.add_event
+    real_write = event_file_writer.EventsWriter.write_event
 
-    def add_event(self, event):
+    def write_event(self, event):
         if due():
             raise no_space("events.out.tfevents")
-        return real_add(self, event)
+        return real_write(self, event)
 
-    event_file_writer.EventFileWriter.add_event = add_event
+    event_file_writer.EventsWriter.write_event = write_event
 elif kind == "disk" and where in ("checkpoint", "checkpoint_async"):
     import orbax.checkpoint as ocp
 

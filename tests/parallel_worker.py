@@ -22,7 +22,7 @@ state, history = rj.train_and_evaluate(config, workdir, ds, verbosity=0)
 mesh = parallel.make_mesh()
 report = {"devices": mesh.size, "processes": jax.process_count(), "history": history}
 # The compiled train step works on per-device shards: batch 8 / devices.
-data = pipeline.to_device(ds, rj.data.pixel_mean(ds.train_images), state.config, mesh)
+data = pipeline.to_device(ds, rj.dataset.pixel_mean(ds.train_images), state.config, mesh)
 perm = pipeline.permutation(jax.random.key(0), 62)
 step = jax.jit(
     lambda s, d, p: pipeline._train_chunk(s, d, p, 0, 0, jax.random.key(0), length=1, batch=8, mesh=mesh)

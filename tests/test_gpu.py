@@ -26,13 +26,13 @@ GPU_ENV = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
 @pytest.fixture(scope="module")
 def gpu_archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
-    return rj.data.write_archive(str(root), random_dataset(n_train=200, n_test=64))
+    return rj.cifar_archive.write_archive(str(root), random_dataset(n_train=200, n_test=64))
 
 
 def test_scan_loop_equals_python_loop_on_the_gpu(tiny_config):
     ds = random_dataset(n_train=40)
     mesh = parallel.make_mesh()
-    data = pipeline.to_device(ds, rj.data.pixel_mean(ds.train_images), tiny_config, mesh)
+    data = pipeline.to_device(ds, rj.dataset.pixel_mean(ds.train_images), tiny_config, mesh)
     key = pipeline.epoch_key(jax.random.key(1), 0)
     perm = pipeline.permutation(key, 40)
     out = {}

@@ -49,7 +49,7 @@ def test_every_image_once_per_epoch_in_a_fresh_order():
 def test_train_chunks_match_single_steps_on_the_same_batches(tiny_config, loop):
     """The scanned device path = gather + preprocess + augment + train_step, step by step."""
     ds = random_dataset(n_train=40)
-    mean = rj.data.pixel_mean(ds.train_images)
+    mean = rj.dataset.pixel_mean(ds.train_images)
     mesh = parallel.make_mesh()
     data = pipeline.to_device(ds, mean, tiny_config, mesh)
     key = pipeline.epoch_key(jax.random.key(1), 0)
@@ -82,7 +82,7 @@ def test_train_chunks_match_single_steps_on_the_same_batches(tiny_config, loop):
 
 def test_evaluation_is_exact_over_all_test_images(tiny_config):
     ds = random_dataset(n_test=37)  # not a multiple of the eval batch (16): padded and masked
-    mean = rj.data.pixel_mean(ds.train_images)
+    mean = rj.dataset.pixel_mean(ds.train_images)
     mesh = parallel.make_mesh()
     data = pipeline.to_device(ds, mean, tiny_config, mesh)
     state = rj.create_train_state(tiny_config, jax.random.key(0), (32, 32, 3), 5)
@@ -107,7 +107,7 @@ class StopAt:
 
 @pytest.mark.parametrize("asked", [1, 2, 5])
 def test_calls_queued_ahead_stop_and_resume_exactly(tiny_config, tmp_path, asked):
-    # The scan loop keeps one call queued behind the one it reads (loop._Pace.ahead). A stop
+    # The scan loop keeps one call queued behind the one it reads (calls.Pace.ahead). A stop
     # request mid-epoch reads what is in flight, saves, and the resumed run equals an
     # uninterrupted one: metrics and the final state, bit for bit.
     from conftest import assert_same_run

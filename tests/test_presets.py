@@ -211,15 +211,15 @@ def test_preset_through_the_command_line(archive, tmp_path):
 
 def test_holdout_is_disjoint_stratified_and_deterministic():
     labels = np.repeat(np.arange(10), [100, 100, 100, 100, 100, 100, 100, 100, 100, 37])
-    a = rj.data.holdout_indices(labels, 0.1, seed=0)
-    assert np.array_equal(a, rj.data.holdout_indices(labels, 0.1, seed=0))
-    assert not np.array_equal(a, rj.data.holdout_indices(labels, 0.1, seed=1))
+    a = rj.dataset.holdout_indices(labels, 0.1, seed=0)
+    assert np.array_equal(a, rj.dataset.holdout_indices(labels, 0.1, seed=0))
+    assert not np.array_equal(a, rj.dataset.holdout_indices(labels, 0.1, seed=1))
     assert len(a) == round(0.1 * len(labels)) and len(set(a)) == len(a)
     per_class = np.bincount(labels[a], minlength=10)
     assert per_class[:9].tolist() == [10] * 9 and per_class[9] in (3, 4)
-    assert len(rj.data.holdout_indices(labels, 250, seed=0)) == 250
+    assert len(rj.dataset.holdout_indices(labels, 250, seed=0)) == 250
     ds = random_dataset(n_train=60)
-    train_part, idx = rj.data.split_holdout(ds, 12, seed=0)
+    train_part, idx = rj.dataset.split_holdout(ds, 12, seed=0)
     assert len(train_part.train_images) == 48 and len(train_part.test_images) == 12
     rest = np.setdiff1d(np.arange(60), idx)
     np.testing.assert_array_equal(train_part.train_images, ds.train_images[rest])
@@ -240,7 +240,7 @@ def test_the_test_set_never_enters_training_or_checkpoint_choice(tmp_path):
     best_a, best_b = rj.restore(str(tmp_path / "a"), "best"), rj.restore(str(tmp_path / "b"), "best")
     jax.tree.map(np.testing.assert_array_equal, best_a.params, best_b.params)
     # and the validation numbers are the held-out images', not the test set's
-    _, idx = rj.data.split_holdout(ds, 16, seed=0)
+    _, idx = rj.dataset.split_holdout(ds, 16, seed=0)
     held = rj.Dataset(ds.train_images[:8], ds.train_labels[:8], ds.train_images[idx], ds.train_labels[idx])
     loss, acc = rj.evaluate_checkpoint(str(tmp_path / "a"), "latest", dataset=held)
     assert acc == pytest.approx(history_a[-1]["val_acc"]) and loss == pytest.approx(history_a[-1]["val_loss"])

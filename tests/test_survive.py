@@ -53,7 +53,7 @@ def test_a_save_keeps_its_arrays_when_the_next_step_donates_them(tmp_path, save_
     # the arrays it was given may be donated by the next train call at once. Deleting them right
     # after save stands in for that; the checkpoint must still hold their values.
     from resnet_jax import checkpoint
-    from resnet_jax.progress import Progress
+    from resnet_jax.checkpoint import Progress
 
     state = rj.create_train_state(rj.tiny(), jax.random.key(0), (32, 32, 3), 5)
     state = state.replace(step=jax.numpy.asarray(7, jax.numpy.int32))

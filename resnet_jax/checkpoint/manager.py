@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run: the latest states and the best one by val_acc, in one manager.
+"""The orbax side of a run's checkpoints: the latest states and the best one by val_acc, in one manager.
 
 Each checkpoint holds the state's arrays and a JSON `meta` record (epoch, step within the epoch,
 best so far, history, running sums of a half-done epoch). Epoch-end saves carry the metric
@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import logging
 import os
 import re
 import sys
-import threading
 import time
-import warnings
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,8 +25,9 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from resnet_jax.checkpoint.progress import Progress
 from resnet_jax.errors import UserError
-from resnet_jax.faults import writing
+from resnet_jax.faults import DiskFull, MachineFault, is_disk_full, writing
 
 FOLDER = "checkpoints"
 
@@ -192,6 +190,7 @@ class Checkpoints:
             if template is None
             else ocp.args.StandardRestore(_abstract(template))
         )
+        verify_arrays(os.path.join(self.path, str(step), "state"))
         with quiet():
             return self.manager.restore(
                 step, args=ocp.args.Composite(state=item, meta=ocp.args.JsonRestore())
@@ -231,8 +230,6 @@ class Checkpoints:
         """After the run: every save finished and recorded. After an error: the same, unless the
         error is a full disk (then nothing more is written); a second error while finishing is
         dropped, the first one says what matters."""
-        from resnet_jax.faults import is_disk_full
-
         if kind is None:
             self.close()
             return
@@ -244,7 +241,6 @@ class Checkpoints:
 
 def last_complete_line(workdir: str) -> str:
     """Where a run stands on disk after a failure: its last complete checkpoint, and what to do."""
-    from resnet_jax.progress import Progress
 
     folder = os.path.join(os.path.abspath(workdir), FOLDER)
     steps = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
@@ -266,8 +262,6 @@ def last_complete_line(workdir: str) -> str:
 @contextlib.contextmanager
 def resumable_on_full_disk(workdir: str):
     """A full disk anywhere inside ends in one line that adds where the run stands on disk."""
-    from resnet_jax.faults import DiskFull, MachineFault
-
     try:
         yield
     except DiskFull as e:
@@ -310,35 +304,30 @@ def quiet():
             logger.setLevel(level)
 
 
-def ignore_stray_loop_errors():
-    """Drop what a damaged checkpoint's abandoned reads print after orbax gave up on it (the
-    failure itself is reported in one line): tensorstore threads' 'RuntimeError: Event loop is
-    closed', the errors of read coroutines that nobody awaited any more, and their "never
-    awaited" warnings. For the command line; every other exception still prints as before."""
+def verify_arrays(folder: str):
+    """Read every array of an orbax OCDBT checkpoint once, one after another, with tensorstore's
+    synchronous calls; raises on the first unreadable one (a truncated, deleted or overwritten
+    data file).
 
-    def stray(exc) -> bool:
-        return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+    Done before orbax reads the checkpoint: orbax reads all arrays at once on an asyncio loop
+    and, when one read fails, closes its loop with the other reads still in flight; their
+    completions then print "Event loop is closed" and "Exception ignored in <coroutine>"
+    tracebacks from tensorstore's threads and the garbage collector, long after the one line
+    that reports the damage. Found here first, a damaged checkpoint never reaches orbax. (About
+    60 ms for the tiny model's 120 arrays.) Checkpoints in another format are left to orbax."""
+    import tensorstore as ts
 
-    previous_hook, previous_thread_hook, previous_unraisable = (
-        sys.excepthook,
-        threading.excepthook,
-        sys.unraisablehook,
-    )
-
-    def hook(kind, value, tb):
-        if not stray(value):
-            previous_hook(kind, value, tb)
-
-    def thread_hook(args):
-        if not stray(args.exc_value):
-            previous_thread_hook(args)
-
-    def unraisable(args):
-        if not (stray(args.exc_value) or inspect.iscoroutine(args.object)):
-            previous_unraisable(args)
-
-    sys.excepthook, threading.excepthook, sys.unraisablehook = hook, thread_hook, unraisable
-    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    if not os.path.exists(os.path.join(folder, "manifest.ocdbt")):
+        return
+    base = {"driver": "ocdbt", "base": {"driver": "file", "path": folder + "/"}}
+    keys = ts.KvStore.open(base).result().list().result()
+    arrays = sorted({k.decode().rsplit("/", 1)[0] for k in keys if k.endswith(b"/.zarray")})
+    for name in arrays:
+        spec = {"driver": "zarr", "kvstore": {**base, "path": name + "/"}}
+        try:
+            ts.open(spec, open=True).result().read().result()
+        except ValueError as e:  # tensorstore's status, e.g. "OUT_OF_RANGE: Error reading ..."
+            raise ValueError(f"array {name} is unreadable ({str(e).split(':')[0]})") from None
 
 
 def _abstract(tree):

@@ -1,0 +1,74 @@
+"""A saved run's state from its workdir alone: `restore` (the notebook's call), and
+`restore_with_meta` (also where the run stood: its Progress and step)."""
+
+from __future__ import annotations
+
+import os
+
+from resnet_jax import parts, steps, tuning
+from resnet_jax import workdir as wd
+from resnet_jax.checkpoint.layout import check_tree, state_tree, template
+from resnet_jax.checkpoint.manager import FOLDER, Checkpoints
+from resnet_jax.checkpoint.progress import Progress
+from resnet_jax.errors import UserError
+
+
+def open_run(workdir: str):
+    """(path, config, run.json info) of a saved run; clear errors when there is none."""
+    path = os.path.abspath(os.path.expanduser(workdir))
+    saved = wd.read_run(path) if os.path.isdir(path) else None
+    if saved is None:
+        raise UserError(f"{path} holds no resnet_jax run (no {wd.RUN_FILE}); train one first")
+    if not os.path.isdir(os.path.join(path, FOLDER)):
+        raise UserError(f"{path} has no checkpoint yet; train at least one epoch first")
+    return path, saved[0], saved[1]
+
+
+def restore_with_meta(workdir: str, which: str = "best", *, model=None, optimizer=None):
+    """(state, progress, step) of a saved checkpoint (`best` by val_acc, or `latest`).
+
+    A run of your own model needs `model=`. A run of your own optimizer restores its state as
+    saved (plain arrays, no `tx`) unless you pass the `optimizer=` again."""
+    path, config, info = open_run(workdir)
+    if which not in ("best", "latest"):
+        raise UserError(f"which must be 'best' or 'latest', got {which!r}")
+    record = info.get("parts") or {}
+    if record.get("model", {}).get("own") and model is None:
+        name = record["model"].get("class", "your model")
+        raise UserError(
+            f"the run in {path} trained your own model ({name}); pass it: "
+            f"resnet_jax.restore(workdir, model={name}(...))"
+        )
+    image_shape, spe = tuple(info["image_shape"]), info["steps_per_epoch"]
+    chosen = parts.resolve(config, image_shape, spe, tuning.started(), model=model, optimizer=optimizer)
+    like = template(chosen.model, chosen.tx, config, image_shape)
+    as_saved = record.get("optimizer", {}).get("own") and optimizer is None
+    check_tree(info, state_tree(like), path, only=("params", "batch_stats") if as_saved else None)
+    with Checkpoints(path, read_only=True) as ckpts:
+        try:
+            restored = ckpts.restore(None if as_saved else like, which)
+        except UserError as e:
+            raise UserError(f"{e}{_readable_alternative(ckpts, which)}") from None
+    if restored is None:
+        raise UserError(f"{path} has no {which} checkpoint yet; train at least one epoch first")
+    state = restored[0]
+    if as_saved:
+        state = steps.TrainState(**state, apply_fn=chosen.model.apply, tx=None, config=config)
+    return state, Progress.from_meta(restored[1]), restored[2]
+
+
+def _readable_alternative(ckpts, which) -> str:
+    """What else is readable when the chosen checkpoint is not, and the flag that picks it."""
+    if which == "best":
+        for step in ckpts.steps()[::-1]:
+            meta = ckpts.read_meta(step)
+            if meta is not None:
+                where = Progress.from_meta(meta).where(None)
+                return f"; the latest checkpoint ({where}, step {step}) is readable: pass --which latest"
+    return ""
+
+
+def restore(workdir: str, which: str = "best", *, model=None, optimizer=None) -> steps.TrainState:
+    """The saved state of a run (`best` by val_acc, or `latest`), from the workdir alone; a run
+    of your own model needs `model=` (and, to go on training it, your `optimizer=`)."""
+    return restore_with_meta(workdir, which, model=model, optimizer=optimizer)[0]

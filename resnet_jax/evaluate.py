@@ -1,0 +1,60 @@
+"""A state's summed metrics on a test set: `evaluate_on`, and `evaluate_checkpoint` (a saved run's
+best or latest state on its own test set, or on yours; train.py --eval_only)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from resnet_jax import parallel, pipeline
+from resnet_jax.checkpoint import Sums, open_run, restore_with_meta
+from resnet_jax.data import load_dataset
+from resnet_jax.dataset import Dataset
+from resnet_jax.errors import UserError
+
+
+def evaluate_on(state, dataset: Dataset, config, mesh) -> Sums:
+    """Summed metrics of a state on a dataset's test split, over every device of `mesh`."""
+    state = parallel.replicate(jax.device_get(state), mesh)
+    images, labels, weights = pipeline.eval_set(dataset.test_images, dataset.test_labels, config, mesh)
+    mean = parallel.replicate(np.asarray(state.pixel_mean), mesh)
+    data = pipeline.DeviceData(images[:0], labels[:0], images, labels, weights, mean)
+    return Sums().add(jax.device_get(pipeline.make_evaluate(config, mesh)(state, data)))
+
+
+def evaluate_checkpoint(
+    workdir: str,
+    which: str = "best",
+    dataset: Dataset | None = None,
+    data_dir: str | None = None,
+    console=None,
+    *,
+    model=None,
+):
+    """(test loss, test accuracy) of a saved state on the run's test set (or `dataset`'s)."""
+    path, config, info = open_run(workdir)
+    if dataset is None:
+        trained_on = (info.get("data") or {}).get("source", "")
+        if trained_on == "arrays":
+            raise UserError(
+                f"the run in {path} trained on in-memory arrays, which the command line cannot "
+                "load; evaluate it in Python: resnet_jax.evaluate_checkpoint(workdir, "
+                "dataset=resnet_jax.Dataset(...))"
+            )
+        if data_dir is None and config.data_dir is None and trained_on.startswith("folder:"):
+            data_dir = trained_on.split(":", 1)[1]
+        dataset = load_dataset(config.dataset, data_dir if data_dir is not None else config.data_dir)
+    if tuple(dataset.image_shape) != tuple(info["image_shape"]):
+        raise UserError(
+            f"the run in {path} trained on images of shape {tuple(info['image_shape'])}, the data "
+            f"given has {tuple(dataset.image_shape)}; evaluate it on data of the run's shape"
+        )
+    state, progress, step = restore_with_meta(path, which, model=model)
+    if console is not None:
+        console.line(
+            f"Evaluating the {which} checkpoint of {path}: {progress.where(None)} "
+            f"(step {step}{', mid-epoch' if progress.step_in_epoch else ''}), on the "
+            f"{len(dataset.test_images):,} test images"
+        )
+    test = evaluate_on(state, dataset, state.config, parallel.make_mesh())
+    return test.mean_loss, test.accuracy
