@@ -34,7 +34,7 @@ else
   SEED=""; TORCH=""; KERAS=""
 fi
 # Command-buffer settings tried on top of resnet_jax.tuning's GPU flags (tag:flags). A batch-32
-# step is about 330 small kernels (benchmarks/gpu_hlo.py), each using a sliver of the GPU. The
+# step is about 330 small kernels (experiments/gpu_kernels/gpu_hlo.py), each using a sliver of the GPU. The
 # defaults let independent kernels of a step run at once (CONCURRENT: 1.39x XLA's LHS on an H200,
 # 2026-11-30); "lhs" is XLA's own scheduling, "unroll" unrolls the 100-step loop into one graph.
 # CONCURRENT_REGIONS failed there ("Concurrent region ids are not monotonic", jax 0.11.2).

@@ -49,6 +49,15 @@ def build(keras, num_filters, stage_sizes, num_classes=10, input_shape=(32, 32, 
     return keras.Model(inputs, outputs)
 
 
+def batches(flow):
+    """keras-preprocessing's iterator as a plain generator, for Keras 3's `fit` with
+    `steps_per_epoch=len(flow)`: the same batches and per-epoch shuffle. Without TensorFlow
+    installed the iterator is no Keras `PyDataset` and `fit` refuses it ("Unrecognized data type";
+    seen on the H200 machine, 2026-12-04)."""
+    while True:
+        yield next(flow)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch_size", type=int, default=32)
@@ -87,7 +96,7 @@ def main():
             times.append(time.perf_counter() - self.start)
 
     model.fit(
-        gen.flow(x, y, batch_size=a.batch_size),
+        batches(gen.flow(x, y, batch_size=a.batch_size)),
         epochs=1 + a.repeats,
         steps_per_epoch=a.steps,
         verbose=0,

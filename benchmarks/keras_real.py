@@ -39,7 +39,7 @@ def main():
     os.environ["KERAS_BACKEND"] = a.backend
     import keras
     import numpy as np
-    from keras_baseline import build
+    from keras_baseline import batches, build
     from keras_preprocessing.image import ImageDataGenerator
 
     ds = rj.load_dataset("cifar10", data_dir=a.data_dir)
@@ -70,8 +70,10 @@ def main():
             line |= {"val_acc": logs["val_accuracy"], "loss": logs["loss"], "val_loss": logs["val_loss"]}
             print(json.dumps(line | {"seconds": round(time.perf_counter() - self.start, 1)}), flush=True)
 
+    flow = gen.flow(x, y, batch_size=32, seed=a.seed)
     model.fit(
-        gen.flow(x, y, batch_size=32, seed=a.seed),
+        batches(flow),
+        steps_per_epoch=len(flow),
         epochs=a.epochs,
         validation_data=(xt, ds.test_labels),
         callbacks=[

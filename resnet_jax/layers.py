@@ -19,7 +19,7 @@ is bound by how many kernels it launches, and XLA:GPU splits every large per-cha
 kernels; autodiff of the plain formula takes the backward pass's sums (of dy and of dy * x) one by
 one, and the forward statistics (of x and of x^2) likewise. `normalize` takes each pair as one
 stacked reduction, in both directions: the seed step is 265 GPU kernels instead of 330 (jax
-0.11.2, `benchmarks/gpu_hlo.py`, docs/performance.md). The outputs are computed as before;
+0.11.2, `experiments/gpu_kernels/gpu_hlo.py`, docs/performance.md). The outputs are computed as before;
 gradients agree with autodiff of the plain formula to float rounding (tests/test_layers.py);
 forward mode works.
 """

@@ -146,40 +146,25 @@ def train_and_evaluate(
         # -- Epochs: device calls of many steps, an evaluation, the callbacks, a checkpoint.
         out.start_epochs(() if chosen.record["optimizer"]["own"] else config.lr_epochs)
         stack.callback(out.close)
-        loop = Epochs(chunk, device_data, data_key, spe, config, stop, ckpts, console)
         val_on = "held-out" if held is not None else "test"
+        epochs = Epochs(chunk, evaluate, device_data, data_key, spe, config, stop, ckpts, out, val_on)
         for epoch in range(progress.epoch + 1, config.epochs + 1):
             lr = chosen.rate(state, epoch)
             console.epoch_start(epoch, config.epochs, lr)
             began, first = time.monotonic(), progress.step_in_epoch
-            state, sums, step = loop.train(state, epoch, progress)
+            state, sums, step = epochs.train(state, epoch, progress)
             if step < spe:  # a stop request, mid-epoch: saved, to go on from this step
                 ckpts.save(state, progress.stopped_mid_epoch(step, sums).to_meta(), rank=None)
                 console.end_bar()
-                raise Interrupted(
-                    f"stopped at epoch {epoch}, step {step}/{spe}; state saved in {ckpts.path}. "
-                    "Run the same command to resume."
-                )
-            val = Sums().add(jax.device_get(evaluate(state, device_data)))
-            rec = epoch_record(epoch, lr, sums, val, val_on, time.monotonic() - began)
-            stopping = _callbacks_stop(callbacks, epoch, rec, state)
-            best_before = progress.best_val_acc
-            progress, improved = progress.epoch_done(rec, stopped=stopping)
-            # metrics.jsonl, TensorBoard and curves.png follow the checkpoint: written once it is
-            # on disk, they never list an epoch that a restart would redo.
-            rank = epoch if improved else -1
-            ckpts.save(
-                state, progress.to_meta(), rank, then=functools.partial(out.epoch, rec, progress.history)
-            )
-            console.epoch_end(spe, rec, best_before, improved, ckpts.path, steps_run=spe - first)
+                raise Interrupted(f"stopped at epoch {epoch}, step {step}/{spe}; {epochs.saved_note}")
+            rec = epochs.record(state, epoch, lr, sums, began)  # the evaluation included
+            stopping = _callbacks_stop(callbacks, epoch, state, rec)
+            progress = epochs.save(state, progress, rec, stopping, steps_run=spe - first)
             if stopping:
                 console.line(f"Stopped by a callback after epoch {epoch}; the run is finished.")
                 break
             if stop.is_set() and epoch < config.epochs:
-                raise Interrupted(
-                    f"stopped after epoch {epoch}; state saved in {ckpts.path}. "
-                    "Run the same command to resume."
-                )
+                raise Interrupted(f"stopped after epoch {epoch}; {epochs.saved_note}")
         ckpts.wait()  # the outputs of the last saved epoch follow its checkpoint
 
         # -- Test: the seed reports the final model on the test set (its last validation); with a
@@ -223,15 +208,22 @@ def _start(path, ckpts, chosen, config, data, train_set, held, template, primary
 
 
 class Epochs:
-    """One epoch's training, from wherever the run stands (`Progress`) to its end or a stop
-    request: the epoch's order and keys, its device calls (`calls.run`), each call's metrics
-    summed, checked for NaN and shown on the progress bar."""
+    """An epoch's work, from wherever the run stands (`Progress`): its device calls
+    (`calls.run`) with each call's metrics summed, checked for NaN and shown on the progress bar;
+    then the evaluation, its record, and the checkpoint its outputs follow."""
 
-    def __init__(self, chunk, data, data_key, spe: int, config: Config, stop, ckpts, console):
-        self.chunk, self.data, self.data_key, self.spe = chunk, data, data_key, spe
-        self.batch_size, self.stop, self.ckpts, self.console = config.batch_size, stop, ckpts, console
+    def __init__(self, chunk, evaluate, data, data_key, spe: int, config: Config, stop, ckpts, out, val_on):
+        self.chunk, self.evaluate, self.data, self.data_key, self.spe = chunk, evaluate, data, data_key, spe
+        self.batch_size, self.stop, self.ckpts, self.out, self.val_on = (
+            config.batch_size,
+            stop,
+            ckpts,
+            out,
+            val_on,
+        )
         self.n = data.train_labels.shape[0]
         self.pace = calls.Pace(chunk.loop, config.steps_per_call)
+        self.saved_note = f"state saved in {ckpts.path}. Run the same command to resume."
 
     def train(self, state, epoch: int, progress: Progress):
         """(state, summed metrics, the step reached): below steps_per_epoch after a stop."""
@@ -247,13 +239,29 @@ class Epochs:
             self.ckpts.poll()  # the last epoch's outputs, once its checkpoint is on disk
             _check_finite(metrics, epoch, step, self.spe, self.ckpts)
             sums = sums.add(metrics)
-            self.console.progress(step + length, self.spe, sums, began)
+            self.out.console.progress(step + length, self.spe, sums, began)
 
         plan = lambda step, k: pipeline.next_call(self.n, self.batch_size, k, step)
         state, step = calls.run(
             state, call, plan, progress.step_in_epoch, self.spe, self.pace, self.stop, on_metrics
         )
         return state, sums, step
+
+    def record(self, state, epoch: int, lr, sums: Sums, began: float) -> dict:
+        """metrics.jsonl's line for the epoch, its evaluation included."""
+        val = Sums().add(jax.device_get(self.evaluate(state, self.data)))
+        return epoch_record(epoch, lr, sums, val, self.val_on, time.monotonic() - began)
+
+    def save(self, state, progress: Progress, rec: dict, stopping: bool, steps_run: int) -> Progress:
+        """The epoch's checkpoint (a candidate for best when val_acc strictly improved), its line on
+        the console; metrics.jsonl, TensorBoard and curves.png follow once the checkpoint is on
+        disk, so they never list an epoch that a restart would redo."""
+        best_before = progress.best_val_acc
+        progress, improved = progress.epoch_done(rec, stopped=stopping)
+        then = functools.partial(self.out.epoch, rec, progress.history)
+        self.ckpts.save(state, progress.to_meta(), rank=rec["epoch"] if improved else -1, then=then)
+        self.out.console.epoch_end(self.spe, rec, best_before, improved, self.ckpts.path, steps_run=steps_run)
+        return progress
 
 
 def epoch_record(epoch, lr, sums: Sums, val: Sums, val_on: str, seconds: float) -> dict:
@@ -281,7 +289,7 @@ def _steps_per_epoch(config: Config, train_set: Dataset, mesh) -> int:
     return pipeline.steps_per_epoch(n, config.batch_size)
 
 
-def _callbacks_stop(callbacks, epoch: int, rec: dict, state) -> bool:
+def _callbacks_stop(callbacks, epoch: int, state, rec: dict) -> bool:
     """Call every callback; True when one returned True (process 0's decision, on every process)."""
     stopping = False
     for fn in callbacks:

@@ -13,10 +13,17 @@ recalibrated ones (relative to the recalibrated standard deviation). If `recalib
 above `moving`, the moving statistics lag the weights; if `batch` and `recalibrated` are low too,
 the model itself generalises less.
 
-    python benchmarks/bn_diagnosis.py --workdir /tmp/run --data_dir ../shared/data/cifar10-jpeg75.tar.gz
+    python experiments/keras_parity/bn_diagnosis.py --workdir /tmp/run \
+        --data_dir ../shared/data/cifar10-jpeg75.tar.gz
 """
 
 from __future__ import annotations
+
+import os
+import sys
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks")
+sys.path.insert(0, BENCHMARKS)  # what the benchmarks share: keras_baseline, common, jsonl, hlo_text
 
 import argparse
 import json

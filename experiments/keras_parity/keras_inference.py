@@ -5,12 +5,17 @@ largest difference of the class probabilities in inference mode (moving statisti
 training mode (batch statistics). Issue 22: whether resnet_jax *uses* the moving statistics as
 Keras does (keras_parity.py checks how they are kept).
 
-    KERAS_BACKEND=jax python benchmarks/keras_inference.py [--num_filters 8]
+    KERAS_BACKEND=jax python experiments/keras_parity/keras_inference.py [--num_filters 8]
 """
+
+import os
+import sys
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks")
+sys.path.insert(0, BENCHMARKS)  # what the benchmarks share: keras_baseline, common, jsonl, hlo_text
 
 import argparse
 import json
-import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 

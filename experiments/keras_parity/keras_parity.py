@@ -1,7 +1,8 @@
 """resnet_jax against Keras 3 step by step: the seed model with the same initial weights, trained on
 the same (augmented) batches of real images, compared as it goes.
 
-    python benchmarks/keras_parity.py --data_dir ../shared/data/cifar10-jpeg75.tar.gz [--steps 300]
+    python experiments/keras_parity/keras_parity.py \
+        --data_dir ../shared/data/cifar10-jpeg75.tar.gz [--steps 300]
 
 Keras builds the seed model (benchmarks/keras_baseline.py) and draws its weights; they are copied
 into resnet_jax's ResNet (kernels, biases, BatchNorm scales, offsets and moving statistics). Both
@@ -17,13 +18,19 @@ sides' training accuracy over the epoch on this shared stream and their test acc
 the two trajectories have parted, these say whether the step itself trains better on one side
 (issue 22: on their own streams Keras's training accuracy ran ahead):
 
-    KERAS_BACKEND=jax python benchmarks/keras_parity.py --data_dir D --num_filters 8 --steps 7815 --every 1563
+    KERAS_BACKEND=jax python experiments/keras_parity/keras_parity.py --data_dir D --num_filters 8 \
+        --steps 7815 --every 1563
 """
+
+import os
+import sys
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks")
+sys.path.insert(0, BENCHMARKS)  # what the benchmarks share: keras_baseline, common, jsonl, hlo_text
 
 import argparse
 import dataclasses
 import json
-import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

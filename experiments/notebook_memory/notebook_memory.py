@@ -2,18 +2,22 @@
 returns (and after a second one), with resnet_jax's malloc settings and without
 (RESNET_JAX_MALLOC=0), each in a fresh process.
 
-    python benchmarks/notebook_memory.py [--n_train 4000] [--out FILE]
+    python experiments/notebook_memory/notebook_memory.py [--n_train 4000] [--out FILE]
 
 One JSON line per setting: peak resident memory (VmHWM), resident memory after the first call
 returned and after a second call, in MiB; the model is the seed ResNet, one epoch of CIFAR-shaped
 random data.
 """
 
+import os
+import sys
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks")
+sys.path.insert(0, BENCHMARKS)  # what the benchmarks share: keras_baseline, common, jsonl, hlo_text
+
 import argparse
 import json
-import os
 import subprocess
-import sys
 import textwrap
 
 from jsonl import emit

@@ -1,7 +1,7 @@
 """What XLA:GPU makes of one train step, without a GPU: the kernels a step launches.
 
     pip install "jax[cuda13]"    # the CUDA plugin; no GPU needed
-    python benchmarks/gpu_hlo.py [--batch_size 32] [--dtype float32] [--preset NAME]
+    python experiments/gpu_kernels/gpu_hlo.py [--batch_size 32] [--dtype float32] [--preset NAME]
                                  [--steps_per_call 100] [--target h200|h100] [--hlo FILE]
 
 Compiles the training loop's device call (`pipeline._train_chunk`, a lax.scan of train steps) for
@@ -19,10 +19,15 @@ XLA_FLAGS apply as on a GPU: the user's, then resnet_jax.tuning's GPU flags (set
 JAX starts a backend). The model flags are speed.py's (benchmarks/common.py).
 """
 
+import os
+import sys
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks")
+sys.path.insert(0, BENCHMARKS)  # what the benchmarks share: keras_baseline, common, jsonl, hlo_text
+
 import collections
 import functools
 import json
-import os
 import re
 
 import jax
