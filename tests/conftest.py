@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import os
 import signal
@@ -33,18 +35,36 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
 
 
 def train(*args, check=True, env=None):
-    """train.py in a subprocess (the JAX CPU backend unless `env` says otherwise)."""
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), *args],
-        cwd=ROOT,
-        env=env or ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """train.py's `main` with these arguments: in this process (its output captured), or in a
+    subprocess when `env` is given (a process of its own: environment, caches, devices)."""
+    if env is not None:
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "train.py"), *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    else:
+        proc = run_main([str(a) for a in args])
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def run_main(argv, main=None):
+    """`main(argv)` (train.py's by default) in this process, as a finished process: its exit
+    status and what it printed on stdout and stderr."""
+    from resnet_jax import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = (main or cli.main)(argv)
+        except SystemExit as e:  # argparse: --help (0), a usage error (2)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess(["train.py", *argv], code, out.getvalue(), err.getvalue())
 
 
 def train_on(workdir, archive, *extra, check=True, env=None):

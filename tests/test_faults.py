@@ -6,11 +6,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import pytest
-from conftest import ENV, TINY, assert_same_run, metrics, start, train, wait_for
+from conftest import ENV, TINY, assert_same_run, metrics, run_main, start, train, wait_for
+from inject import install
 
 import resnet_jax as rj
 
@@ -18,24 +18,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def inject(site, workdir, archive, *extra, after=0):
-    """train.py with `site`'s fault injected (tests/inject.py)."""
-    return subprocess.run(
-        [
-            sys.executable,
-            os.path.join(HERE, "inject.py"),
-            site,
-            "--workdir",
-            str(workdir),
-            "--data_dir",
-            archive,
-            *TINY,
-            *extra,
-        ],
-        env=dict(ENV, AFTER=str(after)),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """train.py's main with `site`'s fault injected (tests/inject.py), in this process; the
+    patches are undone when it returns."""
+    with pytest.MonkeyPatch.context() as patch:
+        install(site, patch.setattr, after)
+        return run_main(["--workdir", str(workdir), "--data_dir", archive, *TINY, *extra])
 
 
 def lines(text):

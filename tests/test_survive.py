@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -117,42 +118,78 @@ def test_corrupt_latest_checkpoint_falls_back_and_keeps_best(full_run, archive, 
     rj.restore(workdir, "best")  # still readable
 
 
-def test_sigkill_at_random_moments_never_loses_the_run(archive, tmp_path):
-    """10 seeded SIGKILLs (some timed to land inside a checkpoint save), a restart after each;
-    the finished run equals an uninterrupted one bit for bit and the best checkpoint always reads."""
-    import random
+class Lines:
+    """A process's stdout, read line by line on a thread (so waiting for a line never blocks)."""
 
+    def __init__(self, proc):
+        self.lines = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(proc.stdout.readline, "")))
+        self.thread.start()
+
+    def seen(self, prefix):
+        return any(line.startswith(prefix) for line in list(self.lines))
+
+
+# Where a SIGKILL lands, and how the test waits for that moment (the run is 12 tiny epochs).
+PHASES = {
+    "starting": lambda out, workdir, metrics_seen: time.sleep(0.3) or True,  # before JAX is up
+    "compiling": lambda out, workdir, metrics_seen: wait_for(lambda: out.seen("Compiling the train step")),
+    "mid-epoch": lambda out, workdir, metrics_seen: wait_for(lambda: out.seen("Epoch ")),
+    "saving": lambda out, workdir, metrics_seen: wait_for(
+        lambda: any("tmp" in n for n in listing(os.path.join(workdir, "checkpoints"))), seconds=60
+    ),
+    "after a save": lambda out, workdir, metrics_seen: wait_for(
+        lambda: metrics_seen < len(listing(workdir, "metrics.jsonl")), seconds=60
+    ),
+}
+
+
+def test_sigkill_at_each_phase_never_loses_the_run(archive, tmp_path):
+    """A SIGKILL while starting, compiling, mid-epoch, inside a checkpoint save and right after
+    one, a restart after each; the finished run equals an uninterrupted one bit for bit
+    (metrics, latest params, statistics and Adam state, best params) and the best checkpoint
+    always reads."""
+    epochs = "12"
     reference = str(tmp_path / "ref")
-    epochs = "100"  # long enough that ten restarts (each faster since resumes skip the init) cannot finish it
     train("--workdir", reference, "--data_dir", archive, "--epochs", epochs, *TINY)
     workdir = str(tmp_path / "w")
-    ckdir = os.path.join(workdir, "checkpoints")
-    rng = random.Random(1234)
-    kills, during_save = 0, 0
-    for i in range(20):
-        if kills == 10:
-            break
+    killed = []
+    for phase in ("after a save", "starting", "compiling", "mid-epoch", "saving", "saving"):
+        before = len(metrics(workdir)) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else 0
         proc = start(workdir, archive, "--epochs", epochs)
-        if i % 3 == 0:  # aim for a save: kill as soon as orbax's temporary folder appears
-            hit = wait_for(
-                lambda: os.path.isdir(ckdir) and any("tmp" in n for n in os.listdir(ckdir)), seconds=60
-            )
-            during_save += hit
-        else:
-            time.sleep(rng.uniform(2.0, 9.0))
+        out = Lines(proc)
+        hit = PHASES[phase](out, workdir, before)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-            kills += 1
+            killed.append(phase if hit else f"{phase} (missed)")
         proc.wait()
-        if os.path.isdir(ckdir) and any(n.isdigit() for n in os.listdir(ckdir)):
+        out.thread.join()
+        if phase == "after a save":
+            assert 1 <= len(metrics(workdir)) < 12, "the kill came too late to test anything"
+        if os.path.isdir(os.path.join(workdir, "checkpoints")) and steps_of(workdir):
             state = rj.restore(workdir, "best")  # always readable
             assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
-    print(f"{kills} kills, {during_save} timed to a checkpoint save")
-    assert kills == 10 and during_save >= 1
-    train("--workdir", workdir, "--data_dir", archive, "--epochs", epochs, *TINY)
-    assert_same_run(workdir, reference)  # metrics, and latest params, statistics, Adam state
-    a, b = rj.restore(workdir, "best"), rj.restore(reference, "best")
-    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+        if phase == "saving" and "saving" in killed:
+            break  # one kill inside a save is what the second try is for
+    print("killed:", killed)
+    assert {"after a save", "starting", "compiling", "mid-epoch", "saving"} <= set(killed), killed
+    out = train("--workdir", workdir, "--data_dir", archive, "--epochs", epochs, *TINY).stdout
+    assert "Resuming" in out
+    a = assert_same_run(workdir, reference)  # metrics, and latest params, statistics, Adam state
+    assert int(a.step) == 12 * 7
+    b = rj.restore(reference, "best")
+    jax.tree.map(np.testing.assert_array_equal, rj.restore(workdir, "best").params, b.params)
+
+
+def steps_of(workdir):
+    return [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+
+
+def listing(folder, metrics_file=None):
+    """The names in a folder (none while it does not exist), or the lines of its metrics file."""
+    if metrics_file is not None:
+        return metrics(folder) if os.path.exists(os.path.join(folder, metrics_file)) else []
+    return os.listdir(folder) if os.path.isdir(folder) else []
 
 
 def _archive_with(tmp_path, mutate):

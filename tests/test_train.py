@@ -4,7 +4,7 @@ import os
 import re
 
 import pytest
-from conftest import TINY, assert_same_run, kill_after_first_epoch, metrics, start, train
+from conftest import TINY, metrics, train
 
 
 def test_console_story_like_the_seed_log(full_run):
@@ -57,15 +57,7 @@ def test_eval_only_reproduces_the_best_epoch(full_run, archive):
     assert float(re.search(r"Test accuracy: ([\d.]+)", out).group(1)) == pytest.approx(rows[-1]["val_acc"])
 
 
-def test_killed_run_resumes_to_the_same_result(full_run, archive, tmp_path):
-    _, reference = full_run
-    workdir = str(tmp_path / "ckpt")
-    kill_after_first_epoch(start(workdir, archive, "--epochs", "3"), workdir)
-    assert 1 <= len(metrics(workdir)) < 3, "the kill came too late to test anything"
-    out = train("--workdir", workdir, "--data_dir", archive, "--epochs", "3", *TINY).stdout
-    assert "Resuming" in out
-    a = assert_same_run(workdir, reference)
-    assert int(a.step) == 21
+# A SIGKILL after the first epoch, resumed to the same result: test_survive.py's phases test.
 
 
 def test_finished_run_says_so_and_other_models_are_refused(full_run, archive):

@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from concurrent import futures
@@ -60,7 +61,10 @@ class Checkpoints:
         self._after_save = []  # callbacks of saves still being written
         # `save_thread`: orbax's own synchronous part of a save (~0.1 s for the seed state's 260
         # arrays) runs on this thread, so the devices train on meanwhile; one thread keeps the
-        # saves in order. Without it (resnet_jax.tuning: on a CPU) `save` does it inline.
+        # saves in order. Without it (resnet_jax.tuning: on a CPU) `save` writes the checkpoint
+        # and returns once it is on disk and its callbacks ran: the cores a background write
+        # would use are the ones training, and a disk that fills up is then met by the next
+        # save's room check rather than in the middle of orbax's write (see `_check_room`).
         threaded = save_thread and not read_only
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if threaded else None
         self._pending = None  # the save handed to the worker, until it has reached orbax
@@ -76,20 +80,36 @@ class Checkpoints:
         Returns once the arrays are copied on the devices (the next train call may donate the
         originals); orbax takes them off the devices and writes them on a worker thread and in
         the background. `then()` runs (from `poll` or `wait`) once the checkpoint is on disk, so
-        what it records never gets ahead of what is saved. A full disk raises faults.DiskFull
-        (from the next `poll`, `wait` or `save`); the incomplete checkpoint stays a temporary
-        folder that the next run removes."""
+        what it records never gets ahead of what is saved. A full disk raises faults.DiskFull:
+        here when the disk has no room for the checkpoint's arrays (orbax never starts the
+        write), else from the next `poll`, `wait` or `save`; an incomplete checkpoint stays a
+        temporary folder that the next run removes."""
         self.wait()  # the previous save (long finished, an epoch ago) and its callbacks
         step = int(jax.device_get(state.step))
-        if step in self.steps():
-            pass
-        elif self._worker is None:
-            self._write(step, state, meta, rank)  # returns once orbax has the arrays off the devices
-        else:
-            copy = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state), may_alias=False)
-            self._pending = self._worker.submit(self._write, step, copy, meta, rank)
+        if step not in self.steps():
+            self._check_room(state, step)
+            if self._worker is None:
+                self._write(step, state, meta, rank)  # returns once orbax has the arrays off the devices
+            else:
+                copy = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state), may_alias=False)
+                self._pending = self._worker.submit(self._write, step, copy, meta, rank)
         if then is not None:
             self._after_save.append(then)
+        if self._worker is None:
+            self.wait()
+
+    def _check_room(self, state, step: int):
+        """Refuse a save the disk has no room for, before orbax starts it: a write that fails
+        inside orbax abandons its other writes in flight, whose completions then print
+        tracebacks from tensorstore's threads. (A disk that fills during the write still fails
+        there, as DiskFull.)"""
+        need = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state)) + (1 << 20)
+        try:
+            free = shutil.disk_usage(self.path).free
+        except OSError:
+            return
+        if free < need:
+            raise DiskFull(f"the checkpoint of step {step}", self.path)
 
     def _write(self, step: int, state, meta: dict, rank: int | None):
         with writing(f"the checkpoint of step {step}", self.path):
@@ -218,6 +238,9 @@ class Checkpoints:
             if self._worker is not None:
                 self._worker.shutdown(wait=True)
             try:
+                if not wait:  # let a write in flight end (it may fail too) before orbax closes
+                    with contextlib.suppress(Exception), quiet():
+                        self.manager.wait_until_finished()
                 self.manager.close()
             except Exception:  # noqa: BLE001 - the failure that got here was raised already
                 if wait:
