@@ -29,9 +29,13 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   SEED="--epochs 2 --num_filters 4 --stage_sizes 1,1,1"
   TORCH="--device cpu --mode eager --steps 5 --warmup 2 --repeats 1 --n_train 2000"
   KERAS="--limit 320"
+  MANY="--num_filters 4 --stage_sizes 1,1,1 --k 1,2 --steps_per_call 5 --calls 2"
+  OOM="--num_filters 4 --stage_sizes 1,1,1 --batch_size 1000"  # no OOM on a CPU: checks the part runs
 else
   N_TRAIN=50000; N_TEST=10000; SPEED="--steps 400"
   SEED=""; TORCH=""; KERAS=""
+  MANY="--k 1,2,4,8,16"
+  OOM="--batch_size 32768 --num_filters 128 --stage_sizes 3,3,3"  # far past the card's memory
 fi
 # Command-buffer settings tried on top of resnet_jax.tuning's GPU flags (tag:flags). A batch-32
 # step is about 330 small kernels (experiments/gpu_kernels/gpu_hlo.py), each using a sliver of the GPU. The
@@ -47,8 +51,8 @@ BEST=""
 
 part() { echo "=== $1 ($(( $(date +%s) - T0 )) s)"; }
 # PARTS="seed50 second tests" runs only those parts, in the script's order (default: all but
-# warmup_control and keras50): sweep seed50 warmup_control second tests bn speed profile presets
-# keras50 torch.
+# warmup_control and keras50): sweep seed50 many oom warmup_control second tests bn speed profile
+# presets keras50 torch.
 # (Part bodies are not indented: their heredocs and python -c programs must start in column 1.)
 want() {
   local parts=" ${PARTS:-all} "
@@ -147,6 +151,28 @@ print(json.dumps({
     "epoch_seconds_sum": round(sum(r["seconds"] for r in rows), 1),
     "xla_flags": os.environ.get("XLA_FLAGS", "")}))
 EOF
+tail -1 "$R"
+fi
+
+if want many; then
+part "K runs in one program: vmap, unrolled, sequential (benchmarks/many_runs.py; issues 30, 31)"
+t=$(limit 150) && timeout "$t" $PY benchmarks/many_runs.py $MANY --out "$R" | cut -c1-220
+fi
+
+if want oom; then
+part "out of memory on the card: a batch too large ends in faults.out_of_memory_as's one line"
+WORK4=$(mktemp -d)/oom
+t=$(limit 60) && timeout "$t" $PY train.py --workdir "$WORK4" --data_dir "$DATA" --epochs 1 $OOM > "$OUT/oom.log" 2>&1
+rc=$?
+tail -2 "$OUT/oom.log" | cut -c1-300
+$PY - "$OUT/oom.log" $rc <<'EOF2' >> "$R"
+import json, sys
+lines = [l for l in open(sys.argv[1]).read().splitlines() if l.strip()]
+errors = [l for l in lines if l.startswith("error:")]
+print(json.dumps({"what": "oom", "exit": int(sys.argv[2]), "one_line": len(errors) == 1 and "Traceback" not in "\n".join(lines),
+                  "line": errors[-1][:300] if errors else lines[-1][:300] if lines else "", "device_kind": None,
+                  "dtype": "float32", "batch_size": None}))
+EOF2
 tail -1 "$R"
 fi
 

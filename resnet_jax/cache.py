@@ -76,12 +76,20 @@ def compilation_cache_dir(environ=None, enabled: bool = True) -> str | None:
     return environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(home(environ), "xla")
 
 
-def enable_compilation_cache(environ=None, enabled: bool = True) -> str | None:
-    """Switch JAX's persistent compilation cache on (process-wide; train.py and rj.configure).
-    Every compiled program is kept (JAX's default keeps those over 1 s, which skips a small
-    model's steps and makes what a run reads from the cache depend on the machine's load)."""
+_decided = {"done": False}  # the first call decides, for the process: train.py, configure, or a run
+
+
+def enable_compilation_cache(environ=None, enabled: bool = True, default: bool = False) -> str | None:
+    """Switch JAX's persistent compilation cache on (process-wide: train.py, rj.configure, and
+    the first run of a notebook that called neither, with `default=True`, which then leaves a
+    decision made earlier, or a cache directory set through JAX, as it is). Every compiled
+    program is kept (JAX's default keeps those over 1 s, which skips a small model's steps and
+    makes what a run reads from the cache depend on the machine's load)."""
     import jax
 
+    if default and (_decided["done"] or jax.config.jax_compilation_cache_dir):
+        return jax.config.jax_compilation_cache_dir
+    _decided["done"] = True
     path = compilation_cache_dir(environ, enabled)
     if path is None:
         return None

@@ -9,7 +9,7 @@ import sys
 import threading
 import typing
 
-from resnet_jax import tuning
+from resnet_jax import many, tuning
 from resnet_jax.config import NAMES, Config, preset
 from resnet_jax.errors import Interrupted, UserError
 
@@ -100,6 +100,13 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         f"Names: {', '.join(NAMES)} (resnet<depth>v<1|2>: the Keras example's table, "
         "200 epochs; seed: the defaults; tiny: 4 filters, blocks 1,1,1, 2 epochs)",
     )
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        metavar="0,1,2|0-3",
+        help="train these seeds of the recipe, each a complete run in WORKDIR/seed_<s>, then a "
+        "summary (WORKDIR/summary.json, mean ± sd of the test accuracy); instead of --seed",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only errors")
     parser.add_argument(
         "--summary",
@@ -185,11 +192,17 @@ def main(argv=None) -> int:
         parser.error("--which applies only with --eval_only")
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose contradict each other; pass one")
+    argv = sys.argv[1:] if argv is None else argv
+    if args.seeds is not None and any(a == "--seed" or a.startswith("--seed=") for a in argv):
+        parser.error("--seeds and --seed contradict each other; pass one")
+    if args.seeds is not None and args.eval_only:
+        parser.error("--eval_only evaluates one run: pass --workdir WORKDIR/seed_<s> without --seeds")
     verbosity = 0 if args.quiet else (2 if args.verbose is None else args.verbose)
     stop = threading.Event()
     handlers = {}
     try:
         config = config_from_args(args)
+        seeds = many.parse_seeds(args.seeds) if args.seeds is not None else None
         # Before JAX starts its backends (and before orbax's threads): devices, malloc, cache.
         tuning.configure(config, args.cpu_devices, compilation_cache=args.compilation_cache)
         if args.distributed or args.coordinator_address or args.num_processes or args.process_id is not None:
@@ -223,7 +236,11 @@ def main(argv=None) -> int:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             handlers[signum] = signal.signal(signum, request_stop)
-        loop.train_and_evaluate(config, args.workdir, verbosity=verbosity, stop=stop, summary=args.summary)
+        run = dict(verbosity=verbosity, stop=stop, summary=args.summary)
+        if seeds is None:
+            loop.train_and_evaluate(config, args.workdir, **run)
+        else:
+            many.train_many(config, args.workdir, seeds, **run)
         return 0
     except UserError as e:  # bad input (2), or a fault of the machine: disk or memory (3)
         print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)

@@ -19,7 +19,9 @@ def evaluate_on(state, dataset: Dataset, config, mesh) -> Sums:
     images, labels, weights = pipeline.eval_set(dataset.test_images, dataset.test_labels, config, mesh)
     mean = parallel.replicate(np.asarray(state.pixel_mean), mesh)
     data = pipeline.DeviceData(images[:0], labels[:0], images, labels, weights, mean)
-    return Sums().add(jax.device_get(pipeline.make_evaluate(config, mesh)(state, data)))
+    program = pipeline.evaluate_program(config, mesh, pipeline.make_evaluate(config, mesh), state, data)
+    (evaluate,) = pipeline.compile_all([program])  # compiled once per shape in this process
+    return Sums().add(jax.device_get(evaluate(state, data)))
 
 
 def evaluate_checkpoint(

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from resnet_jax import cache, calls, checkpoint, faults, parallel, parts, pipeline, steps, tuning
+from resnet_jax import cache, calls, checkpoint, faults, many, parallel, parts, pipeline, steps, tuning
 from resnet_jax import workdir as wd
 from resnet_jax.checkpoint import Progress, Sums
 from resnet_jax.config import Config
@@ -72,6 +72,7 @@ def train_and_evaluate(
     console, stop = out.console, stop or threading.Event()
     with checkpoint.resumable_on_full_disk(path), contextlib.ExitStack() as stack:
         # -- Workdir: one run at a time, holding only resnet_jax's own files.
+        many.refuse_single_run(path)
         stack.enter_context(out.claim())
 
         # -- Data: the test set validates (the seed's way), or a held-out part of the training set.
@@ -130,7 +131,8 @@ def train_and_evaluate(
         faults.check_data_fits(pipeline.device_bytes(train_set, config, mesh), mesh)
         state = parallel.replicate(jax.device_get(state), mesh)
         device_data = pipeline.to_device(train_set, np.asarray(state.pixel_mean), config, mesh)
-        chunk = pipeline.make_train_chunk(mesh, config.device_loop, chosen.augment)
+        own_augment = chosen.augment if chosen.record["augment"]["own"] else None  # None: the Config's
+        chunk = pipeline.make_train_chunk(mesh, config.device_loop, own_augment)
         data_key = keys(config)[1]
         evaluate = _compile(
             chunk,
@@ -303,8 +305,9 @@ def _callbacks_stop(callbacks, epoch: int, state, rec: dict) -> bool:
 
 def _compile(chunk, evaluate, config, progress, state, data, data_key, console):
     """Compile every train-call shape the run will use and the evaluation, in parallel, up front
-    (one compile per shape: the epoch's full calls, its shorter last call, the partial batch);
-    from the persistent compilation cache when it holds them (resnet_jax.cache)."""
+    (one compile per shape: the epoch's full calls, its shorter last call, the partial batch):
+    nothing that an earlier run in this process compiled, and from the persistent compilation
+    cache what an earlier process did (resnet_jax.cache)."""
     began = time.monotonic()
     n = data.train_labels.shape[0]
     key = pipeline.epoch_key(data_key, progress.epoch)
@@ -316,10 +319,9 @@ def _compile(chunk, evaluate, config, progress, state, data, data_key, console):
         f"Compiling the train step ({len({chunk.shape(*s) for s in shapes})} call shapes) "
         "and the evaluation..."
     )
+    program = pipeline.evaluate_program(config, chunk.mesh, evaluate, state, data)
     with cache.compiling():
-        (compiled_evaluate,) = chunk.compile(
-            shapes, state, data, perm, key, extra=[evaluate.lower(state, data)]
-        )
+        (compiled_evaluate,) = chunk.compile(shapes, state, data, perm, key, extra=[program])
     console.line(f"Compiled in {time.monotonic() - began:.1f} s.")
     return compiled_evaluate
 

@@ -159,15 +159,32 @@ class ResNet(nn.Module):
 
 
 def from_config(config, materialize: bool = False) -> ResNet:
+    """The Config's ResNet. The same settings give the same Module object within a process, so a
+    second run of them finds its compiled steps (a step's static arguments include the model's
+    `apply`, which compares by the Module's identity)."""
+    return _resnet(
+        tuple(config.stage_sizes),
+        config.num_filters,
+        config.num_classes,
+        jnp.dtype(config.dtype),
+        config.bn_momentum,
+        config.bn_epsilon,
+        materialize,
+        config.version,
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _resnet(stage_sizes, num_filters, num_classes, dtype, bn_momentum, bn_epsilon, materialize, version):
     return ResNet(
-        stage_sizes=tuple(config.stage_sizes),
-        num_filters=config.num_filters,
-        num_classes=config.num_classes,
-        dtype=jnp.dtype(config.dtype),
-        bn_momentum=config.bn_momentum,
-        bn_epsilon=config.bn_epsilon,
+        stage_sizes=stage_sizes,
+        num_filters=num_filters,
+        num_classes=num_classes,
+        dtype=dtype,
+        bn_momentum=bn_momentum,
+        bn_epsilon=bn_epsilon,
         materialize=materialize,
-        version=config.version,
+        version=version,
     )
 
 

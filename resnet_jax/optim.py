@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -48,8 +49,12 @@ def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7):
 
 def schedule(config, steps_per_epoch: int) -> optax.Schedule:
     """Rate by step: constant within an epoch, scaled at the config's epoch boundaries."""
-    boundaries = {int(e) * steps_per_epoch: float(f) for e, f in zip(config.lr_epochs, config.lr_factors)}
-    return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+    return _schedule(config.learning_rate, config.lr_epochs, config.lr_factors, steps_per_epoch)
+
+
+def _schedule(learning_rate, lr_epochs, lr_factors, steps_per_epoch: int) -> optax.Schedule:
+    boundaries = {int(e) * steps_per_epoch: float(f) for e, f in zip(lr_epochs, lr_factors)}
+    return optax.piecewise_constant_schedule(learning_rate, boundaries)
 
 
 def lr_for_epoch(config, epoch: int) -> float:
@@ -61,7 +66,16 @@ def lr_for_epoch(config, epoch: int) -> float:
 
 
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Keras-form Adam on the Config's schedule. The same settings give the same transformation
+    object within a process (it is a static part of the train state, compared by identity), so
+    a second run of them finds its compiled steps."""
+    fields = (config.adam_b1, config.adam_b2, config.adam_eps, config.learning_rate)
+    return _optimizer(*fields, tuple(config.lr_epochs), tuple(config.lr_factors), steps_per_epoch)
+
+
+@functools.lru_cache(maxsize=32)
+def _optimizer(b1, b2, eps, learning_rate, lr_epochs, lr_factors, steps_per_epoch):
     return optax.chain(
-        scale_by_keras_adam(config.adam_b1, config.adam_b2, config.adam_eps),
-        optax.scale_by_learning_rate(schedule(config, steps_per_epoch)),
+        scale_by_keras_adam(b1, b2, eps),
+        optax.scale_by_learning_rate(_schedule(learning_rate, lr_epochs, lr_factors, steps_per_epoch)),
     )

@@ -10,6 +10,7 @@ mid-epoch sees the same batches.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 from typing import NamedTuple
@@ -130,30 +131,36 @@ def make_train_chunk(mesh, loop: str = "auto", augment=None) -> TrainChunk:
 
 class TrainChunk:
     """See `make_train_chunk`. Keeps one compiled executable per (length, batch) shape;
-    `compile` builds several at once, in parallel threads (XLA compiles without the GIL)."""
+    `compile` builds several at once (`compile_all`)."""
 
     def __init__(self, mesh, loop: str, augment=None):
-        self.loop = loop
+        self.loop, self.mesh = loop, mesh
         self.step = jax.jit(
             functools.partial(_train_chunk, mesh=mesh, augment=augment),
             static_argnames=("length", "batch"),
             donate_argnums=0,
         )
+        self.program = ("train_chunk", mesh, loop, _hashable(augment))
         self.compiled = {}
 
     def shape(self, length: int, batch: int):
         return (1, batch) if self.loop == "python" else (length, batch)
 
-    def compile(self, shapes, state, data, perm, key, extra=(), threads: int = 8):
-        """Compile the executables of `shapes` [(length, batch), ...] not compiled yet, and the
-        `extra` lowered functions, all at once; returns the compiled `extra`."""
-        todo = sorted({self.shape(*s) for s in shapes} - set(self.compiled))
-        lowered = [self.step.lower(state, data, perm, 0, 0, key, length=n, batch=b) for n, b in todo]
-        lowered += list(extra)
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(lowered)))) as pool:
-            done = list(pool.map(lambda low: low.compile(), lowered))
+    def compile(self, shapes, state, data, perm, key, extra=()):
+        """The executables of `shapes` [(length, batch), ...] and of the `extra` programs
+        [(what, lower)], compiled together (`compile_all`); returns the compiled extras."""
+        todo = sorted({self.shape(*s) for s in shapes})
+        inputs = signature(state, data, perm, key)
+        jobs = [
+            ((self.program, shape, inputs), functools.partial(self._lower, shape, state, data, perm, key))
+            for shape in todo
+        ]
+        done = compile_all(jobs + list(extra))
         self.compiled.update(zip(todo, done))
         return done[len(todo) :]
+
+    def _lower(self, shape, state, data, perm, key):
+        return self.step.lower(state, data, perm, 0, 0, key, length=shape[0], batch=shape[1])
 
     def _call(self, state, data, perm, offset, step0, key, length, batch):
         exe = self.compiled.get((length, batch))
@@ -171,6 +178,48 @@ class TrainChunk:
         return state, jax.tree.map(lambda *a: jnp.concatenate(a), *metrics)
 
 
+# Compiled programs of this process, kept across runs (the newest 32): a notebook's second run of
+# the same model, optimizer, settings and shapes compiles nothing. A program is named by what it
+# is (the function and its fixed arguments: mesh, device loop, augmentation) and the signature of
+# its inputs: their tree structure, which holds the train state's static fields (the Config, the
+# model's `apply`, the optimizer), and every leaf's shape, dtype and sharding.
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_KEEP = 32
+
+
+def signature(*args):
+    leaves, tree = jax.tree.flatten(args)
+    return tree, tuple(
+        (np.shape(x), str(getattr(x, "dtype", type(x))), getattr(x, "sharding", None)) for x in leaves
+    )
+
+
+def _hashable(value):
+    try:
+        hash(value)
+        return value
+    except TypeError:  # an unhashable callable: this object only
+        return ("id", id(value))
+
+
+def compile_all(jobs, threads: int = 8):
+    """[(what, lower)] -> the compiled programs, in order: those this process compiled before from
+    `_COMPILED`, the rest lowered and compiled in parallel threads (XLA compiles without the GIL;
+    the persistent compilation cache, when on, serves what an earlier process compiled)."""
+    found = {i: _COMPILED.get(what) for i, (what, _) in enumerate(jobs)}
+    todo = [i for i, exe in found.items() if exe is None]
+    if todo:
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(todo)))) as pool:
+            for i, exe in zip(todo, pool.map(lambda i: jobs[i][1]().compile(), todo)):
+                found[i] = exe
+    for i, (what, _) in enumerate(jobs):
+        _COMPILED[what] = found[i]
+        _COMPILED.move_to_end(what)
+    while len(_COMPILED) > _KEEP:
+        _COMPILED.popitem(last=False)
+    return [found[i] for i in range(len(jobs))]
+
+
 def _evaluate(state, data: DeviceData, *, batch, mesh):
     def body(total, i):
         sl = lambda a: parallel.constrain_batch(jax.lax.dynamic_slice_in_dim(a, i * batch, batch), mesh)
@@ -186,6 +235,12 @@ def _evaluate(state, data: DeviceData, *, batch, mesh):
 def make_evaluate(config, mesh):
     """jit of the test-set evaluation: summed metrics over every real test image."""
     return jax.jit(functools.partial(_evaluate, batch=eval_batch(config, mesh), mesh=mesh))
+
+
+def evaluate_program(config, mesh, evaluate, state, data):
+    """The evaluation as a `compile_all` job."""
+    what = ("evaluate", mesh, eval_batch(config, mesh), signature(state, data))
+    return what, lambda: evaluate.lower(state, data)
 
 
 def next_call(num_train: int, batch_size: int, steps_per_call: int, step: int):

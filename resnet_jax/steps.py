@@ -9,6 +9,7 @@ optimizer make of them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -95,13 +96,28 @@ def init_state(model, tx, config: Config, rng: jax.Array, image_shape) -> TrainS
     """The initial state of `model` and `tx`, computed on the host CPU on every platform (one
     small compile there instead of many small GPU kernels; the same numbers whatever the
     accelerator); the training loop places it on the devices."""
-    image_shape = check_image_shape(image_shape)
-    init = jax.jit(
-        initial_arrays(model, tx, image_shape), compiler_options={"xla_backend_optimization_level": 0}
-    )
+    init = _jitted_init(model, tx, check_image_shape(image_shape))
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         arrays = init(jax.device_put(rng))
     return TrainState(**arrays, apply_fn=model.apply, tx=tx, config=config)
+
+
+def _jitted_init(model, tx, image_shape):
+    """The jitted initialisation, one per (model, optimizer, shape) in this process: a second run
+    of them compiles nothing."""
+    try:
+        return _cached_init(model, tx, image_shape)
+    except TypeError:  # a model or optimizer that cannot be hashed: compiled for this call
+        return _init_jit(model, tx, image_shape)
+
+
+def _init_jit(model, tx, image_shape):
+    return jax.jit(
+        initial_arrays(model, tx, image_shape), compiler_options={"xla_backend_optimization_level": 0}
+    )
+
+
+_cached_init = functools.lru_cache(maxsize=16)(_init_jit)
 
 
 def l2_penalty(params, config: Config) -> jax.Array:

@@ -8,6 +8,7 @@
     materialize block outputs      yes (models.materialize)         no                   no
     XLA flags                      none                             GPU_XLA_FLAGS        none
     checkpoint saves               inline (the cores compute)       on a worker thread   worker
+    the seeds of one command       one after another                one after another    same
 
 Each CPU choice is measured in docs/performance.md; the GPU flags on an H200
 (benchmarks/results/gpu.jsonl): deterministic ops make a SIGKILLed run resume bit for bit
@@ -78,6 +79,11 @@ class Tuning:
     # 0.38 -> 0.06 s between epochs (H200); on a CPU the cores it would free are the ones
     # computing, and a stop request would wait for it (docs/performance.md)
     save_thread: bool = False
+    # How `train.py --seeds` / `train_many` run the seeds: one after another everywhere today.
+    # On a CPU several runs in one program cost more than one after another (vmap 8.4x a step
+    # for 4 states, 4.4x stepped in one jitted call, against 4x); on a GPU it is measured by
+    # benchmarks/many_runs.py (issue 31) before a faster way is chosen here.
+    seeds: str = "one after another"
 
 
 def auto_cpu_devices(cores: int, batch_size: int, flops_per_step: float | None = None) -> int:
@@ -258,9 +264,13 @@ def configure(
 
 def started() -> Tuning:
     """The decisions for the platform JAX runs on (device loop, materialize), starting JAX if it
-    has not started: the malloc settings come first then, as in `configure`."""
+    has not started: the malloc settings come first then, as in `configure`, and the persistent
+    compilation cache is switched on unless `configure` (train.py) decided otherwise."""
     import jax
 
+    from resnet_jax import cache
+
+    cache.enable_compilation_cache(default=True)  # unless train.py or configure decided
     if not backends_started():
         tune_malloc(detect_platform())
     elif _malloc["done"] is None:

@@ -10,10 +10,13 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-# resnet_jax's caches (compiled steps, decoded image folders) in a folder of this test session: the
-# tests share what they compile, and never read or write the user's ~/.cache.
-CACHE_HOME = tempfile.mkdtemp(prefix="resnet_jax-tests-cache-")
-os.environ["XDG_CACHE_HOME"] = CACHE_HOME
+# resnet_jax's caches (compiled steps, decoded image folders) in one folder for the whole test
+# session, its pytest-xdist workers included (they inherit the variable from the process that
+# starts them, which removes the folder at the end): the tests share what they compile, and never
+# read or write the user's ~/.cache.
+CACHE_HOME = os.environ.get("RESNET_JAX_TEST_CACHE") or tempfile.mkdtemp(prefix="resnet_jax-tests-cache-")
+OWNS_CACHE = "RESNET_JAX_TEST_CACHE" not in os.environ
+os.environ["RESNET_JAX_TEST_CACHE"] = os.environ["XDG_CACHE_HOME"] = CACHE_HOME
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 from resnet_jax import cache, tuning  # noqa: E402
@@ -145,7 +148,8 @@ def full_run(archive, tmp_path_factory):
 def pytest_sessionfinish(session, exitstatus):
     import shutil
 
-    shutil.rmtree(CACHE_HOME, ignore_errors=True)
+    if OWNS_CACHE:
+        shutil.rmtree(CACHE_HOME, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -28,12 +28,19 @@ def test_readme_notebook_snippet_runs(tmp_path):
     """The README's notebook snippet, with its data and workdir pointed at small local files."""
     from cifar_files import write_cifar
 
-    write_cifar(tmp_path / "data", rows=(16, 16, 16, 16, 16), test_rows=16)
+    archive, _ = write_cifar(tmp_path / "data", rows=(16, 16, 16, 16, 16), test_rows=16)
     readme = open(__file__.rsplit("/tests/", 1)[0] + "/README.md").read()
     code = re.search(r"<!-- notebook -->\s*```python\n(.*?)```", readme, re.S).group(1)
-    code = code.replace('DATA_DIR = "~/data"', f'DATA_DIR = "{tmp_path / "data"}"')
-    code = code.replace('WORKDIR = "runs/notebook"', f'WORKDIR = "{tmp_path / "nb"}"')
+    for old, new in (
+        ('"../shared/data/cifar10-jpeg75.tar.gz"', f'"{archive}"'),
+        ("subset(train=2000, test=500)", "subset(train=64, test=16)"),
+        ('"runs/notebook"', f'"{tmp_path / "nb"}"'),
+    ):
+        assert old in code, old  # the snippet as the README shows it
+        code = code.replace(old, new)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["probs"].shape == (8, 10)
     assert len(scope["history"]) == scope["config"].epochs
+    # a mixed sample: the eight test images shown are not all of one class (issue 33)
+    assert len(set(scope["small"].test_labels[:8].tolist())) > 1

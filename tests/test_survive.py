@@ -39,6 +39,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(full_run, archive, tmp_path
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert "Run the same command to resume" in err
+    assert err.startswith("SIGTERM: saving the latest state"), err  # no blank line first (issue 33)
     resumed = train(
         "--workdir", workdir, "--data_dir", archive, "--epochs", "3", *TINY, "--steps_per_call", "1"
     ).stdout

@@ -1,0 +1,132 @@
+"""Many runs from one command (train.py --seeds, rj.train_many): each seed a complete run equal to
+the single run of that seed, a summary, resume after a SIGKILL, and one-line refusals."""
+
+import hashlib
+import json
+import os
+import re
+import signal
+
+import numpy as np
+import pytest
+from conftest import TINY, assert_same_run, metrics, random_dataset, start, train, wait_for, without_seconds
+from own_parts import CNN, sgd_cosine
+
+import resnet_jax as rj
+
+
+@pytest.fixture(scope="module")
+def two_seeds(archive, tmp_path_factory):
+    """`--seeds 0,1` of the tiny recipe, 3 epochs, uninterrupted; and `--seed 1` alone."""
+    root = tmp_path_factory.mktemp("many")
+    many = train(
+        "--workdir", str(root / "many"), "--data_dir", archive, "--epochs", "3", "--seeds", "0,1", *TINY
+    )
+    train("--workdir", str(root / "single"), "--data_dir", archive, "--epochs", "3", "--seed", "1", *TINY)
+    return many, str(root / "many"), str(root / "single")
+
+
+def folder_hash(folder):
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(folder)):
+        dirs.sort()
+        for name in sorted(files):
+            h.update(os.path.join(root, name).encode())
+            with open(os.path.join(root, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def test_each_seed_is_the_single_run_of_that_seed_bit_for_bit(two_seeds):
+    _, workdir, single = two_seeds
+    seed_1 = os.path.join(workdir, "seed_1")
+    assert without_seconds(metrics(seed_1)) == without_seconds(metrics(single))
+    assert_same_run(seed_1, single)  # latest params, statistics and Adam state, bit for bit
+    with open(os.path.join(seed_1, "run.json")) as f:
+        assert json.load(f)["config"]["seed"] == 1
+    assert rj.restore(seed_1).config.seed == 1  # a seed's workdir stands alone
+    assert metrics(os.path.join(workdir, "seed_0")) != metrics(seed_1)  # and the seeds differ
+
+
+def test_the_summary_says_each_seed_and_mean_and_sd(two_seeds):
+    proc, workdir, _ = two_seeds
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["seeds"] == [0, 1] and summary["n"] == 2
+    for seed, accuracy in zip((0, 1), summary["test_accuracy"]):
+        with open(os.path.join(workdir, f"seed_{seed}", "run.json")) as f:
+            assert json.load(f)["test"]["accuracy"] == accuracy
+    assert summary["mean"] == pytest.approx(np.mean(summary["test_accuracy"]))
+    assert summary["sd"] == pytest.approx(np.std(summary["test_accuracy"], ddof=1))
+    assert {"best_val_acc", "best_epoch", "seconds", "test_loss"} <= set(summary["runs"][0])
+    tail = proc.stdout.rstrip().splitlines()
+    assert re.fullmatch(r"Test accuracy over 2 seeds: \d\.\d{4} ± \d\.\d{4} \(mean ± sd\)", tail[-1])
+    assert tail[-3].split()[0] == "0" and tail[-2].split()[0] == "1"  # a row per seed
+    with open(os.path.join(workdir, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_same_command_again_trains_nothing(two_seeds, archive):
+    _, workdir, _ = two_seeds
+    before = sorted(os.listdir(os.path.join(workdir, "seed_0", "checkpoints")))
+    out = train("--workdir", workdir, "--data_dir", archive, "--epochs", "3", "--seeds", "0-1", *TINY).stdout
+    assert out.count("is finished") == 2 and "Epoch 1/3" not in out and "± " in out
+    assert sorted(os.listdir(os.path.join(workdir, "seed_0", "checkpoints"))) == before
+
+
+def test_a_sigkill_then_the_same_command_ends_as_an_uninterrupted_multi_run(two_seeds, archive, tmp_path):
+    _, reference, _ = two_seeds
+    workdir = str(tmp_path / "many")
+    proc = start(workdir, archive, "--epochs", "3", "--seeds", "0,1")
+    second = os.path.join(workdir, "seed_1", "metrics.jsonl")
+    assert wait_for(lambda: os.path.exists(second))  # seed 0 done, seed 1 started
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    out = train("--workdir", workdir, "--data_dir", archive, "--epochs", "3", "--seeds", "0,1", *TINY).stdout
+    assert "is finished" in out  # seed 0 is not trained again
+    for seed in (0, 1):
+        assert_same_run(os.path.join(workdir, f"seed_{seed}"), os.path.join(reference, f"seed_{seed}"))
+
+
+def test_refusals_are_one_line_and_write_nothing(two_seeds, full_run, archive, tmp_path):
+    _, multi, _ = two_seeds
+    _, single = full_run
+    cases = [
+        (str(tmp_path / "a"), ["--seeds", "0,1", "--seed", "2"], "--seeds and --seed"),
+        (str(tmp_path / "b"), ["--seeds", "1,1"], "seed 1 is given twice"),
+        (str(tmp_path / "c"), ["--seeds", "-1"], "seeds must be 0 or more"),
+        (str(tmp_path / "d"), ["--seeds", ","], "names no seed"),
+        (single, ["--seeds", "0,1"], "holds a single run"),
+        (multi, [], "holds a multi-run (seeds 0,1); rerun it with --seeds 0,1"),
+        (multi, ["--seeds", "0,1", "--num_filters", "8"], "seeds of another recipe: num_filters 4 (now 8)"),
+    ]
+    for workdir, extra, message in cases:
+        existed = os.path.exists(workdir)
+        before = folder_hash(workdir) if existed else None
+        args = ["--workdir", workdir, "--data_dir", archive, "--epochs", "3", *TINY, *extra]
+        proc = train(*args, check=False)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (extra, proc.stderr)
+        assert (folder_hash(workdir) == before) if existed else not os.path.exists(workdir), extra
+
+
+def test_train_many_in_a_notebook_with_your_own_parts(tmp_path):
+    ds = random_dataset(n_train=32, n_test=16, shape=(16, 16, 1))
+    config = rj.tiny(batch_size=8, epochs=2)
+    seen = []
+    results = rj.train_many(
+        config,
+        str(tmp_path / "w"),
+        seeds=[3, 5],
+        dataset=ds,
+        model=CNN(),
+        optimizer=sgd_cosine,
+        callbacks=[lambda epoch, metrics, state: seen.append(epoch)],
+        verbosity=0,
+    )
+    assert len(results) == 2 and seen == [1, 2, 1, 2]
+    (state_3, history_3), (state_5, _) = results
+    assert state_3.config.seed == 3 and len(history_3) == 2 and state_3.batch_stats == {}
+    assert not np.array_equal(state_3.params["Dense_0"]["kernel"], state_5.params["Dense_0"]["kernel"])
+    restored = rj.restore(str(tmp_path / "w" / "seed_5"), "latest", model=CNN())
+    np.testing.assert_array_equal(restored.params["Dense_0"]["kernel"], state_5.params["Dense_0"]["kernel"])
