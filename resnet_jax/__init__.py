@@ -2,6 +2,7 @@
 
 Notebook API: Config, preset, ResNet, load_dataset / Dataset, augment, create_train_state,
 train_step, eval_step, train_and_evaluate (with your own model, optimizer, augment, callbacks),
+train_many (several seeds),
 restore, predict, evaluate_checkpoint, configure. Names load on first use: `import resnet_jax`
 imports JAX but starts no backend, loads no Flax, optax or orbax and changes no process-wide
 setting, so the command line can make its platform decisions (resnet_jax.tuning) first.
@@ -39,6 +40,7 @@ _NAMES = {
     "evaluate_checkpoint": "evaluate",
     "restore": "checkpoint",
     "train_and_evaluate": "loop",
+    "train_many": "many",
     "configure": "tuning",
 }
 _MODULES = {
@@ -58,6 +60,7 @@ _MODULES = {
     "image_folder",
     "layers",
     "loop",
+    "many",
     "models",
     "optim",
     "parallel",

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -90,6 +91,18 @@ def start(workdir, archive, *extra, env=None, tiny=TINY):
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+class Lines:
+    """A process's stdout, read line by line on a thread (so waiting for a line never blocks)."""
+
+    def __init__(self, proc):
+        self.lines = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(proc.stdout.readline, "")))
+        self.thread.start()
+
+    def seen(self, prefix):
+        return any(line.startswith(prefix) for line in list(self.lines))
 
 
 def wait_for(predicate, seconds=300):

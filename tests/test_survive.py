@@ -2,10 +2,10 @@
 checkpoints."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import jax
@@ -15,6 +15,7 @@ from conftest import (
     ENV,
     ROOT,
     TINY,
+    Lines,
     assert_same_run,
     metrics,
     start,
@@ -117,18 +118,6 @@ def test_corrupt_latest_checkpoint_falls_back_and_keeps_best(full_run, archive, 
     assert len(warnings) == 1 and "unreadable" not in out.stdout
     assert sorted(int(s) for s in os.listdir(ckdir) if s.isdigit()) == steps  # nothing deleted
     rj.restore(workdir, "best")  # still readable
-
-
-class Lines:
-    """A process's stdout, read line by line on a thread (so waiting for a line never blocks)."""
-
-    def __init__(self, proc):
-        self.lines = []
-        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(proc.stdout.readline, "")))
-        self.thread.start()
-
-    def seen(self, prefix):
-        return any(line.startswith(prefix) for line in list(self.lines))
 
 
 # Where a SIGKILL lands, and how the test waits for that moment (the run is 12 tiny epochs).
@@ -254,19 +243,25 @@ def test_bad_data_through_the_command_line(kind, tmp_path):
 def test_offline_tfds_through_the_command_line(tmp_path):
     """train.py's main with the network cut (socket patched in the child, no traffic sent)."""
     code = (
-        "import socket, sys\n"
+        "import socket, sys, time\n"
         "def cut(*a, **k): raise OSError('network is unreachable')\n"
         "socket.create_connection = cut\n"
+        "import tensorflow_datasets\n"  # the imports first, so what is timed is the run itself
         "from resnet_jax.cli import main\n"
-        f"sys.exit(main(['--workdir', {str(tmp_path / 'w')!r}, '--data_dir', {str(tmp_path)!r}]))\n"
+        "start = time.monotonic()\n"
+        f"code = main(['--workdir', {str(tmp_path / 'w')!r}, '--data_dir', {str(tmp_path)!r}])\n"
+        "print(f'main took {time.monotonic() - start:.1f} s')\n"
+        "sys.exit(code)\n"
     )
-    start_time = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
     )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and "cifar-10-python.tar.gz" in lines[0] and "TFDS_DATA_DIR" in lines[0], (
         proc.stderr
     )
-    assert time.monotonic() - start_time < 60  # imports included; the network wait itself is none
+    # no wait on the network (each host is tried with a 5 s timeout when it does not refuse at
+    # once); timed without the imports, which a loaded machine can stretch to a minute
+    seconds = float(re.search(r"main took ([\d.]+) s", proc.stdout).group(1))
+    assert seconds < 10, proc.stdout

@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import TINY, assert_same_run, metrics, random_dataset, start, train, train_on
+from conftest import TINY, Lines, assert_same_run, metrics, random_dataset, start, train, train_on, wait_for
 
 import resnet_jax as rj
 from resnet_jax import report
@@ -286,7 +286,11 @@ def test_a_stop_request_acts_within_seconds_on_the_cpu(archive, tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode == 130, "".join(out)
-    assert time.monotonic() - sent < 5
+    # within a device call (paced to about 0.5 s, never over --steps_per_call 100 steps), a save
+    # and the exit: 5 s, plus the longest call at the step time the run itself measured (a loaded
+    # machine makes slower steps, not a later stop)
+    ms = max(int(m) for m in re.findall(r"(\d+)ms/step", "".join(out)))
+    assert time.monotonic() - sent < 5 + 100 * ms / 1000
 
 
 def test_ms_per_step_counts_only_the_steps_run():
@@ -341,12 +345,11 @@ def test_eval_only_names_the_checkpoint(full_run, archive):
 def test_eval_only_says_when_a_state_is_mid_epoch(archive, tmp_path):
     workdir = str(tmp_path / "w")
     proc = start(workdir, archive, "--epochs", "3", "--steps_per_call", "1", "--batch_size", "2")
-    path = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + 300
-    while time.time() < deadline and not (os.path.exists(path) and open(path).read().count("\n") >= 1):
-        time.sleep(0.01)
+    out = Lines(proc)
+    assert wait_for(lambda: out.seen("Epoch 2/3"))  # epoch 2 is starting: the stop lands in it
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    out.thread.join()
     out = train("--workdir", workdir, "--data_dir", archive, "--eval_only", "--which", "latest").stdout
     assert re.search(r"latest checkpoint of .*: epoch 2, step \d+ \(step \d+, mid-epoch\)", out), out
     assert (
