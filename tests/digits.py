@@ -16,12 +16,14 @@ DIGITS = rj.Config(
 )
 
 
-def digits_dataset(n_test=360, seed=0):
+def digits_dataset(n_test=360, seed=0, scale=4, channels=3):
+    """Digits upsampled `scale` times (8x8 -> 32x32 by default; 2: 16x16, a quarter of the
+    pixels for the tests that only need a real dataset to learn), `channels` copies of the gray."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    images = np.kron(d.images, np.ones((4, 4)))  # 8x8 -> 32x32, nearest
-    images = np.repeat((images * (255 / 16)).round().astype(np.uint8)[..., None], 3, axis=-1)
+    images = np.kron(d.images, np.ones((scale, scale)))  # nearest
+    images = np.repeat((images * (255 / 16)).round().astype(np.uint8)[..., None], channels, axis=-1)
     order = np.random.default_rng(seed).permutation(len(images))
     test, train = order[:n_test], order[n_test:]
     return rj.Dataset(images[train], d.target[train], images[test], d.target[test], num_classes=10)
