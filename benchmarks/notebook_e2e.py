@@ -1,13 +1,16 @@
 """A notebook's run end to end, resnet_jax against Keras 3, each in a fresh process with nothing set
 by the user: from the call to the test accuracy.
 
-    python benchmarks/notebook_e2e.py [--repeats 2] [--backends tensorflow,jax] [--out FILE]
+    python benchmarks/notebook_e2e.py [--repeats 2] [--backends tensorflow,jax] [--cache cold] [--out FILE]
 
 The data: 20,000 + 2,000 images of 28x28x1 (scikit-learn's digits, scaled up and placed at random
 offsets, so both sides learn something real); the model: 16 filters, blocks 1,1,1; batch 64; 5
 epochs; shift 0.1 + flip augmentation. resnet_jax: `import resnet_jax as rj;
 rj.train_and_evaluate(...)` (no configure, no environment variable). Keras 3: the same model built,
 compiled, `fit` on ImageDataGenerator, `evaluate`. Interleaved; one JSON line per run.
+resnet_jax's persistent compilation cache is on by default: `--cache cold` (the default) gives each
+of its runs an empty cache directory (a first-time user), `--cache warm` the cache the previous
+repeat left (a later experiment of the same shapes, in a new process).
 """
 
 import argparse
@@ -88,14 +91,18 @@ def main():
     p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--backends", default="tensorflow,jax", help="Keras backends to run")
+    p.add_argument("--cache", choices=("cold", "warm"), default="cold", help="resnet_jax's compilation cache")
     p.add_argument("--out")
     a = p.parse_args()
     plain = {
         k: v for k, v in os.environ.items() if not k.startswith(("RESNET_JAX", "GLIBC_TUNABLES", "XLA_FLAGS"))
     }
     plain.update(TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+    warm = tempfile.mkdtemp()
     for r in range(a.repeats):
-        emit({"what": "notebook_e2e", "repeat": r, **run(RESNET_JAX, plain, tempfile.mkdtemp())}, a.out)
+        env = dict(plain, XDG_CACHE_HOME=tempfile.mkdtemp() if a.cache == "cold" else warm)
+        line = {"what": "notebook_e2e", "repeat": r, "cache": a.cache}
+        emit({**line, **run(RESNET_JAX, env, tempfile.mkdtemp())}, a.out)
         for backend in a.backends.split(","):
             emit(
                 {"what": "notebook_e2e", "repeat": r, **run(KERAS, dict(plain, KERAS_BACKEND=backend))}, a.out
