@@ -67,7 +67,10 @@ def train_and_evaluate(
     saved (raises Interrupted). `summary` prints a per-layer table of the model first.
     """
     path = os.path.abspath(os.path.expanduser(workdir))
-    platform = tuning.started()  # first: on a CPU, malloc is set up before JAX starts (tuning.py)
+    # First, before JAX starts: on a CPU malloc set up, and the split of cores into devices that
+    # train.py would make for this model (tuning.py); nothing once JAX has started.
+    tuning.split_for(config, dataset.image_shape if dataset is not None else (32, 32, 3), model)
+    platform = tuning.started()
     out = RunWriter(path, verbosity)
     console, stop = out.console, stop or threading.Event()
     with checkpoint.resumable_on_full_disk(path), contextlib.ExitStack() as stack:

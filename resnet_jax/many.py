@@ -136,6 +136,7 @@ def train_many(config: Config, workdir: str, seeds, dataset=None, *, verbosity: 
     if record != saved:
         wd.prepare(path)
         wd.write_atomic(os.path.join(path, RUNS_FILE), json.dumps(record, indent=1))
+    tuning.split_for(config, dataset.image_shape, kwargs.get("model"))  # as train_and_evaluate
     how = tuning.started().seeds  # decided per platform, in resnet_jax.tuning
     console.line(f"Seeds {','.join(map(str, seeds))} of one recipe, {how}, in {path}")
     results = []

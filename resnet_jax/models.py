@@ -197,14 +197,14 @@ def name(config) -> str:
     return f"ResNet v{config.version}, {config.num_filters} filters, blocks {blocks}"
 
 
-def forward_flops(config, image_shape=(32, 32, 3)) -> float:
+def forward_flops(config, image_shape=(32, 32, 3), model=None) -> float:
     """2 x multiply-adds of one image's forward pass through every conv and dense layer.
 
-    Read off the model itself: its forward pass traced abstractly (no JAX backend is started, so
-    this can size a run before JAX starts), summing each convolution's and matrix product's
-    multiply-adds from their shapes.
+    Read off the model itself (`model`, else the Config's): its forward pass traced abstractly (no
+    JAX backend is started, so this can size a run before JAX starts), summing each convolution's
+    and matrix product's multiply-adds from their shapes.
     """
-    model = from_config(config)
+    model = from_config(config) if model is None else model
     x = jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in image_shape), jnp.float32)
     variables = jax.eval_shape(
         lambda k, x: model.init(k, x, train=False), jax.eval_shape(lambda: jax.random.key(0)), x

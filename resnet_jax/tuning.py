@@ -254,12 +254,42 @@ def configure(
         return tuning
     if tuning.xla_flags:
         os.environ["XLA_FLAGS"] = merge_xla_flags(os.environ.get("XLA_FLAGS", ""), tuning.xla_flags)
-    user_count = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or os.environ.get(
-        "JAX_NUM_CPU_DEVICES"
-    )
-    if tuning.cpu_devices is not None and not user_count:
+    if tuning.cpu_devices is not None and not _count_chosen():
         jax.config.update("jax_num_cpu_devices", tuning.cpu_devices)
     return tuning
+
+
+def _count_chosen() -> bool:
+    """Whether the CPU device count is already someone's choice: XLA_FLAGS, JAX_NUM_CPU_DEVICES,
+    or jax.config (set by `configure`, or by the user)."""
+    import jax
+
+    return bool(
+        "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+        or os.environ.get("JAX_NUM_CPU_DEVICES")
+        or getattr(jax.config, "jax_num_cpu_devices", -1) != -1
+    )
+
+
+def split_for(config, image_shape=(32, 32, 3), model=None) -> None:
+    """Before JAX starts on a CPU, with no device count chosen yet: the split train.py makes for
+    this run (one device per core, or one for a small model), so a notebook's first
+    `train_and_evaluate` runs at the command line's speed without `configure`. The step's size is
+    read off `model` (yours) when given, else the Config's; a model that cannot be traced
+    abstractly leaves JAX's default (one device). Does nothing once JAX has started."""
+    import jax
+
+    from resnet_jax import models
+
+    if backends_started() or detect_platform() != "cpu" or _count_chosen():
+        return
+    try:
+        flops = config.batch_size * models.forward_flops(config, image_shape, model=model)
+    except Exception:  # noqa: BLE001 - a user's model that eval_shape cannot trace: keep the default
+        return
+    n = auto_cpu_devices(cores(), config.batch_size, flops)
+    if n > 1:
+        jax.config.update("jax_num_cpu_devices", n)
 
 
 def started() -> Tuning:
