@@ -1,7 +1,8 @@
 """The device-call queue of an epoch: train calls handed to the devices ahead of the host.
 
-A train call (`pipeline.TrainChunk`) runs many steps on the devices and returns at once (JAX
-dispatches asynchronously); its metrics reach the host when they are read. `run` keeps
+A train call (`pipeline.TrainChunk`) runs many steps on the devices. On the scan loop it returns
+at once (JAX dispatches asynchronously) and its metrics reach the host when they are read; on the
+python loop (CPU) it dispatches its steps one by one and returns when they are done. `run` keeps
 `pace.ahead` calls queued behind the one being read, so the devices never wait for the host
 between calls (reading metrics, a thread holding the GIL), and reads each call's metrics in
 order, handing them to `on_metrics` (which may raise: the loop's NaN check). A stop request
@@ -46,8 +47,9 @@ def run(state, call, plan, start: int, steps: int, pace: Pace, stop, on_metrics)
     while step < steps:
         while sent < steps and len(inflight) <= pace.ahead and not (stop.is_set() and inflight):
             offset, first, length, batch = plan(sent, pace.k)
+            began = time.monotonic()  # before the call: a python-loop call returns when done
             state, metrics = call(state, offset, first, length, batch)
-            inflight.append((metrics, first, length, time.monotonic()))
+            inflight.append((metrics, first, length, began))
             sent = first + length
         metrics, first, length, t = inflight.popleft()
         metrics = jax.device_get(metrics)

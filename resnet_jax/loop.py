@@ -307,10 +307,11 @@ def _callbacks_stop(callbacks, epoch: int, state, rec: dict) -> bool:
 
 
 def _compile(chunk, evaluate, config, progress, state, data, data_key, console):
-    """Compile every train-call shape the run will use and the evaluation, in parallel, up front
-    (one compile per shape: the epoch's full calls, its shorter last call, the partial batch):
-    nothing that an earlier run in this process compiled, and from the persistent compilation
-    cache what an earlier process did (resnet_jax.cache)."""
+    """Compile every train-call shape the run will use and the evaluation, up front (one compile
+    per shape: the epoch's full calls, its shorter last call, the partial batch; several at once
+    where the platform gains from it, tuning.Tuning.compile_threads): nothing that an earlier run
+    in this process compiled, and from the persistent compilation cache what an earlier process
+    did (resnet_jax.cache)."""
     began = time.monotonic()
     n = data.train_labels.shape[0]
     key = pipeline.epoch_key(data_key, progress.epoch)

@@ -122,9 +122,10 @@ def make_train_chunk(mesh, loop: str = "auto", augment=None) -> TrainChunk:
     augments each batch (None: the seed's shift + flip with the state's Config).
 
     loop "scan": one jitted lax.scan. loop "python": one jitted step per batch, dispatched
-    asynchronously, synchronised once per call like the scan. "auto" picks scan on accelerators
-    and python on CPU, where XLA:CPU runs convolution gradients inside a while loop about 15x
-    slower than outside one (resnet_jax.tuning; docs/performance.md).
+    asynchronously; the call returns once its last step is done, with its metrics on the host.
+    "auto" picks scan on accelerators and python on CPU, where XLA:CPU runs convolution
+    gradients inside a while loop about 15x slower than outside one (resnet_jax.tuning;
+    docs/performance.md).
     """
     return TrainChunk(mesh, resolve_loop(mesh, loop), augment)
 
@@ -175,7 +176,9 @@ class TrainChunk:
         for i in range(length):
             state, m = self._call(state, data, perm, offset + i * batch, step0 + i, key, 1, batch)
             metrics.append(m)
-        return state, jax.tree.map(lambda *a: jnp.concatenate(a), *metrics)
+        # Joined on the host: a device concatenation would compile afresh for every call length
+        # the pace picks (calls.Pace), and the caller reads them at once anyway.
+        return state, jax.tree.map(lambda *a: np.concatenate(a), *jax.device_get(metrics))
 
 
 # Compiled programs of this process, kept across runs (the newest 32): a notebook's second run of
@@ -202,10 +205,13 @@ def _hashable(value):
         return ("id", id(value))
 
 
-def compile_all(jobs, threads: int = 8):
+def compile_all(jobs, threads: int | None = None):
     """[(what, lower)] -> the compiled programs, in order: those this process compiled before from
-    `_COMPILED`, the rest lowered and compiled in parallel threads (XLA compiles without the GIL;
-    the persistent compilation cache, when on, serves what an earlier process compiled)."""
+    `_COMPILED`, the rest lowered and compiled `threads` at a time (XLA compiles without the GIL;
+    None: as many as the platform's tuning says; the persistent compilation cache, when on, serves
+    what an earlier process compiled)."""
+    if threads is None:
+        threads = tuning.decide(jax.default_backend()).compile_threads
     found = {i: _COMPILED.get(what) for i, (what, _) in enumerate(jobs)}
     todo = [i for i, exe in found.items() if exe is None]
     if todo:

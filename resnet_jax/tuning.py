@@ -8,6 +8,7 @@
     materialize block outputs      yes (models.materialize)         no                   no
     XLA flags                      none                             GPU_XLA_FLAGS        none
     checkpoint saves               inline (the cores compute)       on a worker thread   worker
+    programs compiled at once      one (XLA:CPU uses every core)    up to 8              up to 8
     the seeds of one command       one after another                one after another    same
 
 Each CPU choice is measured in docs/performance.md; the GPU flags on an H200
@@ -84,6 +85,11 @@ class Tuning:
     # for 4 states, 4.4x stepped in one jitted call, against 4x); on a GPU it is measured by
     # benchmarks/many_runs.py (issue 31) before a faster way is chosen here.
     seeds: str = "one after another"
+    # How many programs (train-call shapes, the evaluation) compile at once. XLA:CPU already
+    # spreads one compile over the cores: two at once on 2 cores took 8.2-8.7 s against 6.2-6.6 s
+    # one after the other, and the epochs that followed ran 5-15 % slower (docs/performance.md).
+    # On a GPU the host's cores are free while XLA compiles for the device.
+    compile_threads: int = 8
 
 
 def auto_cpu_devices(cores: int, batch_size: int, flops_per_step: float | None = None) -> int:
@@ -114,7 +120,7 @@ def decide(
             n = 0
         if n <= 0:
             raise UserError(f"cpu_devices must be 'auto' or a positive integer, got {cpu_devices!r}")
-    return Tuning("cpu", n, True, "python", True, ())
+    return Tuning("cpu", n, True, "python", True, (), compile_threads=1)
 
 
 GPU_PLUGINS = (

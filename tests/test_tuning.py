@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +34,7 @@ def test_nothing_cpu_specific_off_the_cpu(platform):
     assert t.cpu_devices is None and not t.malloc and not t.materialize
     assert t.device_loop == "scan"
     assert ("--xla_gpu_deterministic_ops=true" in t.xla_flags) == (platform == "gpu")
+    assert t.compile_threads > 1  # the host's cores are free while XLA compiles for the device
 
 
 def test_a_gpu_start_creates_the_library_handles_outside_command_buffers(monkeypatch):
@@ -58,9 +61,40 @@ def test_the_cpu_choice():
         True,
         (),
     )
+    assert t.compile_threads == 1  # XLA:CPU spreads one compile over the cores already
     assert tuning.decide("cpu", cores=8, batch_size=32, cpu_devices="3").cpu_devices == 3
     with pytest.raises(rj.UserError, match="cpu_devices must be 'auto' or a positive integer"):
         tuning.decide("cpu", cpu_devices="many")
+
+
+def test_programs_compile_as_many_at_once_as_the_platform_says(monkeypatch):
+    # compile_all's threads follow tuning.Tuning.compile_threads: on this CPU one program at a
+    # time; with the GPU's decision, several at once.
+    from resnet_jax import pipeline
+
+    def jobs(tag):
+        now, most, lock = [0], [0], threading.Lock()
+
+        class Lowered:
+            def compile(self):
+                with lock:
+                    now[0] += 1
+                    most[0] = max(most[0], now[0])
+                time.sleep(0.2)
+                with lock:
+                    now[0] -= 1
+                return tag
+
+        return [((tag, i), Lowered) for i in range(3)], most
+
+    work, most = jobs("cpu-test")
+    assert pipeline.compile_all(work) == ["cpu-test"] * 3 and most[0] == 1
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    work, most = jobs("gpu-test")
+    assert pipeline.compile_all(work) == ["gpu-test"] * 3 and most[0] == 3
+    for tag in ("cpu-test", "gpu-test"):
+        for i in range(3):
+            pipeline._COMPILED.pop((tag, i))
 
 
 def test_platform_detection_honours_jax_platforms():
