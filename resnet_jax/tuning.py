@@ -86,8 +86,8 @@ class Tuning:
     # benchmarks/many_runs.py (issue 31) before a faster way is chosen here.
     seeds: str = "one after another"
     # How many programs (train-call shapes, the evaluation) compile at once. XLA:CPU already
-    # spreads one compile over the cores: two at once on 2 cores took 8.2-8.7 s against 6.2-6.6 s
-    # one after the other, and the epochs that followed ran 5-15 % slower (docs/performance.md).
+    # spreads one compile over the cores: two at once on 2 cores took 8.2-9.8 s against 6.2-7.4 s
+    # one after the other, and the steps that followed ran 10-15 % slower (docs/performance.md).
     # On a GPU the host's cores are free while XLA compiles for the device.
     compile_threads: int = 8
 
