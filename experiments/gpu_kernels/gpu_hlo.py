@@ -1,8 +1,10 @@
 """What XLA:GPU makes of one train step, without a GPU: the kernels a step launches.
 
     pip install "jax[cuda13]"    # the CUDA plugin; no GPU needed
-    python experiments/gpu_kernels/gpu_hlo.py [--batch_size 32] [--dtype float32] [--preset NAME]
-                                 [--steps_per_call 100] [--target h200|h100] [--hlo FILE]
+    JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python experiments/gpu_kernels/gpu_hlo.py [--batch_size 32]
+        [--dtype float32] [--preset NAME] [--steps_per_call 100] [--target h200|h100] [--hlo FILE]
+
+(JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1: without a GPU the plugin cannot load CUPTI to check versions.)
 
 Compiles the training loop's device call (`pipeline._train_chunk`, a lax.scan of train steps) for
 an NVIDIA Hopper GPU with XLA's deviceless (compile-only) GPU client and prints one JSON line: the
@@ -39,7 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import resnet_jax as rj
-from resnet_jax import pipeline, steps, tuning
+from resnet_jax import checkpoint, pipeline, tuning
 
 TARGETS = {
     "h200": dict(cores=132, bandwidth=4_800_000_000_000, memory=150_000_000_000, name="NVIDIA H200"),
@@ -144,7 +146,8 @@ def main():
     mesh = topologies.make_mesh(topo=topology, mesh_shape=(1,), axis_names=(rj.parallel.AXIS,))
     config = model_config(a, batch_size=a.batch_size, dtype=a.dtype, steps_per_call=a.steps_per_call)
     n_train, spe = 50_000, pipeline.steps_per_epoch(50_000, a.batch_size)
-    state = steps.abstract_train_state(config, (32, 32, 3), spe)
+    model = rj.models.from_config(config, materialize=tuning.decide("gpu").materialize)
+    state = checkpoint.template(model, rj.optim.make_optimizer(config, spe), config, (32, 32, 3))
     on_gpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P()))
     state = jax.tree.map(on_gpu, state)
     data = pipeline.DeviceData(
