@@ -9,6 +9,7 @@ passed down. Its parts live elsewhere, each in one place: the device calls of an
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -85,7 +86,6 @@ def train_and_evaluate(
         train_set, held = dataset, None
         if config.val_split:
             train_set, held = split_holdout(dataset, config.val_split, config.seed)
-        data = wd.describe_data(dataset, config, held)
 
         # -- Platform: its settings (decided above), the mesh over every device, the steps of an epoch.
         if (hint := tuning.advice(config)) is not None:
@@ -99,9 +99,21 @@ def train_and_evaluate(
         )
         template = checkpoint.template(chosen.model, chosen.tx, config, train_set.image_shape)
         stack.enter_context(faults.out_of_memory_as(config, chosen.record["model"]["name"], mesh))
+        own_augment = chosen.augment if chosen.record["augment"]["own"] else None  # None: the Config's
+        chunk = pipeline.make_train_chunk(mesh, config.device_loop, own_augment)
+        data_key = keys(config)[1]
+        programs = Programs(chunk, pipeline.make_evaluate(config, mesh), config, data_key, console)
+        stack.callback(programs.close)
 
-        # -- State: the workdir's latest checkpoint (same model, data and seed), else a new one.
+        # -- State: the workdir's latest checkpoint (same model, data and seed), else a new one,
+        # whose programs compile meanwhile where the platform gains from it (from the shapes).
         ckpts = stack.enter_context(checkpoint.Checkpoints(path, save_thread=platform.save_thread))
+        device_data = None
+        if platform.compile_early and not checkpoint.exists(path):
+            faults.check_data_fits(pipeline.device_bytes(train_set, config, mesh), mesh)
+            device_data = pipeline.to_device(train_set, pixel_mean(train_set.train_images), config, mesh)
+            programs.begin(pipeline.abstract(template, mesh), device_data)
+        data = wd.describe_data(dataset, config, held)  # its fingerprint hashes while they compile
         start = _start(path, ckpts, chosen, config, data, train_set, held, template, out.primary)
         state, progress = start.state, start.progress
 
@@ -131,22 +143,11 @@ def train_and_evaluate(
             console.line(line)
 
         # -- Compile: the dataset on the devices, every train-call shape and the evaluation.
-        faults.check_data_fits(pipeline.device_bytes(train_set, config, mesh), mesh)
         state = parallel.replicate(jax.device_get(state), mesh)
-        device_data = pipeline.to_device(train_set, np.asarray(state.pixel_mean), config, mesh)
-        own_augment = chosen.augment if chosen.record["augment"]["own"] else None  # None: the Config's
-        chunk = pipeline.make_train_chunk(mesh, config.device_loop, own_augment)
-        data_key = keys(config)[1]
-        evaluate = _compile(
-            chunk,
-            pipeline.make_evaluate(config, mesh),
-            config,
-            progress,
-            state,
-            device_data,
-            data_key,
-            console,
-        )
+        if device_data is None:
+            faults.check_data_fits(pipeline.device_bytes(train_set, config, mesh), mesh)
+            device_data = pipeline.to_device(train_set, np.asarray(state.pixel_mean), config, mesh)
+        evaluate = programs.finish(state, device_data, progress)
 
         # -- Epochs: device calls of many steps, an evaluation, the callbacks, a checkpoint.
         out.start_epochs(() if chosen.record["optimizer"]["own"] else config.lr_epochs)
@@ -306,28 +307,63 @@ def _callbacks_stop(callbacks, epoch: int, state, rec: dict) -> bool:
     return stopping
 
 
-def _compile(chunk, evaluate, config, progress, state, data, data_key, console):
-    """Compile every train-call shape the run will use and the evaluation, up front (one compile
-    per shape: the epoch's full calls, its shorter last call, the partial batch; several at once
-    where the platform gains from it, tuning.Tuning.compile_threads): nothing that an earlier run
-    in this process compiled, and from the persistent compilation cache what an earlier process
-    did (resnet_jax.cache)."""
-    began = time.monotonic()
-    n = data.train_labels.shape[0]
-    key = pipeline.epoch_key(data_key, progress.epoch)
-    perm = pipeline.permutation(key, n)
-    plans = pipeline.epoch_plan(n, config.batch_size, config.steps_per_call)
-    plans += pipeline.epoch_plan(n, config.batch_size, config.steps_per_call, progress.step_in_epoch)
-    shapes = {(length, batch) for _, _, length, batch in plans}
-    console.line(
-        f"Compiling the train step ({len({chunk.shape(*s) for s in shapes})} call shapes) "
-        "and the evaluation..."
-    )
-    program = pipeline.evaluate_program(config, chunk.mesh, evaluate, state, data)
-    with cache.compiling():
-        (compiled_evaluate,) = chunk.compile(shapes, state, data, perm, key, extra=[program])
-    console.line(f"Compiled in {time.monotonic() - began:.1f} s.")
-    return compiled_evaluate
+class Programs:
+    """The run's compiled programs: every train-call shape and the evaluation
+    (`pipeline.compile_epoch`), each compiled once in a process (from the persistent compilation
+    cache what an earlier process compiled). `begin` starts a new run's compile on a thread from
+    the state's shapes while the state is initialised (tuning.Tuning.compile_early); `finish`
+    compiles what is left and returns the compiled evaluation."""
+
+    def __init__(self, chunk, evaluate, config: Config, data_key, console):
+        self.chunk, self.evaluate, self.config, self.data_key, self.console = (
+            chunk,
+            evaluate,
+            config,
+            data_key,
+            console,
+        )
+        self.early, self.pool = None, None
+        self.warnings = contextlib.ExitStack()
+
+    def begin(self, state, data):
+        """Compile a new run's programs on a thread; `state` abstract (pipeline.abstract)."""
+        shapes = pipeline.call_shapes(data.train_labels.shape[0], self.config)
+        # JAX's cache warnings from the thread are collected until `finish` (cache.compiling;
+        # warnings are process-wide, so only this thread enters and leaves the collection).
+        self.warnings.enter_context(cache.compiling())
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+        self.early = (shapes, time.monotonic(), self.pool.submit(self._compile, state, data, shapes))
+
+    def _compile(self, state, data, shapes, epoch: int = 0):
+        args = (self.chunk, self.evaluate, self.config, state, data, self.data_key, shapes, epoch)
+        return pipeline.compile_epoch(*args)
+
+    def finish(self, state, data, progress: Progress):
+        """The compiled evaluation, once every train-call shape of the run is compiled too."""
+        shapes = pipeline.call_shapes(data.train_labels.shape[0], self.config, progress.step_in_epoch)
+        count = len({self.chunk.shape(*s) for s in shapes})
+        self.console.line(f"Compiling the train step ({count} call shapes) and the evaluation...")
+        began = time.monotonic()
+        with self.warnings, cache.compiling():
+            if self.early is None:
+                compiled = self._compile(state, data, shapes, progress.epoch)
+                self.console.line(f"Compiled in {time.monotonic() - began:.1f} s.")
+                return compiled
+            done, since, future = self.early
+            compiled = future.result()
+            if shapes - done:  # not for a new run, which starts at step 0
+                compiled = self._compile(state, data, shapes, progress.epoch)
+        waited = time.monotonic() - began
+        self.console.line(
+            f"Compiled in {time.monotonic() - since:.1f} s, begun with the state ({waited:.1f} s waited)."
+        )
+        return compiled
+
+    def close(self):
+        """Wait for a compile still running (the run ended before `finish`)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.warnings.close()
 
 
 def _check_finite(m, epoch, step0, spe, ckpts):

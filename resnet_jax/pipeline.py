@@ -249,6 +249,31 @@ def evaluate_program(config, mesh, evaluate, state, data):
     return what, lambda: evaluate.lower(state, data)
 
 
+def abstract(tree, mesh):
+    """The shapes and dtypes of `tree`'s arrays, replicated over `mesh`: what a program compiles
+    for before the arrays exist (as `parallel.replicate` will place them)."""
+    sharding = parallel.replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def call_shapes(num_train: int, config, step: int = 0) -> set:
+    """(length, batch) of every device call of a whole epoch, and of an epoch from `step` on (a
+    resumed run's first)."""
+    plans = epoch_plan(num_train, config.batch_size, config.steps_per_call)
+    plans += epoch_plan(num_train, config.batch_size, config.steps_per_call, step)
+    return {(length, batch) for _, _, length, batch in plans}
+
+
+def compile_epoch(chunk: TrainChunk, evaluate, config, state, data: DeviceData, data_key, shapes, epoch=0):
+    """Compile the train calls of `shapes` (`call_shapes`) and `evaluate`; returns the compiled
+    evaluation. `state` may be `abstract`: compiling needs only shapes."""
+    n = data.train_labels.shape[0]
+    key = epoch_key(data_key, epoch)
+    program = evaluate_program(config, chunk.mesh, evaluate, state, data)
+    (compiled,) = chunk.compile(shapes, state, data, permutation(key, n), key, extra=[program])
+    return compiled
+
+
 def next_call(num_train: int, batch_size: int, steps_per_call: int, step: int):
     """(offset, step, length, batch) of the device call that starts at `step` of an epoch.
 

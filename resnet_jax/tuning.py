@@ -9,6 +9,8 @@
     XLA flags                      none                             GPU_XLA_FLAGS        none
     checkpoint saves               inline (the cores compute)       on a worker thread   worker
     programs compiled at once      one (XLA:CPU uses every core)    up to 8              up to 8
+    a new run compiles while its   no (its init compiles too)       yes                  yes
+      state is initialised
     the seeds of one command       one after another                one after another    same
 
 Each CPU choice is measured in docs/performance.md; the GPU flags on an H200
@@ -90,6 +92,10 @@ class Tuning:
     # one after the other, and the steps that followed ran 10-15 % slower (docs/performance.md).
     # On a GPU the host's cores are free while XLA compiles for the device.
     compile_threads: int = 8
+    # A new run's programs compile on a thread from the state's shapes while its state is
+    # initialised (loop.Programs): on a GPU the host's cores are idle meanwhile. On a CPU the
+    # initialisation compiles too, and two compiles at once are slower (compile_threads).
+    compile_early: bool = True
 
 
 def auto_cpu_devices(cores: int, batch_size: int, flops_per_step: float | None = None) -> int:
@@ -120,7 +126,7 @@ def decide(
             n = 0
         if n <= 0:
             raise UserError(f"cpu_devices must be 'auto' or a positive integer, got {cpu_devices!r}")
-    return Tuning("cpu", n, True, "python", True, (), compile_threads=1)
+    return Tuning("cpu", n, True, "python", True, (), compile_threads=1, compile_early=False)
 
 
 GPU_PLUGINS = (

@@ -122,10 +122,11 @@ def kill_after_first_epoch(proc, workdir):
     proc.communicate()
 
 
-def assert_same_run(workdir, reference):
-    """The same metrics (but seconds) and bit-identical latest params, statistics and Adam state."""
+def assert_same_run(workdir, reference, model=None):
+    """The same metrics (but seconds) and bit-identical latest params, statistics and Adam state
+    (`model`: the runs' own model)."""
     assert without_seconds(metrics(workdir)) == without_seconds(metrics(reference))
-    a, b = rj.restore(workdir, "latest"), rj.restore(reference, "latest")
+    a, b = rj.restore(workdir, "latest", model=model), rj.restore(reference, "latest", model=model)
     jax.tree.map(
         np.testing.assert_array_equal,
         (a.params, a.batch_stats, a.opt_state),

@@ -2,7 +2,10 @@
 same model, optimizer, settings and shapes compiles nothing, with no call to remember."""
 
 import contextlib
+import dataclasses
+import io
 
+import flax.linen as nn
 import jax
 import numpy as np
 from conftest import random_dataset
@@ -49,3 +52,49 @@ def test_a_second_run_evaluation_and_prediction_compile_nothing(tmp_path):
     assert again == [], again
     assert acc == history_b[-1]["val_acc"] and probs.shape == (4, 10)
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+
+
+class BatchNormCNN(nn.Module):
+    """A convolution, BatchNorm (statistics in the state) and a dense head: seconds less to compile."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(4, (3, 3), strides=(2, 2))(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def test_a_new_run_compiled_while_its_state_initialises_trains_the_same(tmp_path, monkeypatch):
+    """tuning.Tuning.compile_early (on GPUs and TPUs, with their scan loop): a new run's programs
+    compile on a thread from the state's shapes (pipeline.abstract) while the state is
+    initialised. They run the real arrays, one compile per call shape, and the run is the same
+    bit for bit as one compiled after its state (the CPU's way); a resumed run compiles after its
+    state."""
+    from conftest import assert_same_run
+
+    from resnet_jax import pipeline, tuning
+
+    ds = random_dataset(n_train=44, n_test=12, shape=(8, 8, 3))  # calls of 2, 2, 1 steps, partial 4
+    config = rj.tiny(batch_size=8, eval_batch_size=12, epochs=1, device_loop="scan", steps_per_call=2)
+    model = BatchNormCNN()  # a ResNet's compiles take seconds each on this CPU
+    started = tuning.started
+    early = lambda: dataclasses.replace(started(), compile_early=True)
+    monkeypatch.setattr(tuning, "started", early)
+    printed = io.StringIO()
+    with compiles() as names, contextlib.redirect_stdout(printed):
+        rj.train_and_evaluate(config, str(tmp_path / "early"), ds, model=model, verbosity=1)
+    assert "begun with the state" in printed.getvalue()
+    assert sum("train_chunk" in n for n in names) == 3, names  # (2, 8), (1, 8), (1, 4): once each
+
+    # The same run compiled after its state, this process's compiled programs forgotten.
+    monkeypatch.setattr(tuning, "started", started)
+    monkeypatch.setattr(pipeline, "_COMPILED", type(pipeline._COMPILED)())
+    rj.train_and_evaluate(config, str(tmp_path / "after"), ds, model=model, verbosity=0)
+    assert_same_run(str(tmp_path / "early"), str(tmp_path / "after"), model=model)
+
+    # Resumed for one epoch more: compiled after its state (it may start mid-epoch).
+    monkeypatch.setattr(tuning, "started", early)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rj.train_and_evaluate(dataclasses.replace(config, epochs=2), str(tmp_path / "early"), ds, model=model)
+    assert "begun with the state" not in printed.getvalue() and "Compiled in" in printed.getvalue()
