@@ -51,8 +51,8 @@ BEST=""
 
 part() { echo "=== $1 ($(( $(date +%s) - T0 )) s)"; }
 # PARTS="seed50 second tests" runs only those parts, in the script's order (default: all but
-# warmup_control and keras50): sweep seed50 many oom warmup_control second tests bn speed profile
-# presets keras50 torch.
+# warmup_control and keras50): sweep seed50 start many oom warmup_control second tests bn speed
+# profile presets keras50 torch.
 # (Part bodies are not indented: their heredocs and python -c programs must start in column 1.)
 want() {
   local parts=" ${PARTS:-all} "
@@ -70,12 +70,18 @@ limit() {
 part "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
 $PY - <<'EOF' >> "$R"
-import json, platform, jax, flax, optax, orbax.checkpoint as ocp
+import time
+t = time.perf_counter()
+import ml_dtypes  # 0.7.0 took 1.0 s to import on the CPU machines (pyproject excludes it)
+ml_dtypes_s = time.perf_counter() - t
+import json, platform, jax, flax, numpy, optax, orbax.checkpoint as ocp
 d = jax.devices()[0]
 print(json.dumps({"what": "machine", "device_kind": d.device_kind, "platform": d.platform,
                   "devices": jax.device_count(), "python": platform.python_version(),
                   "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-                  "orbax": ocp.__version__, "dtype": None, "batch_size": None}))
+                  "orbax": ocp.__version__, "numpy": numpy.__version__,
+                  "ml_dtypes": ml_dtypes.__version__, "ml_dtypes_import_s": round(ml_dtypes_s, 2),
+                  "cpu_cores": __import__("os").cpu_count(), "dtype": None, "batch_size": None}))
 EOF
 tail -1 "$R"
 
@@ -152,6 +158,12 @@ print(json.dumps({
     "xla_flags": os.environ.get("XLA_FLAGS", "")}))
 EOF
 tail -1 "$R"
+fi
+
+if want start; then
+part "where train.py's start goes, by phase: cold and warm compile cache, the compile begun early or not"
+t=$(limit 120) && timeout "$t" $PY benchmarks/startup.py --repeats 1 --compile_early on,off --out "$R" \
+  -- --data_dir "$DATA" $SEED | cut -c1-400
 fi
 
 if want many; then
@@ -280,6 +292,10 @@ for r in rows:
         continue
     if r["what"] == "flags_chosen":
         print("flags chosen:", r["xla_flags"] or "(resnet_jax's defaults)")
+        continue
+    if r["what"] == "startup":
+        print(f"startup: {r['cache']} cache, compile_early {r['compile_early']}: first step at "
+              f"{r['to_first_epoch_s']} s (imports {r['imports_s']} s); {r['phases']}")
         continue
     print(f"{r['what']:<18} {r.get('tag', ''):<28} {str(r.get('dtype')):<9} {str(r.get('batch_size')):>5} "
           f"{r.get('train_images_per_s', ''):>9} {r.get('epoch_s', ''):>8} {r.get('tflops', ''):>7} "
