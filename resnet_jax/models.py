@@ -205,7 +205,19 @@ def forward_flops(config, image_shape=(32, 32, 3), model=None) -> float:
     and matrix product's multiply-adds from their shapes.
     """
     model = from_config(config) if model is None else model
-    x = jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in image_shape), jnp.float32)
+    image_shape = tuple(int(d) for d in image_shape)
+    try:
+        hash(model)
+    except TypeError:  # a model with unhashable fields: traced for this call only
+        return _traced_flops.__wrapped__(model, image_shape)
+    return _traced_flops(model, image_shape)
+
+
+@functools.lru_cache(maxsize=32)
+def _traced_flops(model, image_shape: tuple) -> float:
+    """forward_flops of one model and image shape, traced once in a process (train.py and a
+    notebook's run ask for it several times: the CPU split, the advice, the start lines)."""
+    x = jax.ShapeDtypeStruct((1,) + image_shape, jnp.float32)
     variables = jax.eval_shape(
         lambda k, x: model.init(k, x, train=False), jax.eval_shape(lambda: jax.random.key(0)), x
     )

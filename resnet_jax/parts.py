@@ -75,8 +75,10 @@ def resolve(config, image_shape, steps_per_epoch: int, platform, *, model=None, 
     )
     opt_state = jax.eval_shape(tx.init, variables["params"])
     own_augment = augment is not None
-    augment = functools.partial(seed_augment, config=config) if augment is None else augment
-    _check_augment(augment, (config.batch_size,) + image_shape)
+    if own_augment:
+        _check_augment(augment, (config.batch_size,) + image_shape)
+    else:
+        augment = functools.partial(seed_augment, config=config)
 
     if not own_optimizer:
         rate, shown = (lambda state, epoch: optim.lr_for_epoch(config, epoch)), "the Config's schedule"
@@ -124,6 +126,28 @@ def _check_model(model, image_shape, num_classes: int) -> dict:
         raise UserError(
             f"model {type(model).__name__} has unhashable attributes (lists or dicts); use tuples"
         ) from None
+    variables, logits, trained = _traced(model, image_shape)
+    extra = sorted(set(variables) - {"params", "batch_stats"})
+    if extra:
+        raise UserError(
+            f"model {type(model).__name__} has variables in {', '.join(extra)}; resnet_jax trains "
+            "params and keeps batch_stats, nothing else"
+        )
+    for got in (logits, trained):
+        shape, dtype = getattr(got, "shape", None), getattr(got, "dtype", None)
+        if shape != (2, num_classes) or not jnp.issubdtype(dtype, jnp.floating):
+            raise UserError(
+                f"model {type(model).__name__} returns {dtype} of shape {shape} for a batch of 2 images of "
+                f"{'x'.join(map(str, image_shape))}; it must return float logits of shape "
+                f"(2, {num_classes}) for this dataset's {num_classes} classes"
+            )
+    return variables
+
+
+@functools.lru_cache(maxsize=32)
+def _traced(model, image_shape: tuple):
+    """(variables, inference logits, training logits) of a batch of 2, abstract: traced once per
+    model and image shape in a process (a notebook's next run, each seed of train_many)."""
     x = jax.ShapeDtypeStruct((2,) + image_shape, jnp.float32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     try:
@@ -144,21 +168,7 @@ def _check_model(model, image_shape, num_classes: int) -> dict:
             f"model {type(model).__name__} must take a `train` argument: model(images, train=True|False) "
             f"({str(e).splitlines()[0]})"
         ) from None
-    extra = sorted(set(variables) - {"params", "batch_stats"})
-    if extra:
-        raise UserError(
-            f"model {type(model).__name__} has variables in {', '.join(extra)}; resnet_jax trains "
-            "params and keeps batch_stats, nothing else"
-        )
-    for got in (logits, trained):
-        shape, dtype = getattr(got, "shape", None), getattr(got, "dtype", None)
-        if shape != (2, num_classes) or not jnp.issubdtype(dtype, jnp.floating):
-            raise UserError(
-                f"model {type(model).__name__} returns {dtype} of shape {shape} for a batch of 2 images of "
-                f"{'x'.join(map(str, image_shape))}; it must return float logits of shape "
-                f"(2, {num_classes}) for this dataset's {num_classes} classes"
-            )
-    return variables
+    return variables, logits, trained
 
 
 def _check_optimizer(optimizer, steps_per_epoch: int) -> optax.GradientTransformation:
