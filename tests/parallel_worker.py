@@ -21,13 +21,10 @@ state, history = rj.train_and_evaluate(config, workdir, ds, verbosity=0)
 
 mesh = parallel.make_mesh()
 report = {"devices": mesh.size, "processes": jax.process_count(), "history": history}
-# The compiled train step works on per-device shards: batch 8 / devices.
-data = pipeline.to_device(ds, rj.dataset.pixel_mean(ds.train_images), state.config, mesh)
-perm = pipeline.permutation(jax.random.key(0), 62)
-step = jax.jit(
-    lambda s, d, p: pipeline._train_chunk(s, d, p, 0, 0, jax.random.key(0), length=1, batch=8, mesh=mesh)
-)
-hlo = step.lower(state, data, perm).compile().as_text()
+# The train step the run compiled (batch 8, one step a call on the CPU) works on per-device
+# shards: batch 8 / devices.
+train_calls = {key[1]: exe for key, exe in pipeline._COMPILED.items() if key[0][0] == "train_chunk"}
+hlo = train_calls[(1, 8)].as_text()
 report["per_device_batch_in_hlo"] = [b for b in (1, 2, 4, 8) if f"[{b},32,32,4]" in hlo]
 if jax.process_index() == 0:
     flat = {

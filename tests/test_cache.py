@@ -27,24 +27,18 @@ def test_a_second_run_of_the_same_shapes_compiles_nothing(archive, tmp_path):
     assert entries(folder) == first  # every program the run needed came from the cache
     assert without_seconds(metrics(tmp_path / "a")) == without_seconds(metrics(tmp_path / "b"))
 
+    # Where a process's programs go, seen on a cheaper process: run a's evaluation (--eval_only
+    # compiles the same evaluation program, found in `folder` unless the setting is obeyed).
     own = tmp_path / "jax-cache"
     env_jax = dict(env, JAX_COMPILATION_CACHE_DIR=str(own))
-    train("--workdir", str(tmp_path / "c"), "--data_dir", archive, "--epochs", "1", *TINY, env=env_jax)
+    train("--workdir", str(tmp_path / "a"), "--eval_only", env=env_jax)
     assert entries(own) and entries(folder) == first  # JAX's own setting wins
 
     off = dict(ENV, XDG_CACHE_HOME=str(tmp_path / "off-cache"))
-    train(
-        "--workdir",
-        str(tmp_path / "d"),
-        "--data_dir",
-        archive,
-        "--epochs",
-        "1",
-        *TINY,
-        "--no-compilation_cache",
-        env=off,
-    )
+    train("--workdir", str(tmp_path / "a"), "--eval_only", "--no-compilation_cache", env=off)
     assert not entries(tmp_path / "off-cache" / "resnet_jax" / "xla")
+    train("--workdir", str(tmp_path / "a"), "--eval_only", env=off)  # the control: this one keeps it
+    assert entries(tmp_path / "off-cache" / "resnet_jax" / "xla")
 
 
 def test_where_the_cache_lives():
