@@ -1,4 +1,5 @@
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -194,3 +195,26 @@ def random_dataset(n_train=64, n_test=24, shape=(32, 32, 3), classes=10, seed=0)
 def random_batch(n=8, shape=(32, 32, 3), classes=10, seed=0):
     k1, k2 = jax.random.split(jax.random.key(seed))
     return jax.random.normal(k1, (n,) + shape), jax.random.randint(k2, (n,), 0, classes)
+
+
+def run_json(workdir):
+    with open(os.path.join(workdir, "run.json")) as f:
+        return json.load(f)
+
+
+def stderr_lines(proc):
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+def checkpoint_bytes(workdir):
+    """A hash of every file under workdir/checkpoints (and its damaged-aside folder)."""
+    h = hashlib.sha256()
+    for folder in ("checkpoints", "checkpoints.damaged"):
+        for root, dirs, files in sorted(os.walk(os.path.join(workdir, folder))):
+            dirs.sort()
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                h.update(path.encode())
+                with open(path, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()
