@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax.cache import per_process
 from resnet_jax.layers import BatchNorm, Conv, conv_norm, he_normal
 
 
@@ -205,15 +206,10 @@ def forward_flops(config, image_shape=(32, 32, 3), model=None) -> float:
     and matrix product's multiply-adds from their shapes.
     """
     model = from_config(config) if model is None else model
-    image_shape = tuple(int(d) for d in image_shape)
-    try:
-        hash(model)
-    except TypeError:  # a model with unhashable fields: traced for this call only
-        return _traced_flops.__wrapped__(model, image_shape)
-    return _traced_flops(model, image_shape)
+    return _traced_flops(model, tuple(int(d) for d in image_shape))
 
 
-@functools.lru_cache(maxsize=32)
+@per_process(maxsize=32)
 def _traced_flops(model, image_shape: tuple) -> float:
     """forward_flops of one model and image shape, traced once in a process (train.py and a
     notebook's run ask for it several times: the CPU split, the advice, the start lines)."""

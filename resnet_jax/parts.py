@@ -31,6 +31,7 @@ import optax
 
 from resnet_jax import models, optim
 from resnet_jax.augment import augment as seed_augment
+from resnet_jax.cache import per_process
 from resnet_jax.errors import UserError
 
 
@@ -144,7 +145,7 @@ def _check_model(model, image_shape, num_classes: int) -> dict:
     return variables
 
 
-@functools.lru_cache(maxsize=32)
+@per_process(maxsize=32)
 def _traced(model, image_shape: tuple):
     """(variables, inference logits, training logits) of a batch of 2, abstract: traced once per
     model and image shape in a process (a notebook's next run, each seed of train_many)."""

@@ -9,7 +9,6 @@ optimizer make of them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.struct
@@ -19,6 +18,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from resnet_jax.cache import per_process
 from resnet_jax.config import Config
 from resnet_jax.errors import UserError
 
@@ -102,22 +102,13 @@ def init_state(model, tx, config: Config, rng: jax.Array, image_shape) -> TrainS
     return TrainState(**arrays, apply_fn=model.apply, tx=tx, config=config)
 
 
+@per_process(maxsize=16)
 def _jitted_init(model, tx, image_shape):
     """The jitted initialisation, one per (model, optimizer, shape) in this process: a second run
     of them compiles nothing."""
-    try:
-        return _cached_init(model, tx, image_shape)
-    except TypeError:  # a model or optimizer that cannot be hashed: compiled for this call
-        return _init_jit(model, tx, image_shape)
-
-
-def _init_jit(model, tx, image_shape):
     return jax.jit(
         initial_arrays(model, tx, image_shape), compiler_options={"xla_backend_optimization_level": 0}
     )
-
-
-_cached_init = functools.lru_cache(maxsize=16)(_init_jit)
 
 
 def l2_penalty(params, config: Config) -> jax.Array:

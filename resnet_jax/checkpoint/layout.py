@@ -5,10 +5,9 @@ checkpoint is touched."""
 
 from __future__ import annotations
 
-import functools
-
 import jax
 
+from resnet_jax.cache import per_process
 from resnet_jax.errors import UserError
 from resnet_jax.steps import TrainState, check_image_shape, initial_arrays
 
@@ -16,15 +15,11 @@ from resnet_jax.steps import TrainState, check_image_shape, initial_arrays
 def template(model, tx, config, image_shape) -> TrainState:
     """The state's structure, shapes and dtypes without computing it (jax.eval_shape): what a
     checkpoint of this model and optimizer is restored into."""
-    image_shape = check_image_shape(image_shape)
-    try:
-        shapes = _shapes(model, tx, image_shape)
-    except TypeError:  # a model or optimizer that cannot be hashed: traced for this call
-        shapes = _shapes.__wrapped__(model, tx, image_shape)
+    shapes = _shapes(model, tx, check_image_shape(image_shape))
     return TrainState(**shapes, apply_fn=model.apply, tx=tx, config=config)
 
 
-@functools.lru_cache(maxsize=16)
+@per_process(maxsize=16)
 def _shapes(model, tx, image_shape: tuple) -> dict:
     """The initial state's arrays, abstract: traced once per model, optimizer and shape in a process."""
     return jax.eval_shape(initial_arrays(model, tx, image_shape), jax.eval_shape(lambda: jax.random.key(0)))
