@@ -60,7 +60,9 @@ class Config:
     shift_range: float = _f(0.1, "fraction of height / width; real-valued bilinear shift")
     flip: bool = _f(True, "left-right with p = 0.5")
     # Model (resnet_jax.models).
-    version: int = _f(1, "ResNet version: 1 (basic blocks, the seed's) or 2 (pre-activation bottlenecks)")
+    resnet_version: int = _f(
+        1, "ResNet version: 1 (basic blocks, the seed's) or 2 (pre-activation bottlenecks)"
+    )
     num_filters: int = _f(32, "v1: width of the first stage, doubling per stage; v2: stem width")
     stage_sizes: tuple[int, ...] = _f((3, 3, 2), "residual blocks per stage")
     num_classes: int = _f(10, "train_and_evaluate sets it from the dataset")
@@ -79,8 +81,8 @@ class Config:
             raise UserError(f"stage_sizes must be positive integers like 3,3,2, got {self.stage_sizes!r}")
         if self.device_loop not in ("auto", "scan", "python"):
             raise UserError(f"device_loop must be auto, scan or python, got {self.device_loop!r}")
-        if self.version not in (1, 2):
-            raise UserError(f"version must be 1 or 2, got {self.version!r}")
+        if self.resnet_version not in (1, 2):
+            raise UserError(f"resnet_version must be 1 or 2, got {self.resnet_version!r}")
         if self.val_split < 0 or (self.val_split >= 1 and self.val_split != int(self.val_split)):
             raise UserError(
                 f"val_split must be a count of images or a fraction in [0, 1), got {self.val_split!r}"
@@ -107,6 +109,8 @@ class Config:
     @classmethod
     def from_json(cls, text: str) -> Config:
         raw = json.loads(text)
+        if "version" in raw:  # the field's name before resnet_jax 0.3
+            raw["resnet_version"] = raw.pop("version")
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(known))
         if unknown:
@@ -119,7 +123,15 @@ class Config:
 
 # How a saved run treats a field that differs when it is resumed:
 # - the model, the data and the seed are what the checkpoint is: a resume refuses to change them;
-MODEL_FIELDS = ("version", "num_filters", "stage_sizes", "num_classes", "dtype", "bn_momentum", "bn_epsilon")
+MODEL_FIELDS = (
+    "resnet_version",
+    "num_filters",
+    "stage_sizes",
+    "num_classes",
+    "dtype",
+    "bn_momentum",
+    "bn_epsilon",
+)
 FIXED_FIELDS = MODEL_FIELDS + ("dataset", "seed", "batch_size", "val_split")
 # - optimisation, augmentation and length may change, as recompiling a Keras model does: applied
 #   from the resumed step on, printed, and recorded in run.json's "changes";
@@ -168,7 +180,7 @@ def preset(name: str, **overrides) -> Config:
             if name == f"resnet{depth}v{version}":
                 n = (depth - 2) // (6 if version == 1 else 9)
                 fields = dict(
-                    version=version,
+                    resnet_version=version,
                     num_filters=16,
                     stage_sizes=(n, n, n),
                     epochs=200,

@@ -171,7 +171,7 @@ def from_config(config, materialize: bool = False) -> ResNet:
         config.bn_momentum,
         config.bn_epsilon,
         materialize,
-        config.version,
+        config.resnet_version,
     )
 
 
@@ -193,9 +193,9 @@ def name(config) -> str:
     """The Keras example's name for a config's model (ResNet20v1, ResNet56v2, ...), else a description."""
     n = config.stage_sizes[0]
     if len(config.stage_sizes) == 3 and set(config.stage_sizes) == {n} and config.num_filters == 16:
-        return f"ResNet{(6 if config.version == 1 else 9) * n + 2}v{config.version}"
+        return f"ResNet{(6 if config.resnet_version == 1 else 9) * n + 2}v{config.resnet_version}"
     blocks = ",".join(map(str, config.stage_sizes))
-    return f"ResNet v{config.version}, {config.num_filters} filters, blocks {blocks}"
+    return f"ResNet v{config.resnet_version}, {config.num_filters} filters, blocks {blocks}"
 
 
 def forward_flops(config, image_shape=(32, 32, 3), model=None) -> float:

@@ -57,12 +57,21 @@ def _schedule(learning_rate, lr_epochs, lr_factors, steps_per_epoch: int) -> opt
     return optax.piecewise_constant_schedule(learning_rate, boundaries)
 
 
+def _enable_x64():
+    """float64 for the block: jax.enable_x64 (jax >= 0.7), jax.experimental.enable_x64 before."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64
+
+    return enable_x64(True)
+
+
 def lr_for_epoch(config, epoch: int) -> float:
     """The rate of 1-based `epoch`, as the seed log prints it (`Learning rate: ...`): the optax
     schedule itself, in epochs (one step an epoch), evaluated in float64 so that the printed rate
     is the exact product of the config's numbers. On the host CPU: on an accelerator each of its
     eager ops would first compile a kernel for the device."""
-    with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):
+    with _enable_x64(), jax.default_device(jax.local_devices(backend="cpu")[0]):
         return float(schedule(config, 1)(epoch - 1))
 
 

@@ -73,7 +73,7 @@ def test_every_preset_has_the_examples_size(name):
     config = preset(name)
     version, depth = int(name[-1]), int(name[len("resnet") : -2])
     n = KERAS_N[version][depth]
-    assert config.stage_sizes == (n, n, n) and config.num_filters == 16 and config.version == version
+    assert config.stage_sizes == (n, n, n) and config.num_filters == 16 and config.resnet_version == version
     assert sizes(config) == count_from_description(version, n)
     assert rj.models.name(config) == f"ResNet{depth}v{version}"
 
@@ -179,7 +179,7 @@ def test_resnet20v2_learns_digits(tmp_path, dtype):
     moving averages at momentum 0.9 settle within the 45 steps of an epoch (0.99 would not)."""
     config = dataclasses.replace(
         DIGITS,
-        version=2,
+        resnet_version=2,
         num_filters=8,
         stage_sizes=(2, 2, 2),
         dtype=dtype,
@@ -201,7 +201,7 @@ def test_preset_through_the_command_line(archive, tmp_path):
     assert "Model: ResNet v2, 4 filters, blocks 2,2,2 (preset resnet20v2)" in out
     with open(os.path.join(workdir, "run.json")) as f:
         config = json.load(f)["config"]
-    assert config["preset"] == "resnet20v2" and config["version"] == 2 and config["num_filters"] == 4
+    assert config["preset"] == "resnet20v2" and config["resnet_version"] == 2 and config["num_filters"] == 4
     assert config["lr_epochs"] == [81, 121, 161, 181] and config["epochs"] == 1  # flags override
     helptext = train("--help").stdout
     assert "resnet1001v2" in helptext and "resnet20v1" in helptext

@@ -40,7 +40,10 @@ class Checkpoints:
             [
                 policies.LatestN(n=2),
                 policies.BestN(
-                    get_metric_fn=lambda m: m["rank"], n=1, keep_checkpoints_without_metrics=False
+                    get_metric_fn=lambda m: m["rank"],
+                    reverse=False,
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
                 ),
             ]
         )
