@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import os
 import signal
 import sys
 import threading
 import typing
 
-from resnet_jax import many, tuning
+from resnet_jax import __version__, many, tuning
 from resnet_jax.config import NAMES, Config, preset
 from resnet_jax.errors import Interrupted, UserError
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the usage too)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self._did_you_mean(message)} (see --help)\n")
+
+    def _did_you_mean(self, message: str) -> str:
+        """'; did you mean --epochs?' for a misspelt flag (argparse's unrecognized arguments)."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        flags = [a.split("=")[0] for a in message.split(":", 1)[1].split() if a.startswith("--")]
+        for flag in flags:
+            close = difflib.get_close_matches(flag, list(self._option_string_actions), n=1, cutoff=0.7)
+            if close:
+                return f"; did you mean {close[0]}?"
+        return ""
 
 
 class _Help(argparse.HelpFormatter):
@@ -49,10 +62,16 @@ def comma_list(kind):
     return parse
 
 
-def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+def program_name(argv0: str | None = None) -> str:
+    """How the user called the command line: train.py, resnet-jax, or python -m resnet_jax."""
+    base = os.path.basename(sys.argv[0] if argv0 is None else argv0)
+    return "python -m resnet_jax" if base == "__main__.py" else (base or "resnet-jax")
+
+
+def build_parser(add_help: bool = True, prog: str = "train.py") -> argparse.ArgumentParser:
     """train.py's flags; the benchmarks build theirs on it (benchmarks/common.py)."""
     parser = _Parser(
-        prog="train.py",
+        prog=prog,
         description="Train the seed ResNet (resnet_jax); every flag "
         "is a field of resnet_jax.Config, defaults are the seed recipe.",
         formatter_class=_Help,
@@ -60,6 +79,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         add_help=add_help,
     )
     parser.add_argument("--workdir", default="ckpt", help="checkpoints, metrics.jsonl, curves.png")
+    parser.add_argument("--version", action="version", version=f"resnet_jax {__version__}")
     hints = typing.get_type_hints(Config)
     for field in dataclasses.fields(Config):
         if field.name == "preset":  # set by --preset below, with its choices
@@ -158,7 +178,6 @@ def config_from_args(args) -> Config:
 def _quiet_libraries():
     """The console is ours: no start-up chatter from TensorFlow / tfds, no logged tracebacks from orbax."""
     import logging
-    import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -172,6 +191,10 @@ def _quiet_libraries():
 
 def parse(parser, argv=None):
     """The flags, on top of --preset's values when one is named (explicit flags win)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for i, arg in enumerate(argv):  # the Config field was `version` before resnet_jax 0.3
+        if arg.startswith("--version=") or (arg == "--version" and argv[i + 1 : i + 2] in (["1"], ["2"])):
+            parser.error("--version prints resnet_jax's version; the ResNet version is --resnet_version N")
     known, _ = parser.parse_known_args(argv)
     if getattr(known, "preset", None):
         recipe = preset(known.preset)
@@ -186,7 +209,7 @@ def main(argv=None) -> int:
     SIGINT saving the run) stays here; the signal handlers are put back when it returns, so a
     caller in the same process (the tests) can call it again."""
     _quiet_libraries()
-    parser = build_parser()
+    parser = build_parser(prog=program_name())
     args = parse(parser, argv)
     if args.which is not None and not args.eval_only:
         parser.error("--which applies only with --eval_only")
@@ -199,7 +222,6 @@ def main(argv=None) -> int:
         parser.error("--eval_only evaluates one run: pass --workdir WORKDIR/seed_<s> without --seeds")
     verbosity = 0 if args.quiet else (2 if args.verbose is None else args.verbose)
     stop = threading.Event()
-    handlers = {}
     try:
         config = config_from_args(args)
         seeds = many.parse_seeds(args.seeds) if args.seeds is not None else None
@@ -212,42 +234,28 @@ def main(argv=None) -> int:
                 args.coordinator_address, args.num_processes, args.process_id, args.init_timeout
             )
         if args.eval_only:
-            from resnet_jax import evaluate, report
+            from resnet_jax import evaluation, report
 
             console = report.Console(0 if args.quiet else 1)
-            loss, acc = evaluate.evaluate_checkpoint(
+            loss, acc = evaluation.evaluate_checkpoint(
                 args.workdir, args.which or "best", data_dir=args.data_dir, console=console
             )
             print(f"Test loss: {loss}")
             print(f"Test accuracy: {acc}")
             return 0
-        from resnet_jax import loop  # imports JAX: after the cheap checks
+        from resnet_jax import interrupt, loop  # imports JAX: after the cheap checks
 
-        def request_stop(signum, frame):
-            if stop.is_set():  # a second Ctrl-C: give up at once (checkpoints stay intact)
-                raise KeyboardInterrupt
-            stop.set()
-            bar = "\n" if verbosity >= 2 and sys.stdout.isatty() else ""  # end the progress bar's line
-            print(
-                f"{bar}{signal.Signals(signum).name}: saving the latest state after this device call...",
-                file=sys.stderr,
-                flush=True,
-            )
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            handlers[signum] = signal.signal(signum, request_stop)
         run = dict(verbosity=verbosity, stop=stop, summary=args.summary)
-        if seeds is None:
-            loop.train_and_evaluate(config, args.workdir, **run)
-        else:
-            many.train_many(config, args.workdir, seeds, **run)
+        bar = verbosity >= 2 and sys.stdout.isatty()
+        with interrupt.saving_on(stop, (signal.SIGINT, signal.SIGTERM), end_bar=bar):
+            if seeds is None:
+                loop.train_and_evaluate(config, args.workdir, **run)
+            else:
+                many.train_many(config, args.workdir, seeds, **run)
         return 0
     except UserError as e:  # bad input (2), or a fault of the machine: disk or memory (3)
         print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
         return getattr(e, "exit_status", 2)
     except Interrupted as e:
-        print(str(e), file=sys.stderr)
+        print(f"stopped {e.where}; state saved in {e.path}. Run the same command to resume.", file=sys.stderr)
         return 130
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)

@@ -13,16 +13,18 @@ import os
 from resnet_jax import cifar_archive, image_folder, tfds_data
 from resnet_jax.dataset import Dataset
 from resnet_jax.errors import UserError
+from resnet_jax.report import DecodeProgress
 
 
-def load_dataset(name: str = "cifar10", data_dir: str | None = None) -> Dataset:
+def load_dataset(name: str = "cifar10", data_dir: str | None = None, *, verbose: bool = True) -> Dataset:
     """A dataset as host arrays, from what `data_dir` holds, else from tensorflow-datasets.
 
     `data_dir` may be a folder of images in class subfolders (train/<class>/*, test/<class>/*)
     or a .tar.gz of one (then `name` is not used), the official CIFAR python archive or its
     folder (for cifar10 / cifar100), or a tfds data directory. `name` is any tfds
     image-classification dataset that fits in memory (cifar10, mnist, fashion_mnist, svhn_cropped,
-    ...)."""
+    ...). `verbose`: say so (with a progress bar on a terminal) while images are decoded into
+    the cache, which happens once per folder or archive."""
     hint = None
     if data_dir is not None:
         data_dir = os.path.expanduser(str(data_dir))
@@ -35,7 +37,7 @@ def load_dataset(name: str = "cifar10", data_dir: str | None = None) -> Dataset:
                 "tfds data directory"
             )
         if image_folder.looks_like(data_dir):
-            return image_folder.load(data_dir)
+            return image_folder.load(data_dir, DecodeProgress(data_dir) if verbose else None)
         found = cifar_archive.find_archive(name, data_dir) if name in cifar_archive.ARCHIVES else None
         if found is not None:
             return cifar_archive.read_archive(name, found)

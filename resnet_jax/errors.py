@@ -6,4 +6,12 @@ class UserError(ValueError):
 
 
 class Interrupted(Exception):
-    """The run was asked to stop (SIGTERM / Ctrl-C) and its latest state is saved."""
+    """The run was asked to stop (Ctrl-C, SIGTERM, or its `stop` event) and its latest state is
+    saved: the same call (or command) again resumes from there."""
+
+    def __init__(self, where: str, path: str):
+        self.where, self.path = where, path
+        super().__init__(f"stopped {where}; the state is saved in {path}: call it again to resume")
+
+    def _render_traceback_(self):  # what IPython and Jupyter show instead of a traceback
+        return [f"Interrupted: {self}"]

@@ -1,12 +1,13 @@
-"""A state's summed metrics on a test set: `evaluate_on`, and `evaluate_checkpoint` (a saved run's
-best or latest state on its own test set, or on yours; train.py --eval_only)."""
+"""A state's test loss and accuracy: `evaluate` (a state on a dataset's test split),
+`evaluate_checkpoint` (a saved run's best or latest state on its own test set, or on yours;
+train.py --eval_only), and `evaluate_on` (the summed metrics, over a given mesh)."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
 
-from resnet_jax import parallel, pipeline
+from resnet_jax import cache, parallel, pipeline
 from resnet_jax.checkpoint import Sums, open_run, restore_with_meta
 from resnet_jax.data import load_dataset
 from resnet_jax.dataset import Dataset
@@ -20,8 +21,17 @@ def evaluate_on(state, dataset: Dataset, config, mesh) -> Sums:
     mean = parallel.replicate(np.asarray(state.pixel_mean), mesh)
     data = pipeline.DeviceData(images[:0], labels[:0], images, labels, weights, mean)
     program = pipeline.evaluate_program(config, mesh, pipeline.make_evaluate(config, mesh), state, data)
-    (evaluate,) = pipeline.compile_all([program])  # compiled once per shape in this process
+    with cache.compiling():  # a cache entry it cannot read: one warning line
+        (evaluate,) = pipeline.compile_all([program])  # compiled once per shape in this process
     return Sums().add(jax.device_get(evaluate(state, data)))
+
+
+def evaluate(state, dataset: Dataset) -> tuple[float, float]:
+    """(test loss, test accuracy) of a state (from train_and_evaluate or restore) on `dataset`'s
+    test split, exact over every image, on every device. The loss includes the L2 term, as Keras
+    reports it."""
+    test = evaluate_on(state, dataset, state.config, parallel.make_mesh())
+    return test.mean_loss, test.accuracy
 
 
 def evaluate_checkpoint(
@@ -53,10 +63,12 @@ def evaluate_checkpoint(
         )
     state, progress, step = restore_with_meta(path, which, model=model)
     if console is not None:
-        console.line(
-            f"Evaluating the {which} checkpoint of {path}: {progress.where(None)} "
-            f"(step {step}{', mid-epoch' if progress.step_in_epoch else ''}), on the "
-            f"{len(dataset.test_images):,} test images"
-        )
+        if progress.step_in_epoch:  # "epoch 2, step 10/1563, mid-epoch (step 1573)"
+            where = f"{progress.where(info.get('steps_per_epoch'))}, mid-epoch"
+            where += f" (step {step})" if step != progress.step_in_epoch else ""
+        else:
+            where = f"{progress.where()} (step {step})"
+        images = f"{len(dataset.test_images):,} test images"
+        console.line(f"Evaluating the {which} checkpoint of {path}: {where}, on the {images}")
     test = evaluate_on(state, dataset, state.config, parallel.make_mesh())
     return test.mean_loss, test.accuracy

@@ -142,8 +142,9 @@ def _decode(raw: bytes, name: str, where: str) -> np.ndarray:
     return array[..., None] if gray else array
 
 
-def _arrays(files: dict, where: str):
-    """(train images, train labels, test images, test labels, class names) from the files."""
+def _arrays(files: dict, where: str, progress=None):
+    """(train images, train labels, test images, test labels, class names) from the files;
+    `progress(done, total)` is called as they are decoded (about every 1 %)."""
     classes = sorted({cls for cls, _, _ in files["train"]})
     if not classes:
         raise UserError(
@@ -158,9 +159,14 @@ def _arrays(files: dict, where: str):
     index = {c: i for i, c in enumerate(classes)}
     first = None
     out = []
+    total, done = len(files["train"]) + len(files["test"]), 0
+    every = max(total // 100, 1)
     for split in SPLITS:
         images, labels = [], []
         for cls, name, raw in files[split]:
+            if progress is not None and done % every == 0:
+                progress(done, total)
+            done += 1
             array = _decode(raw, name, where)
             if first is None:
                 first = (name, array.shape)
@@ -173,32 +179,39 @@ def _arrays(files: dict, where: str):
             labels.append(index[cls])
         out.append(images)
         out.append(np.asarray(labels, np.int32))
+    if progress is not None:
+        progress(total, total)
     channels = max(a.shape[-1] for a in out[0] + out[2])
     stack = lambda images: np.stack([np.repeat(a, channels // a.shape[-1], -1) for a in images])
     return stack(out[0]), out[1], stack(out[2]), out[3], classes
 
 
-def _cache_key(path: str) -> str:
+def _source(path: str) -> dict:
+    """What the decoded arrays come from: the folder's image files (names, sizes, times) or the
+    archive's size and time; the cache entry is named by it and records it."""
     if os.path.isdir(path):
-        stamp = repr(_listing(path))
+        listing = _listing(path)
+        files = {"count": len(listing), "listing": cache.key(repr(listing))}
     else:
         st = os.stat(path)
-        stamp = repr((st.st_size, st.st_mtime_ns))
-    return cache.key("image_folder", CACHE_FORMAT, os.path.abspath(path), stamp)
+        files = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": path, "format": CACHE_FORMAT, **files}
 
 
-def load(path: str):
-    """The Dataset of an image folder or its archive (decoded once, then read from the cache)."""
+def load(path: str, progress=None):
+    """The Dataset of an image folder or its archive (decoded once, then read from the cache);
+    `progress(done, total)` follows a decoding (see `_arrays`)."""
     path = os.path.abspath(os.path.expanduser(path))
-    key = _cache_key(path)
-    arrays = cache.load_arrays("images", key)
+    source = _source(path)
+    key = cache.key("image_folder", source)
+    arrays = cache.load_arrays("images", key, source)
     if arrays is None:
         files = _read_archive(path) if is_archive(path) else _read_folder(path)
-        xtr, ytr, xte, yte, classes = _arrays(files, path)
+        xtr, ytr, xte, yte, classes = _arrays(files, path, progress)
         arrays = dict(
             train_images=xtr, train_labels=ytr, test_images=xte, test_labels=yte, classes=np.asarray(classes)
         )
-        cache.save_arrays("images", key, arrays)
+        cache.save_arrays("images", key, arrays, source)
     classes = tuple(str(c) for c in arrays["classes"])
     return Dataset(
         arrays["train_images"],

@@ -21,15 +21,27 @@ from typing import Any
 import jax
 import numpy as np
 
-from resnet_jax import cache, calls, checkpoint, faults, many, parallel, parts, pipeline, steps, tuning
+from resnet_jax import (
+    cache,
+    calls,
+    checkpoint,
+    faults,
+    interrupt,
+    many,
+    parallel,
+    parts,
+    pipeline,
+    steps,
+    tuning,
+)
 from resnet_jax import workdir as wd
 from resnet_jax.checkpoint import Progress, Sums
 from resnet_jax.config import Config
 from resnet_jax.data import load_dataset
 from resnet_jax.dataset import Dataset, pixel_mean, split_holdout
 from resnet_jax.errors import Interrupted, UserError
-from resnet_jax.evaluate import evaluate_on
-from resnet_jax.report import finished_line, resume_lines, start_lines
+from resnet_jax.evaluation import evaluate_on
+from resnet_jax.report import finished_line, plural, resume_lines, start_lines
 from resnet_jax.report import summary as model_summary
 from resnet_jax.writer import RunWriter
 
@@ -75,13 +87,14 @@ def train_and_evaluate(
     out = RunWriter(path, verbosity)
     console, stop = out.console, stop or threading.Event()
     with checkpoint.resumable_on_full_disk(path), contextlib.ExitStack() as stack:
+        stack.enter_context(interrupt.saving_on(stop, end_bar=console.bar))  # Ctrl-C: save, stop
         # -- Workdir: one run at a time, holding only resnet_jax's own files.
         many.refuse_single_run(path)
         stack.enter_context(out.claim())
 
         # -- Data: the test set validates (the seed's way), or a held-out part of the training set.
         if dataset is None:
-            dataset = load_dataset(config.dataset, config.data_dir)
+            dataset = load_dataset(config.dataset, config.data_dir, verbose=console.verbosity > 0)
         config = dataclasses.replace(config, num_classes=dataset.num_classes, dataset=dataset.name)
         train_set, held = dataset, None
         if config.val_split:
@@ -162,7 +175,7 @@ def train_and_evaluate(
             if step < spe:  # a stop request, mid-epoch: saved, to go on from this step
                 ckpts.save(state, progress.stopped_mid_epoch(step, sums).to_meta(), rank=None)
                 console.end_bar()
-                raise Interrupted(f"stopped at epoch {epoch}, step {step}/{spe}; {epochs.saved_note}")
+                raise Interrupted(f"at epoch {epoch}, step {step}/{spe}", ckpts.path)
             rec = epochs.record(state, epoch, lr, sums, began)  # the evaluation included
             stopping = _callbacks_stop(callbacks, epoch, state, rec)
             progress = epochs.save(state, progress, rec, stopping, steps_run=spe - first)
@@ -170,7 +183,7 @@ def train_and_evaluate(
                 console.line(f"Stopped by a callback after epoch {epoch}; the run is finished.")
                 break
             if stop.is_set() and epoch < config.epochs:
-                raise Interrupted(f"stopped after epoch {epoch}; {epochs.saved_note}")
+                raise Interrupted(f"after epoch {epoch}", ckpts.path)
         ckpts.wait()  # the outputs of the last saved epoch follow its checkpoint
 
         # -- Test: the seed reports the final model on the test set (its last validation); with a
@@ -229,7 +242,6 @@ class Epochs:
         )
         self.n = data.train_labels.shape[0]
         self.pace = calls.Pace(chunk.loop, config.steps_per_call)
-        self.saved_note = f"state saved in {ckpts.path}. Run the same command to resume."
 
     def train(self, state, epoch: int, progress: Progress):
         """(state, summed metrics, the step reached): below steps_per_epoch after a stop."""
@@ -342,7 +354,7 @@ class Programs:
         """The compiled evaluation, once every train-call shape of the run is compiled too."""
         shapes = pipeline.call_shapes(data.train_labels.shape[0], self.config, progress.step_in_epoch)
         count = len({self.chunk.shape(*s) for s in shapes})
-        self.console.line(f"Compiling the train step ({count} call shapes) and the evaluation...")
+        self.console.line(f"Compiling the train step ({plural(count, 'call shape')}) and the evaluation...")
         began = time.monotonic()
         with self.warnings, cache.compiling():
             if self.early is None:

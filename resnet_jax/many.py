@@ -21,6 +21,7 @@ import json
 import os
 import re
 import statistics
+import threading
 
 from resnet_jax import workdir as wd
 from resnet_jax.config import FIXED_FIELDS, Config
@@ -117,7 +118,7 @@ def train_many(config: Config, workdir: str, seeds, dataset=None, *, verbosity: 
     (resuming what is unfinished, training nothing that finished); returns one (state, history)
     per seed. `kwargs` are train_and_evaluate's (model, optimizer, augment, callbacks, stop,
     summary); `dataset` is loaded once for all seeds when not given."""
-    from resnet_jax import report, tuning
+    from resnet_jax import interrupt, report, tuning
     from resnet_jax.data import load_dataset
     from resnet_jax.loop import train_and_evaluate
 
@@ -125,7 +126,7 @@ def train_many(config: Config, workdir: str, seeds, dataset=None, *, verbosity: 
     check_seeds(seeds)
     path = os.path.abspath(os.path.expanduser(workdir))
     if dataset is None:
-        dataset = load_dataset(config.dataset, config.data_dir)
+        dataset = load_dataset(config.dataset, config.data_dir, verbose=verbosity > 0)
     config = dataclasses.replace(config, dataset=dataset.name, num_classes=dataset.num_classes)
     data = dataset.describe()
     saved = check_workdir(path, config, data)
@@ -140,10 +141,16 @@ def train_many(config: Config, workdir: str, seeds, dataset=None, *, verbosity: 
     how = tuning.started().seeds  # decided per platform, in resnet_jax.tuning
     console.line(f"Seeds {','.join(map(str, seeds))} of one recipe, {how}, in {path}")
     results = []
-    for i, seed in enumerate(seeds):
-        console.line(f"=== seed {seed} ({i + 1} of {len(seeds)}) -> {seed_dir(path, seed)}")
-        run = dataclasses.replace(config, seed=seed)
-        results.append(train_and_evaluate(run, seed_dir(path, seed), dataset, verbosity=verbosity, **kwargs))
+    stop = kwargs.pop("stop", None) or threading.Event()  # one stop request for every seed
+    with interrupt.saving_on(stop, end_bar=console.bar):
+        for i, seed in enumerate(seeds):
+            console.line(f"=== seed {seed} ({i + 1} of {len(seeds)}) -> {seed_dir(path, seed)}")
+            run = dataclasses.replace(config, seed=seed)
+            results.append(
+                train_and_evaluate(
+                    run, seed_dir(path, seed), dataset, verbosity=verbosity, stop=stop, **kwargs
+                )
+            )
     summary = summarize(path, seeds)
     wd.write_atomic(os.path.join(path, SUMMARY_FILE), json.dumps(summary, indent=1))
     plot_seeds(path, seeds)
@@ -184,13 +191,20 @@ def summarize(workdir: str, seeds) -> dict:
 
 def summary_lines(summary: dict) -> list[str]:
     """The console's closing table: one row per seed, then mean +- sd of the test accuracy."""
-    lines = ["", "seed  test_acc  test_loss  best_val_acc (epoch)  seconds"]
-    for r in summary["runs"]:
-        lines.append(
-            f"{r['seed']:>4}  {r['test_accuracy']:.4f}    {r['test_loss']:.4f}     "
-            f"{r['best_val_acc']:.4f} ({r['best_epoch']})"
-            f"{'':>9}{r['seconds']:.0f}"
+    from resnet_jax.report import table
+
+    header = ("seed", "test_acc", "test_loss", "best_val_acc (epoch)", "seconds")
+    rows = [
+        (
+            r["seed"],
+            f"{r['test_accuracy']:.4f}",
+            f"{r['test_loss']:.4f}",
+            f"{r['best_val_acc']:.4f} ({r['best_epoch']})",
+            f"{r['seconds']:.0f}",
         )
+        for r in summary["runs"]
+    ]
+    lines = ["", *table(header, rows)]
     lines.append(
         f"Test accuracy over {summary['n']} seeds: {summary['mean']:.4f} ± {summary['sd']:.4f} (mean ± sd)"
     )
@@ -198,29 +212,15 @@ def summary_lines(summary: dict) -> list[str]:
 
 
 def plot_seeds(workdir: str, seeds):
-    """W/curves.png: each seed's val_acc by epoch (thin) and their mean (thick)."""
-    from matplotlib.figure import Figure
-
+    """W/curves.png: each seed's val_acc by epoch (thin), their mean and ± sd band (markers)."""
     from resnet_jax.faults import writing
+    from resnet_jax.report import curves_figure
 
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    curves = []
+    histories = []
     for seed in seeds:
         with open(os.path.join(seed_dir(workdir, seed), wd.METRICS_FILE)) as f:
-            history = [json.loads(line) for line in f]
-        epochs, val = [r["epoch"] for r in history], [r["val_acc"] for r in history]
-        ax.plot(epochs, val, lw=1, alpha=0.6, label=f"seed {seed}")
-        curves.append(val)
-    length = min(len(c) for c in curves)
-    mean = [statistics.fmean(c[i] for c in curves) for i in range(length)]
-    ax.plot(range(1, length + 1), mean, "k-", lw=2.5, label=f"mean of {len(seeds)}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("val_acc")
-    ax.set_title(f"val_acc of {len(seeds)} seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
+            histories.append([json.loads(line) for line in f])
+    fig = curves_figure([("mean of the seeds", histories)], f"val_acc of {len(seeds)} seeds")
     path = os.path.join(workdir, "curves.png")
     tmp = os.path.join(workdir, ".tmp-curves.png")
     with writing("curves.png", path):

@@ -8,6 +8,99 @@ import sys
 import time
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 epoch', '2 epochs', '1,563 steps'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def bar(done: int, total: int, width: int = 30) -> str:
+    """Keras's progress bar: [=====>........]."""
+    filled = int(width * done / max(total, 1))
+    arrow = "=" * max(filled - 1, 0) + (">" if done < total else "=") if filled else ""
+    return f"[{arrow:<{width}}]"
+
+
+def table(header, rows) -> list[str]:
+    """Lines of a plain-text table: every column as wide as its widest cell, the first column
+    left-aligned and the others right-aligned, two spaces apart."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    align = lambda i, text: text.ljust(widths[i]) if i == 0 else text.rjust(widths[i])
+    return ["  ".join(align(i, c) for i, c in enumerate(row)).rstrip() for row in cells]
+
+
+def curves_figure(groups, title: str):
+    """val_acc by epoch of groups of runs [(label, [history, ...]), ...]: each group's mean with
+    markers and a ± sd band (two runs or more); with one group, each run too (thin). Epochs are
+    whole numbers on the axis."""
+    import statistics
+
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for k, (label, histories) in enumerate(groups):
+        color = f"C{k % 10}"
+        if len(groups) == 1:
+            for history in histories:
+                ax.plot(
+                    [r["epoch"] for r in history], [r["val_acc"] for r in history], ".-", lw=0.8, alpha=0.5
+                )
+        length = min(len(h) for h in histories)
+        epochs = list(range(1, length + 1))
+        values = [[h[i]["val_acc"] for h in histories] for i in range(length)]
+        mean = [statistics.fmean(v) for v in values]
+        n = len(histories)
+        ax.plot(
+            epochs, mean, "o-", color="k" if len(groups) == 1 else color, lw=2, ms=5, label=f"{label} (n={n})"
+        )
+        if n > 1:
+            sd = [statistics.stdev(v) for v in values]
+            lo, hi = [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)]
+            ax.fill_between(epochs, lo, hi, color="k" if len(groups) == 1 else color, alpha=0.15, lw=0)
+    longest = max(len(h) for _, histories in groups for h in histories)
+    ax.set_xlim(0.5, longest + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val_acc (mean ± sd)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+class DecodeProgress:
+    """What a first run shows while an image folder is decoded into the cache: one line, with a
+    progress bar on a terminal, then the time it took (later runs read the cache)."""
+
+    def __init__(self, source: str, stream=None):
+        self.source, self.stream = source, stream or sys.stdout
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.began = None
+
+    def __call__(self, done: int, total: int):
+        head = f"Decoding {total:,} images of {self.source} into the cache, once"
+        if self.began is None:
+            self.began = time.monotonic()
+            print(
+                head + ("" if self.tty else "..."), end="" if self.tty else "\n", file=self.stream, flush=True
+            )
+        if self.tty:
+            print(
+                f"\r{head} {bar(done, total)} {done:,}/{total:,}\x1b[K", end="", file=self.stream, flush=True
+            )
+        if done == total:
+            seconds = time.monotonic() - self.began
+            print(
+                ("\n" if self.tty else "")
+                + f"Decoded in {seconds:.1f} s; later runs read them from the cache",
+                file=self.stream,
+                flush=True,
+            )
+
+
 class Console:
     """Prints the seed log's story. verbosity 0: nothing; 1: epoch lines; 2: plus a progress bar.
 
@@ -31,12 +124,9 @@ class Console:
     def progress(self, done: int, total: int, sums, start: float):
         if not self.bar:
             return
-        width = 30
-        filled = int(width * done / total)
-        arrow = "=" * max(filled - 1, 0) + (">" if done < total else "=") if filled else ""
         eta = (time.monotonic() - start) / max(done, 1) * (total - done)
         print(
-            f"\r{done}/{total} [{arrow:<{width}}] - ETA: {eta:.0f}s - loss: {sums.mean_loss:.4f} - "
+            f"\r{done}/{total} {bar(done, total)} - ETA: {eta:.0f}s - loss: {sums.mean_loss:.4f} - "
             f"acc: {sums.accuracy:.4f}\x1b[K",
             end="",
             file=self.stream,
@@ -163,8 +253,8 @@ def finished_line(path: str, progress, test: dict | None) -> str:
         text = f"Run in {path} is finished (stopped by a callback after epoch {progress.epoch})"
     else:
         text = (
-            f"Run in {path} is finished ({progress.epoch} epochs); pass a larger --epochs to continue it,"
-            " or --eval_only to evaluate it"
+            f"Run in {path} is finished ({plural(progress.epoch, 'epoch')}); pass a larger --epochs to "
+            "continue it, or --eval_only to evaluate it"
         )
     if test:
         text += (

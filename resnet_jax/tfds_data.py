@@ -29,10 +29,19 @@ OFFLINE_HINTS = {
 
 
 def _tfds():
-    """tensorflow_datasets with TensorFlow kept off every GPU (JAX owns the accelerators)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter
-    import tensorflow as tf
-
+    """tensorflow_datasets with TensorFlow kept off every GPU (JAX owns the accelerators), and
+    imported without TensorFlow's start-up notices and warnings (oneDNN, CUDA): its C++ log level
+    is 2 for the import only, unless you chose one (JAX's import sets 1), and put back after."""
+    saved = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    if saved in (None, "1"):
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    try:
+        import tensorflow as tf
+    finally:
+        if saved is None:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        else:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = saved
     tf.config.set_visible_devices([], "GPU")
     import tensorflow_datasets as tfds
 
@@ -53,8 +62,12 @@ def _offline_error(name: str, data_dir, hint: str | None = None) -> UserError:
     local = OFFLINE_HINTS.get(
         name, "a folder of images in class subfolders (train/<class>/, test/<class>/) or its .tar.gz"
     )
+    if data_dir is not None and os.path.isdir(data_dir) and not os.listdir(data_dir):
+        there = f"data_dir {data_dir} is an empty folder"  # tfds would have downloaded into it
+    else:
+        there = f"no prepared copy in {data_dir or 'the tfds data dir'}"
     return UserError(
-        f"cannot download {name}: no network and no prepared copy in {data_dir or 'the tfds data dir'}. "
+        f"cannot download {name}: no network and {there}. "
         f"Offline, point data_dir (--data_dir) at {local}, an image-folder archive, or a tfds data_dir "
         f"where {name} was prepared (TFDS_DATA_DIR)"
     )
@@ -77,7 +90,7 @@ def closest_name(name: str, known) -> str | None:
 
 
 def unknown_dataset(name: str, tfds) -> UserError:
-    guess = closest_name(name, tfds.list_builders())
+    guess = closest_name(name, tfds.list_builders(with_community_datasets=False))  # no network
     return UserError(
         f"unknown dataset {name!r}: not a tensorflow-datasets name"
         + (f"; did you mean {guess}?" if guess and guess != name else "")

@@ -109,9 +109,12 @@ def check_compatible(saved: Config, config: Config, workdir: str):
         return
     what = ", ".join(f"{f} {getattr(saved, f)!r} (now {getattr(config, f)!r})" for f in diff)
     kind = "a different model" if set(diff) & set(MODEL_FIELDS) else "different data or seed"
+    same = "the same settings"
+    if saved.preset and saved.preset != config.preset:  # the likely cause: the preset was left out
+        same = f"--preset {saved.preset} (its preset) and the same settings"
     raise UserError(
-        f"workdir {workdir} holds a run of {kind}: {what}; rerun with the same "
-        "settings to resume, or pass another --workdir (nothing was deleted)"
+        f"workdir {workdir} holds a run of {kind}: {what}; rerun with {same} "
+        "to resume, or pass another --workdir (nothing was deleted)"
     )
 
 

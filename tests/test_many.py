@@ -130,3 +130,19 @@ def test_train_many_in_a_notebook_with_your_own_parts(tmp_path):
     assert not np.array_equal(state_3.params["Dense_0"]["kernel"], state_5.params["Dense_0"]["kernel"])
     restored = rj.restore(str(tmp_path / "w" / "seed_5"), "latest", model=CNN())
     np.testing.assert_array_equal(restored.params["Dense_0"]["kernel"], state_5.params["Dense_0"]["kernel"])
+
+
+def test_the_picture_of_many_runs_reads_with_one_epoch_and_the_table_lines_up():
+    from resnet_jax.report import curves_figure, table
+
+    runs = [[{"epoch": 1, "val_acc": 0.5}], [{"epoch": 1, "val_acc": 0.7}]]  # one epoch each
+    ax = curves_figure([("mean of the seeds", runs)], "val_acc of 2 seeds").axes[0]
+    assert ax.get_lines() and all(line.get_marker() not in (None, "", "None") for line in ax.get_lines())
+    assert ax.collections  # the ± sd band
+    assert all(float(t).is_integer() for t in ax.get_xticks())  # whole epochs
+    lines = table(
+        ("seed", "test_acc", "best_val_acc (epoch)"),
+        [(0, "0.5000", "0.5000 (1)"), (12, "0.7", "0.7000 (12)")],
+    )
+    assert len({len(line) for line in lines}) == 1  # every column ends where its header ends
+    assert lines[2].endswith("0.7000 (12)") and lines[1].endswith(" 0.5000 (1)")

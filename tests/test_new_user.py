@@ -5,11 +5,13 @@ import os
 import re
 import shlex
 import socket
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
 import pytest
-from conftest import ENV, ROOT, TINY, random_dataset, train
+from conftest import ENV, ROOT, TINY, StopSoon, random_dataset, train
 
 import resnet_jax as rj
 from resnet_jax import cli, tuning
@@ -22,13 +24,29 @@ def stderr_lines(proc):
 @pytest.mark.parametrize("name", ["cifar-10", "CIFAR10", "cifar_10"])
 def test_a_dataset_name_tfds_cannot_parse_is_one_line_with_the_closest_name(name, tmp_path):
     workdir = tmp_path / "w"
-    # through the real command line: a process of its own, as the user ran it
-    proc = train("--workdir", str(workdir), "--dataset", name, *TINY, check=False, env=ENV)
+    # through the real command line: a process of its own, as the user ran it (in a shell that
+    # does not quiet TensorFlow: no TF_CPP_MIN_LOG_LEVEL)
+    env = {k: v for k, v in ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = train("--workdir", str(workdir), "--dataset", name, *TINY, check=False, env=env)
     assert proc.returncode == 2 and len(stderr_lines(proc)) == 1, proc.stderr
     assert f"unknown dataset {name!r}" in proc.stderr and "did you mean cifar10?" in proc.stderr
     assert not workdir.exists()  # a failed start leaves no workdir holding only .lock
     with pytest.raises(rj.UserError, match="did you mean cifar10"):
         rj.load_dataset(name)
+
+
+def test_the_tfds_path_prints_nothing_and_leaves_the_environment_as_it_was():
+    """TensorFlow's start-up notices stay quiet in Python too, and TF_CPP_MIN_LOG_LEVEL (JAX's 1
+    after its import) is what it was again afterwards (TensorFlow's own variables aside)."""
+    env = {k: v for k, v in ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    code = (
+        "import os, resnet_jax as rj\n"
+        "before = os.environ.get('TF_CPP_MIN_LOG_LEVEL')\n"
+        "try:\n    rj.load_dataset('cifar_10')\nexcept rj.UserError:\n    pass\n"
+        "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL') == before)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "True\n" and not proc.stderr.strip(), proc.stderr
 
 
 def test_a_folder_holding_an_image_archive_says_to_pass_the_archive(tmp_path, monkeypatch):
@@ -102,16 +120,60 @@ def test_resume_and_finish_lines_say_where_the_run_stands(full_run, archive, tmp
     config = rj.tiny(batch_size=8, epochs=2, device_loop="scan", steps_per_call=2)
     ds = random_dataset(n_train=56)
 
-    class StopSoon:  # a stop request at the loop's second look: mid-epoch 1
-        asked = 0
-
-        def is_set(self):
-            self.asked += 1
-            return self.asked >= 2
-
     with pytest.raises(rj.errors.Interrupted):
         rj.train_and_evaluate(config, str(tmp_path / "w"), ds, verbosity=0, stop=StopSoon())
     rj.train_and_evaluate(config, str(tmp_path / "w"), ds, verbosity=1)
     resumed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Resuming")]
     assert len(resumed) == 1 and "at epoch 1, step" in resumed[0]
     assert "no epoch finished yet" in resumed[0] and "-inf" not in resumed[0]
+
+
+def test_recovery_messages_name_the_fix(archive, tmp_path, monkeypatch):
+    # a misspelt flag
+    proc = train("--workdir", str(tmp_path / "a"), "--epcohs", "1", check=False)
+    assert proc.returncode == 2 and len(stderr_lines(proc)) == 1
+    assert "unrecognized arguments: --epcohs 1; did you mean --epochs?" in proc.stderr
+    # a run made with --preset tiny, resumed without it
+    workdir = str(tmp_path / "tiny")
+    train(
+        "--workdir", workdir, "--data_dir", archive, "--preset", "tiny", "--epochs", "1", "--batch_size", "16"
+    )
+    proc = train(
+        "--workdir", workdir, "--data_dir", archive, "--epochs", "2", "--batch_size", "16", check=False
+    )
+    assert proc.returncode == 2 and len(stderr_lines(proc)) == 1
+    assert "num_filters 4 (now 32)" in proc.stderr and "rerun with --preset tiny" in proc.stderr
+    # --eval_only (the best checkpoint) before an epoch has finished: the mid-epoch one is named
+    ds = random_dataset(n_train=56)
+
+    config = rj.tiny(batch_size=8, epochs=2, device_loop="scan", steps_per_call=2)
+    with pytest.raises(rj.Interrupted):
+        rj.train_and_evaluate(config, str(tmp_path / "mid"), ds, verbosity=0, stop=StopSoon())
+    with pytest.raises(
+        rj.UserError, match=r"no best checkpoint yet .* pass which='latest' \(--which latest\)"
+    ):
+        rj.evaluate_checkpoint(str(tmp_path / "mid"), dataset=ds)
+    loss, accuracy = rj.evaluate_checkpoint(str(tmp_path / "mid"), "latest", dataset=ds)
+    assert 0 <= accuracy <= 1
+    # an empty data folder, offline (tfds would download into it)
+    (tmp_path / "empty").mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+        with pytest.raises(rj.UserError, match=r"no network and data_dir \S+ is an empty folder\. Offline"):
+            rj.load_dataset("cifar10", data_dir=str(tmp_path / "empty"))
+
+
+def test_decoding_into_the_cache_says_so_once(tmp_path, capsys):
+    from image_files import write_folder
+
+    write_folder(tmp_path / "pets", np.random.default_rng(3))
+    rj.load_dataset(data_dir=str(tmp_path / "pets"))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"Decoding 19 images of {tmp_path / 'pets'} into the cache, once..."
+    assert (
+        re.fullmatch(r"Decoded in \d+\.\d s; later runs read them from the cache", out[1]) and len(out) == 2
+    )
+    rj.load_dataset(data_dir=str(tmp_path / "pets"))  # from the cache: nothing to say
+    write_folder(tmp_path / "quiet", np.random.default_rng(4))
+    rj.load_dataset(data_dir=str(tmp_path / "quiet"), verbose=False)
+    assert capsys.readouterr().out == ""

@@ -13,6 +13,7 @@ import optax
 import pytest
 from conftest import ENV, ROOT, kill_after_first_epoch, metrics, random_dataset, without_seconds
 from digits import digits_dataset
+from image_files import write_folder
 from own_parts import CNN, DropoutCNN, blank, identity, sgd_cosine
 
 import resnet_jax as rj
@@ -241,27 +242,6 @@ def test_in_memory_arrays_are_recorded_as_arrays_not_a_dataset_name(tmp_path):
     assert info["data"]["fingerprint"] == ds.fingerprint()
 
 
-def write_folder(root, rng, size=(12, 10), gray=False):
-    """train/ and test/ class folders of PNG images (lossless); returns the arrays they hold."""
-    from PIL import Image
-
-    arrays = {}
-    for split, n in (("train", 5), ("test", 2)):
-        images, labels = [], []
-        for label, cls in enumerate(("cat", "dog", "emu")):  # sorted: labels 0, 1, 2
-            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
-            for i in range(n if cls != "emu" or split == "train" else 0):  # no emu in test/
-                shape = size[::-1] + (() if gray else (3,))
-                array = rng.integers(0, 256, shape, dtype=np.uint8)
-                Image.fromarray(array).save(os.path.join(root, split, cls, f"{i:03d}.png"))
-                images.append(array if not gray else array[..., None])
-                labels.append(label)
-        arrays[split] = (np.stack(images), np.asarray(labels))
-    with open(os.path.join(root, "train", "notes.txt"), "w") as f:
-        f.write("not an image, not a class folder")
-    return arrays
-
-
 @pytest.mark.parametrize("gray", [False, True])
 def test_an_image_folder_and_its_archive_load_as_the_arrays_they_hold(tmp_path, gray):
     import tarfile
@@ -351,13 +331,16 @@ def test_readme_snippets_for_your_own_parts_run(tmp_path):
     readme = open(os.path.join(ROOT, "README.md")).read()
     blocks = re.findall(r"<!-- own -->\s*```python\n(.*?)```", readme, re.S)
     assert len(blocks) >= 4
-    root = tmp_path / "flowers"
+    root = tmp_path / "images"
     write_folder(root, np.random.default_rng(3))
+    archive = '"../shared/data/cifar10-jpeg75.tar.gz"'
+    sample = ".subset(train=5000, test=1000)"
+    assert archive in blocks[0] and sample in blocks[0] and "epochs=5, batch_size=50" in blocks[0]
     scope = {"__name__": "readme"}
     with tfds.testing.mock_data(num_examples=64):  # fashion_mnist without a download
         for code in blocks:
-            code = code.replace('"~/data/flowers"', f'"{root}"').replace('"runs/', f'"{tmp_path}/')
-            code = code.replace("epochs=20", "epochs=2")
+            code = code.replace(archive, f'"{root}"').replace(sample, "").replace('"runs/', f'"{tmp_path}/')
+            code = code.replace("epochs=5, batch_size=50", "epochs=2, batch_size=5")
             exec(compile(code, "README.md", "exec"), scope)
     for run in ("cnn", "sgd", "aug", "fashion"):
         assert run_json(tmp_path / run)["test"] is not None, run  # each ran to its test result

@@ -198,7 +198,7 @@ def test_eval_only_says_when_a_state_is_mid_epoch(archive, tmp_path):
     proc.wait(timeout=300)
     out.thread.join()
     out = train("--workdir", workdir, "--data_dir", archive, "--eval_only", "--which", "latest").stdout
-    assert re.search(r"latest checkpoint of .*: epoch 2, step \d+ \(step \d+, mid-epoch\)", out), out
+    assert re.search(r"latest checkpoint of .*: epoch 2, step \d+/50, mid-epoch \(step \d+\)", out), out
     assert (
         "Resuming"
         in train_on(

@@ -49,7 +49,13 @@ def restore_with_meta(workdir: str, which: str = "best", *, model=None, optimize
             restored = ckpts.restore(None if as_saved else like, which)
         except UserError as e:
             raise UserError(f"{e}{_readable_alternative(ckpts, which)}") from None
+        saved = ckpts.steps()
     if restored is None:
+        if which == "best" and saved:  # a stop mid-epoch 1 saved a latest one
+            raise UserError(
+                f"{path} has no best checkpoint yet (no epoch has finished); its latest checkpoint "
+                f"(mid-epoch) is there: pass which='latest' (--which latest) to use it"
+            )
         raise UserError(f"{path} has no {which} checkpoint yet; train at least one epoch first")
     state = restored[0]
     if as_saved:
