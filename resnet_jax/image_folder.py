@@ -200,12 +200,15 @@ def _source(path: str) -> dict:
 
 def load(path: str, progress=None):
     """The Dataset of an image folder or its archive (decoded once, then read from the cache);
-    `progress(done, total)` follows a decoding (see `_arrays`)."""
+    `progress(done, total)` follows a decoding: (0, None) before the files are read, then as
+    `_arrays` decodes them."""
     path = os.path.abspath(os.path.expanduser(path))
     source = _source(path)
     key = cache.key("image_folder", source)
     arrays = cache.load_arrays("images", key, source)
     if arrays is None:
+        if progress is not None:
+            progress(0, None)  # before the files are read: their count is not known yet
         files = _read_archive(path) if is_archive(path) else _read_folder(path)
         xtr, ytr, xte, yte, classes = _arrays(files, path, progress)
         arrays = dict(

@@ -80,25 +80,21 @@ class DecodeProgress:
         self.tty = getattr(self.stream, "isatty", lambda: False)()
         self.began = None
 
-    def __call__(self, done: int, total: int):
-        head = f"Decoding {total:,} images of {self.source} into the cache, once"
+    def __call__(self, done: int, total: int | None):
+        head = f"Decoding the images of {self.source} into the cache, once"
         if self.began is None:
             self.began = time.monotonic()
-            print(
-                head + ("" if self.tty else "..."), end="" if self.tty else "\n", file=self.stream, flush=True
-            )
+            end = "" if self.tty else "\n"
+            print(head + ("" if self.tty else "..."), end=end, file=self.stream, flush=True)
+        if total is None:  # before the files are read
+            return
         if self.tty:
-            print(
-                f"\r{head} {bar(done, total)} {done:,}/{total:,}\x1b[K", end="", file=self.stream, flush=True
-            )
+            line = f"\r{head} {bar(done, total)} {done:,}/{total:,}\x1b[K"
+            print(line, end="", file=self.stream, flush=True)
         if done == total:
             seconds = time.monotonic() - self.began
-            print(
-                ("\n" if self.tty else "")
-                + f"Decoded in {seconds:.1f} s; later runs read them from the cache",
-                file=self.stream,
-                flush=True,
-            )
+            note = f"Decoded {total:,} images in {seconds:.1f} s; later runs read them from the cache"
+            print(("\n" if self.tty else "") + note, file=self.stream, flush=True)
 
 
 class Console:

@@ -169,10 +169,9 @@ def test_decoding_into_the_cache_says_so_once(tmp_path, capsys):
     write_folder(tmp_path / "pets", np.random.default_rng(3))
     rj.load_dataset(data_dir=str(tmp_path / "pets"))
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"Decoding 19 images of {tmp_path / 'pets'} into the cache, once..."
-    assert (
-        re.fullmatch(r"Decoded in \d+\.\d s; later runs read them from the cache", out[1]) and len(out) == 2
-    )
+    assert out[0] == f"Decoding the images of {tmp_path / 'pets'} into the cache, once..."
+    assert re.fullmatch(r"Decoded 19 images in \d+\.\d s; later runs read them from the cache", out[1])
+    assert len(out) == 2
     rj.load_dataset(data_dir=str(tmp_path / "pets"))  # from the cache: nothing to say
     write_folder(tmp_path / "quiet", np.random.default_rng(4))
     rj.load_dataset(data_dir=str(tmp_path / "quiet"), verbose=False)
