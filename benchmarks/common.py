@@ -1,14 +1,19 @@
-"""What the benchmarks share: model flags, a CIFAR-shaped random dataset and its placement on the
-devices with a replicated train state."""
+"""What the benchmarks share (their one helper module): model flags, a CIFAR-shaped random dataset
+and its placement on the devices with a replicated train state, one JSON line per figure
+(`emit`), reading XLA's HLO text, and the fastest of a speed.py sweep (gpu.sh:
+`python benchmarks/common.py fastest SWEEP.jsonl TAG:FLAGS ...`)."""
 
 import argparse
 import dataclasses
+import json
+import re
+import sys
 
 import jax
 import numpy as np
 
 import resnet_jax as rj
-from resnet_jax import cli, parallel, pipeline
+from resnet_jax import batches, cli, device_data, parallel
 
 
 def parser(description=None) -> argparse.ArgumentParser:
@@ -54,7 +59,7 @@ def model_config(args, **fields) -> rj.Config:
 
 
 def configure_devices(args, config):
-    """As train.py: the platform decisions (resnet_jax.tuning) before JAX starts its backends."""
+    """As train.py: the process's settings (resnet_jax.tuning.setup) before JAX starts its backends."""
     rj.configure(config, args.cpu_devices, compilation_cache=args.compilation_cache)
 
 
@@ -76,10 +81,61 @@ def setup(args, dataset, **config_fields):
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     n = len(dataset.train_images)
-    data = pipeline.to_device(dataset, rj.dataset.pixel_mean(dataset.train_images), config, mesh)
-    spe = pipeline.steps_per_epoch(n, config.batch_size)
+    data = device_data.to_device(dataset, rj.dataset.pixel_mean(dataset.train_images), config, mesh)
+    steps = batches.steps_per_epoch(n, config.batch_size)
     state = parallel.replicate(
-        jax.device_get(rj.create_train_state(config, jax.random.key(0), dataset.image_shape, spe)), mesh
+        jax.device_get(rj.create_train_state(config, jax.random.key(0), dataset.image_shape, steps)), mesh
     )
-    key = pipeline.epoch_key(jax.random.key(1), 0)
-    return config, mesh, data, state, key, pipeline.permutation(key, n)
+    key = batches.epoch_key(jax.random.key(1), 0)
+    return config, mesh, data, state, key, batches.permutation(key, n)
+
+
+def emit(result: dict, out=None):
+    """One JSON line per figure: printed, and appended to `out` when given."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def computations(text):
+    """{computation name: [instruction lines]} of an HLO module's text (`compiled.as_text()`)."""
+    out, name = {}, None
+    for line in text.splitlines():
+        head = re.match(r"(?:ENTRY )?%?([\w.\-]+) \(.*\{$", line)
+        if head:
+            name = head.group(1)
+            out[name] = []
+        elif name and line.strip() == "}":
+            name = None
+        elif name:
+            out[name].append(line)
+    return out
+
+
+def op_of(line):
+    m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = .*? ([a-z][\w\-]*)\(", line)
+    return m.group(1) if m else None
+
+
+def first_match(text: str, table, default: str) -> str:
+    """The label of the first (label, regex) in `table` that matches `text`, else `default`."""
+    return next((label for label, pattern in table if re.search(pattern, text)), default)
+
+
+def fastest(rows, variants):
+    """The FLAGS of the fastest tagged speed.py line (`flags_TAG`) of TAG:FLAGS `variants`: the
+    one that would run 50 epochs soonest (50 x its s/epoch + its compile time, which holds the
+    CUDA graphs' creation), or "" (resnet_jax's defaults) when none is there."""
+    flags = dict(v.split(":", 1) for v in variants)
+    timed = [r for r in rows if r.get("tag", "").removeprefix("flags_") in flags]
+    if not timed:
+        return ""
+    best = min(timed, key=lambda r: 50 * r["epoch_s"] + r["compile_s"])
+    return flags[best["tag"].removeprefix("flags_")]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["fastest"]:
+    with open(sys.argv[2]) as f:
+        print(fastest([json.loads(line) for line in f if line.strip()], sys.argv[3:]))

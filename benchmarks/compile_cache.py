@@ -17,8 +17,7 @@ import sys
 import tempfile
 import time
 
-from common import random_cifar
-from jsonl import emit
+from common import emit, random_cifar
 
 import resnet_jax as rj
 

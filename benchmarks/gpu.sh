@@ -122,7 +122,7 @@ for v in "${VARIANTS[@]}"; do
     --tag "flags_${v%%:*}" | cut -c1-200
 done
 cat "$SWEEP" >> "$R"
-BEST=$($PY benchmarks/fastest.py "$SWEEP" "${VARIANTS[@]}")
+BEST=$($PY benchmarks/common.py fastest "$SWEEP" "${VARIANTS[@]}")
 export XLA_FLAGS="$BEST"
 echo "fastest: XLA_FLAGS='$BEST' on top of resnet_jax.tuning.GPU_XLA_FLAGS; used from here on"
 record "{\"what\": \"flags_chosen\", \"xla_flags\": \"$BEST\", \"device_kind\": null, \"dtype\": \"float32\", \"batch_size\": 32}"

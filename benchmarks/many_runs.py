@@ -17,15 +17,14 @@ import time
 
 import jax
 import jax.numpy as jnp
-from common import configure_devices, model_config, parse, parser, random_cifar, setup
-from jsonl import emit
+from common import configure_devices, emit, model_config, parse, parser, random_cifar, setup
 
-from resnet_jax import cli, pipeline
+from resnet_jax import batches, cli, programs
 
 
-def programs(mesh, length, batch, data):
+def modes(mesh, length, batch, data):
     """{mode: f(states, perms, keys) -> (states, metrics)} for K runs."""
-    one_call = lambda s, p, key: pipeline._train_chunk(
+    one_call = lambda s, p, key: programs._train_chunk(
         s, data, p, 0, 0, key, length=length, batch=batch, mesh=mesh
     )
     one = jax.jit(one_call, donate_argnums=0)
@@ -58,8 +57,8 @@ def main():
     base = {}
     for k in a.k:
         keys = [jax.random.fold_in(key, i) for i in range(k)]
-        perms = [pipeline.permutation(kk, len(dataset.train_images)) for kk in keys]
-        run = programs(mesh, length, batch, data)
+        perms = [batches.permutation(kk, len(dataset.train_images)) for kk in keys]
+        run = modes(mesh, length, batch, data)
         for mode in sorted(a.modes, key=lambda m: m != "sequential"):  # the baseline first
             states = [jax.tree.map(jnp.copy, state) for _ in range(k)]
             if mode == "vmap":

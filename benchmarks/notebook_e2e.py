@@ -21,7 +21,7 @@ import sys
 import tempfile
 import textwrap
 
-from jsonl import emit
+from common import emit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

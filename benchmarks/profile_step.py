@@ -20,8 +20,7 @@ import tempfile
 import time
 
 import jax
-from common import configure_devices, model_config, parse, parser, random_cifar, setup
-from hlo_text import first_match
+from common import configure_devices, first_match, model_config, parse, parser, random_cifar, setup
 
 import resnet_jax as rj
 from resnet_jax import parallel

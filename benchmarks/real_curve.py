@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-from jsonl import emit
+from common import emit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -34,24 +34,16 @@ def shared_flags(a):
     return [f for k in keys if getattr(a, k) for f in (f"--{k}", str(getattr(a, k)))]
 
 
+def common(program, a, seed):
+    """A side's command: its program, the data, the epochs, the seed, the shared flags."""
+    data = ["--data_dir", a.data_dir, "--epochs", str(a.epochs), "--seed", str(seed)]
+    return [sys.executable, program, *data, *shared_flags(a)]
+
+
 def resnet_jax_run(a, seed):
     workdir = tempfile.mkdtemp(prefix=f"real_curve_{seed}_")
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "train.py"),
-        "--workdir",
-        workdir,
-        "--data_dir",
-        a.data_dir,
-        "--epochs",
-        str(a.epochs),
-        "--seed",
-        str(seed),
-        "--verbose",
-        "1",
-        *shared_flags(a),
-        *a.train_flags.split(),
-    ]
+    flags = ["--workdir", workdir, "--verbose", "1", *a.train_flags.split()]
+    cmd = common(os.path.join(ROOT, "train.py"), a, seed) + flags
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"train.py failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -66,19 +58,7 @@ def resnet_jax_run(a, seed):
 
 
 def keras_run(a, seed):
-    cmd = [
-        sys.executable,
-        os.path.join(HERE, "keras_real.py"),
-        "--data_dir",
-        a.data_dir,
-        "--epochs",
-        str(a.epochs),
-        "--seed",
-        str(seed),
-        "--backend",
-        a.keras_backend,
-        *shared_flags(a),
-    ]
+    cmd = common(os.path.join(HERE, "keras_real.py"), a, seed) + ["--backend", a.keras_backend]
     # Each epoch's line is passed on as keras_real.py prints it (a run stopped early keeps its
     # epochs); its stderr goes to a temporary file for the failure message.
     with tempfile.TemporaryFile("w+") as err:

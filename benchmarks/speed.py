@@ -8,7 +8,7 @@ with the Keras original (benchmarks/keras_baseline.py, both Keras 3 backends) in
 
 --process says how this process is set up before JAX starts: `cli` as train.py (rj.configure:
 CPU devices, malloc, compilation cache), `notebook` as a notebook that calls train_and_evaluate
-(its first act, tuning.started(), sets malloc up; the CPU device count set by hand, as a user
+(its first act, tuning.setup, sets malloc up; the CPU device count set by hand, as a user
 would with jax_num_cpu_devices), `plain` the same without the malloc settings
 (RESNET_JAX_MALLOC=0). Each line also gives the kernel CPU time of the timed windows and the peak
 resident memory of the process.
@@ -31,11 +31,10 @@ import sys
 import time
 
 import jax
-from common import configure_devices, model_config, parse, parser, random_cifar, setup
-from jsonl import emit
+from common import configure_devices, emit, model_config, parse, parser, random_cifar, setup
 
 import resnet_jax as rj
-from resnet_jax import pipeline, tuning
+from resnet_jax import programs, tuning
 
 N_TRAIN, N_TEST = 50_000, 10_000
 
@@ -44,8 +43,9 @@ def measure(a, batch_size, dtype, dataset):
     config, mesh, data, state, key, perm = setup(a, dataset, batch_size=batch_size, dtype=dtype)
     k = min(config.steps_per_call, N_TRAIN // batch_size)  # a call never spans epochs
     calls = max(1, round(a.steps / k))
-    chunk = pipeline.make_train_chunk(mesh, config.device_loop)
-    evaluate = pipeline.make_evaluate(config, mesh)
+    loop = tuning.current().loop(config.device_loop)
+    chunk = programs.TrainCall(mesh, loop)
+    evaluate = programs.make_evaluate(config, mesh)
 
     def window(step0):
         nonlocal state
@@ -81,7 +81,7 @@ def measure(a, batch_size, dtype, dataset):
         "batch_size": batch_size,
         "dtype": dtype,
         "model": rj.models.name(config),
-        "device_loop": pipeline.resolve_loop(mesh, config.device_loop),
+        "device_loop": loop,
         "steps_per_call": k,
         "train_images_per_s": round(images_per_s, 1),
         "ms_per_step": round(1e3 * batch_size / images_per_s, 4),
@@ -94,7 +94,7 @@ def measure(a, batch_size, dtype, dataset):
         "batchnorm_derivative": a.batchnorm_derivative,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "process": a.process,
-        "malloc": tuning._malloc["done"],
+        "malloc": tuning.applied().get("malloc"),
         "kernel_ms_per_step": round(1e3 * kernel, 2),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
     }
@@ -180,7 +180,7 @@ def main():
             ).cpu_devices
         )
         jax.config.update("jax_num_cpu_devices", n)  # what a notebook user sets by hand
-        tuning.started()  # train_and_evaluate's first act
+        tuning.setup(config)  # train_and_evaluate's first act (the CPU count is set already)
     dataset = random_cifar(N_TRAIN, N_TEST)
     for batch_size in batch_sizes:
         for dtype in dtypes:

@@ -22,24 +22,23 @@ import sys
 import tempfile
 import time
 
-from jsonl import emit
+from common import emit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 # (module, function): timed wherever they exist; a name this version lacks is skipped.
 PHASES = (
-    ("resnet_jax.tuning", "configure"),
-    ("resnet_jax.tuning", "started"),
+    ("resnet_jax.tuning", "setup"),
+    ("resnet_jax.tuning", "current"),
     ("resnet_jax.loop", "load_dataset"),
-    ("resnet_jax.workdir", "describe_data"),
+    ("resnet_jax.run_files", "describe_data"),
     ("resnet_jax.parts", "resolve"),
     ("resnet_jax.checkpoint", "template"),
     ("resnet_jax.loop", "_start"),
     ("resnet_jax.steps", "init_state"),
-    ("resnet_jax.pipeline", "to_device"),
-    ("resnet_jax.loop", "_compile"),  # before 2026-12-06
-    ("resnet_jax.pipeline", "compile_epoch"),  # on a thread when the compile begins early
+    ("resnet_jax.device_data", "to_device"),
+    ("resnet_jax.programs", "compile_epoch"),  # on a thread when the compile begins early
     ("resnet_jax.loop", "Programs.finish"),  # the wait for it (and any compile left)
 )
 

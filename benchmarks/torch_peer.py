@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from jsonl import emit
+from common import emit
 
 
 def he_normal_(weight):

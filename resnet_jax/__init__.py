@@ -1,11 +1,12 @@
 """resnet_jax: the seed Keras ResNet v1 on CIFAR-10, reproduced in JAX/Flax.
 
-Notebook API: Config, preset, ResNet, load_dataset / Dataset, augment, create_train_state,
-train_step, eval_step, train_and_evaluate (with your own model, optimizer, augment, callbacks),
-train_many (several seeds),
-restore, predict, evaluate_checkpoint, configure. Names load on first use: `import resnet_jax`
-imports JAX but starts no backend, loads no Flax, optax or orbax and changes no process-wide
-setting, so the command line can make its platform decisions (resnet_jax.tuning) first.
+Notebook API: Config, preset, load_dataset / Dataset, ResNet, augment, create_train_state,
+train_step, eval_step, predict; train_and_evaluate (with your own model, optimizer, augment,
+callbacks); sweep (settings x seeds) and train_many (seeds); restore, evaluate,
+evaluate_checkpoint; configure; the errors UserError, MachineFault and Interrupted. Names load
+on first use: `import resnet_jax` imports JAX but starts no backend, loads no Flax, optax or
+orbax and changes no process-wide setting, so the command line can make its platform decisions
+(resnet_jax.tuning.setup) first.
 """
 
 import importlib
@@ -33,46 +34,53 @@ _NAMES = {
     "scale_by_keras_adam": "optim",
     "schedule": "optim",
     "TrainState": "steps",
-    "create_train_state": "steps",
     "eval_step": "steps",
     "l2_penalty": "steps",
     "predict": "steps",
     "train_step": "steps",
+    "create_train_state": "parts",
     "evaluate": "evaluation",
     "evaluate_checkpoint": "evaluation",
     "restore": "checkpoint",
     "train_and_evaluate": "loop",
-    "train_many": "many",
+    "sweep": "sweeps",
+    "train_many": "sweeps",
     "configure": "tuning",
 }
 _MODULES = {
+    "atomic",
     "augment",
+    "batches",
     "cache",
-    "calls",
+    "call_queue",
     "checkpoint",
     "cifar_archive",
     "cli",
     "config",
+    "console",
     "data",
     "dataset",
+    "device_data",
     "distributed",
     "errors",
     "evaluation",
     "faults",
     "image_folder",
+    "interrupt",
     "layers",
     "loop",
-    "many",
+    "metrics",
     "models",
     "optim",
     "parallel",
     "parts",
-    "pipeline",
-    "report",
+    "plots",
+    "programs",
+    "run_files",
     "steps",
+    "sweeps",
     "tfds_data",
     "tuning",
-    "workdir",
     "writer",
 }
 __all__ = sorted(_NAMES) + ["augment"]

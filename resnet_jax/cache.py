@@ -113,23 +113,18 @@ def compilation_cache_dir(environ=None, enabled: bool = True) -> str | None:
     return environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(home(environ), "xla")
 
 
-_decided = {"done": False}  # the first call decides, for the process: train.py, configure, or a run
-
-
-def enable_compilation_cache(environ=None, enabled: bool = True, default: bool = False) -> str | None:
-    """Switch JAX's persistent compilation cache on (process-wide: train.py, rj.configure, and
-    the first run of a notebook that called neither, with `default=True`, which then leaves a
-    decision made earlier, or a cache directory set through JAX, as it is). Every compiled
-    program is kept (JAX's default keeps those over 1 s, which skips a small model's steps and
-    makes what a run reads from the cache depend on the machine's load)."""
+def enable_compilation_cache(environ=None, enabled: bool = True) -> str | None:
+    """Switch JAX's persistent compilation cache on (tuning.setup, once per process): in the
+    folder already set through JAX, else `compilation_cache_dir`. Every compiled program is kept
+    (JAX's default keeps those over 1 s, which skips a small model's steps and makes what a run
+    reads from the cache depend on the machine's load); JAX's warnings about entries it cannot
+    write are left to `compiling`, which says them in one line. Returns the folder, or None."""
     import jax
 
-    if default and (_decided["done"] or jax.config.jax_compilation_cache_dir):
-        return jax.config.jax_compilation_cache_dir
-    _decided["done"] = True
     path = compilation_cache_dir(environ, enabled)
     if path is None:
         return None
+    path = jax.config.jax_compilation_cache_dir or path
     try:  # a cache that cannot be written is a line here, not a warning per compiled program
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
@@ -140,8 +135,6 @@ def enable_compilation_cache(environ=None, enabled: bool = True, default: bool =
             "the run goes on without it"
         )
         return None
-    # JAX's own warnings for entries it cannot write later (a disk that fills up) are collected by
-    # `compiling` into one line; elsewhere they are not shown.
     warnings.filterwarnings("ignore", message=".*persistent compilation cache", category=UserWarning)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import os
+import re
 import signal
 import sys
 import threading
 import typing
 
-from resnet_jax import __version__, many, tuning
+from resnet_jax import __version__, sweeps, tuning
 from resnet_jax.config import NAMES, Config, preset
 from resnet_jax.errors import Interrupted, UserError
 
@@ -120,12 +122,31 @@ def build_parser(add_help: bool = True, prog: str = "train.py") -> argparse.Argu
         f"Names: {', '.join(NAMES)} (resnet<depth>v<1|2>: the Keras example's table, "
         "200 epochs; seed: the defaults; tiny: 4 filters, blocks 1,1,1, 2 epochs)",
     )
-    parser.add_argument(
+    many = parser.add_argument_group("many runs: seeds and sweeps (resnet_jax.sweeps; see README)")
+    many.add_argument(
         "--seeds",
         default=None,
         metavar="0,1,2|0-3",
-        help="train these seeds of the recipe, each a complete run in WORKDIR/seed_<s>, then a "
-        "summary (WORKDIR/summary.json, mean ± sd of the test accuracy); instead of --seed",
+        help="train these seeds of the recipe (of each --sweep setting), each a complete run in "
+        "WORKDIR/seed_<s> (WORKDIR/<setting>/seed_<s>), then a summary (WORKDIR/summary.json: "
+        "mean ± sd of the test accuracy); instead of --seed",
+    )
+    many.add_argument(
+        "--sweep",
+        action="append",
+        default=None,
+        metavar="FIELD=V1,V2",
+        help="train every value of a Config field (repeat the flag for a grid: the product of the "
+        "values); a tuple value with ':' between items (stage_sizes=1:1:1,3:3:2). The summary "
+        "compares each setting with the first (95 %% interval) and chooses one on validation",
+    )
+    many.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N|slurm",
+        help="take the I-th of every N runs of the sweep (0-based): a static split for a job array "
+        "whose shared disk does not honour file locks; slurm: SLURM_ARRAY_TASK_ID of "
+        "SLURM_ARRAY_TASK_COUNT. Without it, processes sharing a sweep claim runs by their locks",
     )
     parser.add_argument("--quiet", action="store_true", help="print only errors")
     parser.add_argument(
@@ -175,18 +196,55 @@ def config_from_args(args) -> Config:
     return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
 
+@contextlib.contextmanager
 def _quiet_libraries():
-    """The console is ours: no start-up chatter from TensorFlow / tfds, no logged tracebacks from orbax."""
+    """The console is the command line's: no start-up notices from TensorFlow, no logged
+    tracebacks from orbax (absl) or asyncio, which resnet_jax says in one line. Put back when
+    `main` returns (a caller in the same process, such as the tests, keeps its settings)."""
     import logging
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    # orbax reports a failed background write (a full disk) through absl's logger, with its
-    # traceback; resnet_jax says the same in one line.
+    env = {"TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TensorFlow only reads files here
+    # orbax reports a failed background write (a full disk) through absl's logger with its
+    # traceback; a damaged checkpoint leaves asyncio tasks whose errors are logged when collected.
+    levels = {name: logging.getLogger(name).level for name in ("absl", "asyncio")}
     logging.getLogger("absl").setLevel(logging.CRITICAL)
-    # A damaged checkpoint leaves asyncio tasks whose errors are logged when they are collected,
-    # long after resnet_jax reported the damage in one line.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def parse_shard(text: str | None, environ=None):
+    """--shard I/N, or slurm (SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT, from
+    SLURM_ARRAY_TASK_MIN); None without it."""
+    if text is None:
+        return None
+    environ = os.environ if environ is None else environ
+    if text.strip().lower() == "slurm":
+        try:
+            task, count = int(environ["SLURM_ARRAY_TASK_ID"]), int(environ["SLURM_ARRAY_TASK_COUNT"])
+            task -= int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        except (KeyError, ValueError):
+            raise UserError(
+                "--shard slurm needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (sbatch --array); "
+                "outside a job array pass --shard I/N"
+            ) from None
+    else:
+        found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not found:
+            raise UserError(f"--shard takes I/N (this task's number, 0-based, of N), or slurm; got {text!r}")
+        task, count = int(found[1]), int(found[2])
+    if not 0 <= task < count:
+        raise UserError(f"--shard {text}: the task number must be 0 to {count - 1} of {count}")
+    return task, count
 
 
 def parse(parser, argv=None):
@@ -205,28 +263,40 @@ def parse(parser, argv=None):
 def main(argv=None) -> int:
     """train.py: exit status 0, 2 (bad input), 3 (a fault of the machine) or 130 (stopped, saved).
 
-    What it sets up for its own process (quiet libraries, the platform's settings, SIGTERM and
-    SIGINT saving the run) stays here; the signal handlers are put back when it returns, so a
-    caller in the same process (the tests) can call it again."""
-    _quiet_libraries()
+    What it sets up for its own process (quiet libraries, SIGTERM and SIGINT saving the run) is
+    put back when it returns, so a caller in the same process (the tests) can call it again; the
+    process-wide settings of resnet_jax.tuning.setup are made once, first."""
+    with _quiet_libraries():
+        return _main(argv)
+
+
+def _main(argv) -> int:
     parser = build_parser(prog=program_name())
     args = parse(parser, argv)
+    argv = sys.argv[1:] if argv is None else argv
+    many = args.seeds is not None or args.sweep is not None
     if args.which is not None and not args.eval_only:
         parser.error("--which applies only with --eval_only")
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose contradict each other; pass one")
-    argv = sys.argv[1:] if argv is None else argv
     if args.seeds is not None and any(a == "--seed" or a.startswith("--seed=") for a in argv):
         parser.error("--seeds and --seed contradict each other; pass one")
-    if args.seeds is not None and args.eval_only:
-        parser.error("--eval_only evaluates one run: pass --workdir WORKDIR/seed_<s> without --seeds")
+    if many and args.eval_only:
+        parser.error(
+            "--eval_only evaluates one run: pass --workdir WORKDIR/seed_<s> without --seeds or --sweep"
+        )
+    if args.shard is not None and not many:
+        parser.error("--shard splits the runs of --seeds or --sweep; pass one of them")
     verbosity = 0 if args.quiet else (2 if args.verbose is None else args.verbose)
     stop = threading.Event()
     try:
         config = config_from_args(args)
-        seeds = many.parse_seeds(args.seeds) if args.seeds is not None else None
+        seeds = sweeps.parse_seeds(args.seeds) if args.seeds is not None else None
+        grid = sweeps.parse_grid(args.sweep or ())
+        sweeps.settings(config, grid)  # every setting's value checked before anything starts
+        shard = parse_shard(args.shard)
         # Before JAX starts its backends (and before orbax's threads): devices, malloc, cache.
-        tuning.configure(config, args.cpu_devices, compilation_cache=args.compilation_cache)
+        tuning.setup(config, cpu_devices=args.cpu_devices, compilation_cache=args.compilation_cache)
         if args.distributed or args.coordinator_address or args.num_processes or args.process_id is not None:
             from resnet_jax import distributed
 
@@ -234,24 +304,16 @@ def main(argv=None) -> int:
                 args.coordinator_address, args.num_processes, args.process_id, args.init_timeout
             )
         if args.eval_only:
-            from resnet_jax import evaluation, report
-
-            console = report.Console(0 if args.quiet else 1)
-            loss, acc = evaluation.evaluate_checkpoint(
-                args.workdir, args.which or "best", data_dir=args.data_dir, console=console
-            )
-            print(f"Test loss: {loss}")
-            print(f"Test accuracy: {acc}")
-            return 0
+            return _evaluate(args)
         from resnet_jax import interrupt, loop  # imports JAX: after the cheap checks
 
         run = dict(verbosity=verbosity, stop=stop, summary=args.summary)
         bar = verbosity >= 2 and sys.stdout.isatty()
         with interrupt.saving_on(stop, (signal.SIGINT, signal.SIGTERM), end_bar=bar):
-            if seeds is None:
+            if not many:
                 loop.train_and_evaluate(config, args.workdir, **run)
             else:
-                many.train_many(config, args.workdir, seeds, **run)
+                sweeps.sweep(config, args.workdir, grid, seeds, shard=shard, **run)
         return 0
     except UserError as e:  # bad input (2), or a fault of the machine: disk or memory (3)
         print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
@@ -259,3 +321,16 @@ def main(argv=None) -> int:
     except Interrupted as e:
         print(f"stopped {e.where}; state saved in {e.path}. Run the same command to resume.", file=sys.stderr)
         return 130
+
+
+def _evaluate(args) -> int:
+    """--eval_only: a saved run's best (or latest) checkpoint on its test set, printed by process 0."""
+    from resnet_jax import evaluation
+    from resnet_jax.writer import Writer
+
+    said = Writer(args.workdir, 0 if args.quiet else 1).console
+    loss, acc = evaluation.evaluate_checkpoint(
+        args.workdir, args.which or "best", data_dir=args.data_dir, console=said
+    )
+    Writer(args.workdir, 1).console.test_result(loss, acc)
+    return 0

@@ -196,3 +196,51 @@ def preset(name: str, **overrides) -> Config:
                 fields.update(overrides)
                 return Config(**fields)
     raise UserError(f"unknown preset {name!r}; choose one of {', '.join(NAMES)}")
+
+
+def field_types() -> dict:
+    """{field: (type, item type for tuples)} of every Config field, from its annotation."""
+    import typing
+
+    hints = typing.get_type_hints(Config)
+    out = {}
+    for f in dataclasses.fields(Config):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) is tuple:
+            out[f.name] = (tuple, args[0])
+        elif args:  # Optional[X]
+            out[f.name] = (args[0], None)
+        else:
+            out[f.name] = (hint, None)
+    return out
+
+
+BOOLS = {
+    "true": True,
+    "yes": True,
+    "on": True,
+    "1": True,
+    "false": False,
+    "no": False,
+    "off": False,
+    "0": False,
+}
+
+
+def parse_value(name: str, text: str, separator: str = ","):
+    """A Config field's value from text, as its flag reads it (tuples: items split at
+    `separator`); ValueError naming what was expected."""
+    kind, item = field_types()[name]
+    text = text.strip()
+    if kind is bool:
+        if text.lower() not in BOOLS:
+            raise ValueError(f"{name} takes true or false, got {text!r}")
+        return BOOLS[text.lower()]
+    try:
+        if kind is tuple:
+            return tuple(item(v) for v in text.split(separator) if v.strip() != "")
+        return kind(text)
+    except ValueError:
+        what = f"{separator}-separated {item.__name__}s" if kind is tuple else f"a {kind.__name__}"
+        raise ValueError(f"{name} takes {what}, got {text!r}") from None

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 
 from resnet_jax import cifar_archive, image_folder, tfds_data
+from resnet_jax.console import DecodeProgress
 from resnet_jax.dataset import Dataset
 from resnet_jax.errors import UserError
-from resnet_jax.report import DecodeProgress
 
 
 def load_dataset(name: str = "cifar10", data_dir: str | None = None, *, verbose: bool = True) -> Dataset:

@@ -7,22 +7,21 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from resnet_jax import cache, parallel, pipeline
-from resnet_jax.checkpoint import Sums, open_run, restore_with_meta
+from resnet_jax import cache, device_data, parallel, programs
+from resnet_jax.checkpoint import open_run, restore_with_meta
 from resnet_jax.data import load_dataset
 from resnet_jax.dataset import Dataset
 from resnet_jax.errors import UserError
+from resnet_jax.metrics import Sums
 
 
 def evaluate_on(state, dataset: Dataset, config, mesh) -> Sums:
     """Summed metrics of a state on a dataset's test split, over every device of `mesh`."""
     state = parallel.replicate(jax.device_get(state), mesh)
-    images, labels, weights = pipeline.eval_set(dataset.test_images, dataset.test_labels, config, mesh)
-    mean = parallel.replicate(np.asarray(state.pixel_mean), mesh)
-    data = pipeline.DeviceData(images[:0], labels[:0], images, labels, weights, mean)
-    program = pipeline.evaluate_program(config, mesh, pipeline.make_evaluate(config, mesh), state, data)
+    data = device_data.for_evaluation(dataset, np.asarray(state.pixel_mean), config, mesh)
+    program = programs.evaluate_program(config, mesh, programs.make_evaluate(config, mesh), state, data)
     with cache.compiling():  # a cache entry it cannot read: one warning line
-        (evaluate,) = pipeline.compile_all([program])  # compiled once per shape in this process
+        (evaluate,) = programs.compile_all([program], threads=1)  # once per shape in this process
     return Sums().add(jax.device_get(evaluate(state, data)))
 
 

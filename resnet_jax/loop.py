@@ -1,10 +1,11 @@
 """The whole run: `train_and_evaluate`, resumable.
 
-It reads top to bottom as the run's story, in named sections (as big_vision's train.py):
-workdir, data, platform, parts, state, record, compile, epochs, test. What it decides (the
-mesh, the model, optimizer and augmentation, the device loop) is decided there, once, and
-passed down. Its parts live elsewhere, each in one place: the device calls of an epoch in
-`calls`, checkpoints in `checkpoint`, everything written or printed in `writer`.
+`train` reads top to bottom as the run's story, in named sections (as big_vision's train.py):
+workdir, data, mesh, parts, state, record, compile, epochs, test. What it decides (the mesh,
+the model, optimizer and augmentation, the device loop) is decided there, once, into a `Run`,
+and passed down; the platform's decisions come in from the caller (`train_and_evaluate`, or a
+sweep for each of its runs). Its parts live elsewhere, each in one place: the device calls of an
+epoch in `call_queue`, checkpoints in `checkpoint`, everything written or printed in `writer`.
 """
 
 from __future__ import annotations
@@ -22,35 +23,34 @@ import jax
 import numpy as np
 
 from resnet_jax import (
+    batches,
     cache,
-    calls,
+    call_queue,
     checkpoint,
+    device_data,
     faults,
     interrupt,
-    many,
     parallel,
-    parts,
-    pipeline,
+    programs,
+    run_files,
     steps,
     tuning,
 )
-from resnet_jax import workdir as wd
-from resnet_jax.checkpoint import Progress, Sums
+from resnet_jax import parts as run_parts
+from resnet_jax.checkpoint import Progress
 from resnet_jax.config import Config
+from resnet_jax.console import finished_line, plural, resume_lines, start_lines
+from resnet_jax.console import summary as model_summary
 from resnet_jax.data import load_dataset
 from resnet_jax.dataset import Dataset, pixel_mean, split_holdout
 from resnet_jax.errors import Interrupted, UserError
 from resnet_jax.evaluation import evaluate_on
-from resnet_jax.report import finished_line, plural, resume_lines, start_lines
-from resnet_jax.report import summary as model_summary
-from resnet_jax.writer import RunWriter
+from resnet_jax.metrics import Sums, check_finite, epoch_record
+from resnet_jax.writer import Writer
 
 
-class NonFinite(UserError):
-    """The loss became NaN or infinite."""
-
-
-def keys(config: Config):
+def run_keys(config: Config):
+    """(init key, data key) of a run: both from its seed."""
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
     return init_key, data_key
 
@@ -76,109 +76,130 @@ def train_and_evaluate(
     (key, images) -> images on preprocessed float batches. `dataset` may be an in-memory Dataset;
     otherwise config.dataset / config.data_dir are loaded. `callbacks` are called after each
     epoch as fn(epoch, metrics, state); one returning True ends the run there, saved and recorded
-    as finished. `stop`, when set, ends the run after the current device call with the state
-    saved (raises Interrupted). `summary` prints a per-layer table of the model first.
+    as finished. Ctrl-C (SIGINT), or `stop` when set, ends the run after the current device call
+    with the state saved and raises Interrupted; calling again resumes. `summary` prints a
+    per-layer table of the model first. The first run of a process sets the process up
+    (resnet_jax.tuning.setup: the README's "What resnet_jax changes in your process").
     """
+    tuning.setup(config, dataset.image_shape if dataset is not None else (32, 32, 3), model)
+    kwargs = dict(model=model, optimizer=optimizer, augment=augment, callbacks=callbacks, summary=summary)
+    return train(
+        config, workdir, dataset, platform=tuning.current(), verbosity=verbosity, stop=stop, **kwargs
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What one run is, decided at its start and handed to its parts."""
+
+    config: Config
+    path: str
+    platform: tuning.Platform
+    parts: run_parts.Parts
+    mesh: Any
+    train_set: Dataset
+    held_out: np.ndarray | None  # indices of the training images held out to validate, if any
+    steps_per_epoch: int
+    template: steps.TrainState  # the state's shapes: what a checkpoint is restored into
+
+    @property
+    def data_key(self):
+        return run_keys(self.config)[1]
+
+
+def train(
+    config: Config, workdir: str, dataset=None, *, platform, verbosity=1, stop=None, locked=False, **kw
+):
+    """`train_and_evaluate` for the `platform` decided by the caller; `locked`: the caller holds
+    the workdir's lock (a sweep's run). `kw`: model, optimizer, augment, callbacks, summary."""
     path = os.path.abspath(os.path.expanduser(workdir))
-    # First, before JAX starts: on a CPU malloc set up, and the split of cores into devices that
-    # train.py would make for this model (tuning.py); nothing once JAX has started.
-    tuning.split_for(config, dataset.image_shape if dataset is not None else (32, 32, 3), model)
-    platform = tuning.started()
-    out = RunWriter(path, verbosity)
-    console, stop = out.console, stop or threading.Event()
+    out = Writer(path, verbosity)
+    console, stop = out.console, stop if stop is not None else threading.Event()
     with checkpoint.resumable_on_full_disk(path), contextlib.ExitStack() as stack:
         stack.enter_context(interrupt.saving_on(stop, end_bar=console.bar))  # Ctrl-C: save, stop
         # -- Workdir: one run at a time, holding only resnet_jax's own files.
-        many.refuse_single_run(path)
-        stack.enter_context(out.claim())
+        run_files.refuse_a_sweep(path)
+        stack.enter_context(out.claim(locked))
 
         # -- Data: the test set validates (the seed's way), or a held-out part of the training set.
         if dataset is None:
             dataset = load_dataset(config.dataset, config.data_dir, verbose=console.verbosity > 0)
         config = dataclasses.replace(config, num_classes=dataset.num_classes, dataset=dataset.name)
-        train_set, held = dataset, None
+        train_set, held_out = dataset, None
         if config.val_split:
-            train_set, held = split_holdout(dataset, config.val_split, config.seed)
+            train_set, held_out = split_holdout(dataset, config.val_split, config.seed)
 
-        # -- Platform: its settings (decided above), the mesh over every device, the steps of an epoch.
-        if (hint := tuning.advice(config)) is not None:
-            console.line(hint)
+        # -- Mesh: every device; the platform's advice when JAX started before its settings.
+        for line in filter(
+            None, (tuning.note(), tuning.advice(config, train_set.image_shape, kw.get("model")))
+        ):
+            console.line(line)
         mesh = parallel.make_mesh()
-        spe = _steps_per_epoch(config, train_set, mesh)
+        steps_per_epoch = _steps_per_epoch(config, train_set, mesh)
 
         # -- Parts: the model, the optimizer and the augmentation (yours, else the Config's).
-        chosen = parts.resolve(
-            config, train_set.image_shape, spe, platform, model=model, optimizer=optimizer, augment=augment
-        )
-        template = checkpoint.template(chosen.model, chosen.tx, config, train_set.image_shape)
-        stack.enter_context(faults.out_of_memory_as(config, chosen.record["model"]["name"], mesh))
-        own_augment = chosen.augment if chosen.record["augment"]["own"] else None  # None: the Config's
-        chunk = pipeline.make_train_chunk(mesh, config.device_loop, own_augment)
-        data_key = keys(config)[1]
-        programs = Programs(chunk, pipeline.make_evaluate(config, mesh), config, data_key, console)
-        stack.callback(programs.close)
+        own = {k: kw.get(k) for k in ("model", "optimizer", "augment")}
+        parts = run_parts.resolve(config, train_set.image_shape, steps_per_epoch, platform, **own)
+        template = checkpoint.template(parts.model, parts.tx, config, train_set.image_shape)
+        run = Run(config, path, platform, parts, mesh, train_set, held_out, steps_per_epoch, template)
+        stack.enter_context(faults.out_of_memory_as(config, parts.record["model"]["name"], mesh))
+        compiled = stack.enter_context(Programs(run, console))
+        on_devices = functools.cache(lambda: _to_devices(run))
 
         # -- State: the workdir's latest checkpoint (same model, data and seed), else a new one,
         # whose programs compile meanwhile where the platform gains from it (from the shapes).
         ckpts = stack.enter_context(checkpoint.Checkpoints(path, save_thread=platform.save_thread))
-        device_data = None
         if platform.compile_early and not checkpoint.exists(path):
-            faults.check_data_fits(pipeline.device_bytes(train_set, config, mesh), mesh)
-            device_data = pipeline.to_device(train_set, pixel_mean(train_set.train_images), config, mesh)
-            programs.begin(pipeline.abstract(template, mesh), device_data)
-        data = wd.describe_data(dataset, config, held)  # its fingerprint hashes while they compile
-        start = _start(path, ckpts, chosen, config, data, train_set, held, template, out.primary)
+            compiled.begin(on_devices())
+        data = run_files.describe_data(dataset, config, held_out)  # its fingerprint hashes meanwhile
+        start = _start(run, ckpts, data, out.primary)
         state, progress = start.state, start.progress
 
         # -- Record and report: run.json, metrics.jsonl, what will run.
-        info = wd.run_info(
+        info = run_files.run_info(
             start.saved,
             config,
             train_set,
-            spe,
+            steps_per_epoch,
             data=data,
-            parts=chosen.record,
+            parts=parts.record,
             tree=checkpoint.state_tree(template),
             change=progress.change_record(start.changed) if start.changed else None,
             finished=progress.finished(config.epochs),
         )
-        out.run_json(info)
-        out.history(progress.history)
-        out.holdout(held)
-        for line in start_lines(config, data, chosen.record, mesh, spe, path):
+        for line in start_lines(config, data, parts, mesh, steps_per_epoch, path):
             console.line(line)
-        if summary:
-            console.line(model_summary(chosen.model, data["image_shape"]))
-        if progress.finished(config.epochs):
+        if kw.get("summary"):
+            console.line(model_summary(parts.model, data["image_shape"]))
+        if progress.finished(config.epochs):  # nothing to train, nothing to write
             console.line(finished_line(path, progress, info.get("test")))
             return state, list(progress.history)
-        for line in resume_lines(path, progress, spe, start.changed) if start.saved else ():
+        out.run_json(info)
+        out.history(progress.history)
+        out.holdout(held_out)
+        for line in resume_lines(path, progress, steps_per_epoch, start.changed) if start.saved else ():
             console.line(line)
 
         # -- Compile: the dataset on the devices, every train-call shape and the evaluation.
         state = parallel.replicate(jax.device_get(state), mesh)
-        if device_data is None:
-            faults.check_data_fits(pipeline.device_bytes(train_set, config, mesh), mesh)
-            device_data = pipeline.to_device(train_set, np.asarray(state.pixel_mean), config, mesh)
-        evaluate = programs.finish(state, device_data, progress)
+        evaluate = compiled.finish(state, on_devices(), progress)
 
         # -- Epochs: device calls of many steps, an evaluation, the callbacks, a checkpoint.
-        out.start_epochs(() if chosen.record["optimizer"]["own"] else config.lr_epochs)
+        out.start_epochs(() if parts.record["optimizer"]["own"] else config.lr_epochs)
         stack.callback(out.close)
-        val_on = "held-out" if held is not None else "test"
-        epochs = Epochs(chunk, evaluate, device_data, data_key, spe, config, stop, ckpts, out, val_on)
+        epochs = Epochs(run, compiled.call, evaluate, on_devices(), stop, ckpts, out)
         for epoch in range(progress.epoch + 1, config.epochs + 1):
-            lr = chosen.rate(state, epoch)
+            lr = parts.rate(state, epoch)
             console.epoch_start(epoch, config.epochs, lr)
             began, first = time.monotonic(), progress.step_in_epoch
             state, sums, step = epochs.train(state, epoch, progress)
-            if step < spe:  # a stop request, mid-epoch: saved, to go on from this step
+            if step < steps_per_epoch:  # a stop request, mid-epoch: saved, to go on from this step
                 ckpts.save(state, progress.stopped_mid_epoch(step, sums).to_meta(), rank=None)
                 console.end_bar()
-                raise Interrupted(f"at epoch {epoch}, step {step}/{spe}", ckpts.path)
-            rec = epochs.record(state, epoch, lr, sums, began)  # the evaluation included
-            stopping = _callbacks_stop(callbacks, epoch, state, rec)
-            progress = epochs.save(state, progress, rec, stopping, steps_run=spe - first)
+                raise Interrupted(f"at epoch {epoch}, step {step}/{steps_per_epoch}", ckpts.path)
+            record = epochs.record(state, epoch, lr, sums, began)  # the evaluation included
+            stopping = _callbacks_stop(kw.get("callbacks", ()), epoch, state, record)
+            progress = epochs.save(state, progress, record, stopping, steps_run=steps_per_epoch - first)
             if stopping:
                 console.line(f"Stopped by a callback after epoch {epoch}; the run is finished.")
                 break
@@ -188,14 +209,22 @@ def train_and_evaluate(
 
         # -- Test: the seed reports the final model on the test set (its last validation); with a
         # held-out split the test set is touched here, once.
-        if held is None:
+        if held_out is None:
             last = progress.history[-1]
             test = Sums(loss=last["val_loss"], correct=last["val_acc"], count=1.0)
         else:
             test = evaluate_on(state, dataset, config, mesh)
         console.test_result(test.mean_loss, test.accuracy)
-        out.run_json(wd.finished(info, test, progress, int(jax.device_get(state.step))))
+        out.run_json(run_files.finished(info, test, progress, int(jax.device_get(state.step))))
         return state, list(progress.history)
+
+
+def _to_devices(run: Run) -> device_data.DeviceData:
+    """The run's data on every device (checked to fit first); its pixel mean is the one a
+    checkpoint of this data holds."""
+    faults.check_data_fits(device_data.device_bytes(run.train_set, run.config, run.mesh), run.mesh)
+    mean = pixel_mean(run.train_set.train_images)
+    return device_data.to_device(run.train_set, mean, run.config, run.mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,60 +237,62 @@ class Start:
     changed: dict  # the settings that differ from the saved run's: {field: [saved, now]}
 
 
-def _start(path, ckpts, chosen, config, data, train_set, held, template, primary) -> Start:
+def _start(run: Run, ckpts, data: dict, primary: bool) -> Start:
     """Refuse another model, data, seed or split before any checkpoint is touched; then the latest
     readable checkpoint (unreadable newer ones set aside by process 0), or a new state."""
-    saved = wd.read_run(path) if checkpoint.exists(path) else None
-    changed = wd.check_resume(saved, config, data, path)
+    saved = run_files.read_run(run.path) if checkpoint.exists(run.path) else None
+    changed = run_files.check_resume(saved, run.config, data, run.path)
     if saved is not None:
-        checkpoint.check_tree(saved[1], checkpoint.state_tree(template), path)
-    if held is not None:
-        wd.check_holdout(path, held)
-    restored = ckpts.restore(template, "latest", set_aside_damaged=primary) if saved else None
+        checkpoint.check_tree(saved[1], checkpoint.state_tree(run.template), run.path)
+    if run.held_out is not None:
+        run_files.check_holdout(run.path, run.held_out)
+    restored = ckpts.restore(run.template, "latest", set_aside_damaged=primary) if saved else None
     if restored is not None:
         return Start(restored[0], Progress.from_meta(restored[1]), saved, changed)
+    init_key = run_keys(run.config)[0]
     with cache.compiling():
-        state = steps.init_state(chosen.model, chosen.tx, config, keys(config)[0], train_set.image_shape)
-    state = state.replace(pixel_mean=jax.numpy.asarray(pixel_mean(train_set.train_images)))
+        state = steps.init_state(
+            run.parts.model, run.parts.tx, run.config, init_key, run.train_set.image_shape
+        )
+    state = state.replace(pixel_mean=jax.numpy.asarray(pixel_mean(run.train_set.train_images)))
     return Start(state, Progress(), saved, changed)
 
 
 class Epochs:
     """An epoch's work, from wherever the run stands (`Progress`): its device calls
-    (`calls.run`) with each call's metrics summed, checked for NaN and shown on the progress bar;
-    then the evaluation, its record, and the checkpoint its outputs follow."""
+    (`call_queue.run`) with each call's metrics summed, checked for NaN and shown on the progress
+    bar; then the evaluation, its record, and the checkpoint its outputs follow."""
 
-    def __init__(self, chunk, evaluate, data, data_key, spe: int, config: Config, stop, ckpts, out, val_on):
-        self.chunk, self.evaluate, self.data, self.data_key, self.spe = chunk, evaluate, data, data_key, spe
-        self.batch_size, self.stop, self.ckpts, self.out, self.val_on = (
-            config.batch_size,
-            stop,
-            ckpts,
-            out,
-            val_on,
-        )
-        self.n = data.train_labels.shape[0]
-        self.pace = calls.Pace(chunk.loop, config.steps_per_call)
+    def __init__(self, run: Run, call, evaluate, data, stop, ckpts, out: Writer):
+        self.run, self.call, self.evaluate, self.data = run, call, evaluate, data
+        self.stop, self.ckpts, self.out = stop, ckpts, out
+        self.pace = call_queue.Pace(call.loop, run.config.steps_per_call)
+        self.val_on = "held-out" if run.held_out is not None else "test"
 
     def train(self, state, epoch: int, progress: Progress):
         """(state, summed metrics, the step reached): below steps_per_epoch after a stop."""
-        key = pipeline.epoch_key(self.data_key, epoch - 1)
-        perm = pipeline.permutation(key, self.n)
+        n, batch_size, total = (
+            len(self.run.train_set.train_labels),
+            self.run.config.batch_size,
+            self.run.steps_per_epoch,
+        )
+        key = batches.epoch_key(self.run.data_key, epoch - 1)
+        perm = batches.permutation(key, n)
         sums, began = progress.partial, time.monotonic()
 
         def call(state, offset, step, length, batch):
-            return self.chunk(state, self.data, perm, offset, step, key, length=length, batch=batch)
+            return self.call(state, self.data, perm, offset, step, key, length=length, batch=batch)
 
         def on_metrics(metrics, step, length):
             nonlocal sums
             self.ckpts.poll()  # the last epoch's outputs, once its checkpoint is on disk
-            _check_finite(metrics, epoch, step, self.spe, self.ckpts)
+            check_finite(metrics, epoch, step, total, self.ckpts)
             sums = sums.add(metrics)
-            self.out.console.progress(step + length, self.spe, sums, began)
+            self.out.console.progress(step + length, total, sums, began)
 
-        plan = lambda step, k: pipeline.next_call(self.n, self.batch_size, k, step)
-        state, step = calls.run(
-            state, call, plan, progress.step_in_epoch, self.spe, self.pace, self.stop, on_metrics
+        plan = lambda step, k: batches.next_call(n, batch_size, k, step)
+        state, step = call_queue.run(
+            state, call, plan, progress.step_in_epoch, total, self.pace, self.stop, on_metrics
         )
         return state, sums, step
 
@@ -270,30 +301,17 @@ class Epochs:
         val = Sums().add(jax.device_get(self.evaluate(state, self.data)))
         return epoch_record(epoch, lr, sums, val, self.val_on, time.monotonic() - began)
 
-    def save(self, state, progress: Progress, rec: dict, stopping: bool, steps_run: int) -> Progress:
+    def save(self, state, progress: Progress, record: dict, stopping: bool, steps_run: int) -> Progress:
         """The epoch's checkpoint (a candidate for best when val_acc strictly improved), its line on
         the console; metrics.jsonl, TensorBoard and curves.png follow once the checkpoint is on
         disk, so they never list an epoch that a restart would redo."""
         best_before = progress.best_val_acc
-        progress, improved = progress.epoch_done(rec, stopped=stopping)
-        then = functools.partial(self.out.epoch, rec, progress.history)
-        self.ckpts.save(state, progress.to_meta(), rank=rec["epoch"] if improved else -1, then=then)
-        self.out.console.epoch_end(self.spe, rec, best_before, improved, self.ckpts.path, steps_run=steps_run)
+        progress, improved = progress.epoch_done(record, stopped=stopping)
+        then = functools.partial(self.out.epoch, record, progress.history)
+        self.ckpts.save(state, progress.to_meta(), rank=record["epoch"] if improved else -1, then=then)
+        console, total = self.out.console, self.run.steps_per_epoch
+        console.epoch_end(total, record, best_before, improved, self.ckpts.path, steps_run=steps_run)
         return progress
-
-
-def epoch_record(epoch, lr, sums: Sums, val: Sums, val_on: str, seconds: float) -> dict:
-    """metrics.jsonl's line for an epoch."""
-    return {
-        "epoch": epoch,
-        "lr": lr,
-        "loss": sums.mean_loss,
-        "acc": sums.accuracy,
-        "val_loss": val.mean_loss,
-        "val_acc": val.accuracy,
-        "val_on": val_on,
-        "seconds": seconds,
-    }
 
 
 def _steps_per_epoch(config: Config, train_set: Dataset, mesh) -> int:
@@ -304,14 +322,14 @@ def _steps_per_epoch(config: Config, train_set: Dataset, mesh) -> int:
             f"use --batch_size {n} or less"
         )
     parallel.check_batch_size(config.batch_size, mesh)
-    return pipeline.steps_per_epoch(n, config.batch_size)
+    return batches.steps_per_epoch(n, config.batch_size)
 
 
-def _callbacks_stop(callbacks, epoch: int, state, rec: dict) -> bool:
+def _callbacks_stop(callbacks, epoch: int, state, record: dict) -> bool:
     """Call every callback; True when one returned True (process 0's decision, on every process)."""
     stopping = False
     for fn in callbacks:
-        stopping = (fn(epoch, dict(rec), state) is True) or stopping
+        stopping = (fn(epoch, dict(record), state) is True) or stopping
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -320,40 +338,57 @@ def _callbacks_stop(callbacks, epoch: int, state, rec: dict) -> bool:
 
 
 class Programs:
-    """The run's compiled programs: every train-call shape and the evaluation
-    (`pipeline.compile_epoch`), each compiled once in a process (from the persistent compilation
+    """The run's compiled programs: its train call for every call shape and the evaluation
+    (`programs.compile_epoch`), each compiled once in a process (from the persistent compilation
     cache what an earlier process compiled). `begin` starts a new run's compile on a thread from
-    the state's shapes while the state is initialised (tuning.Tuning.compile_early); `finish`
-    compiles what is left and returns the compiled evaluation."""
+    the state's shapes while the state is initialised (Platform.compile_early); `finish` compiles
+    what is left and returns the compiled evaluation. A context manager: leaving waits for a
+    compile still running."""
 
-    def __init__(self, chunk, evaluate, config: Config, data_key, console):
-        self.chunk, self.evaluate, self.config, self.data_key, self.console = (
-            chunk,
-            evaluate,
-            config,
-            data_key,
-            console,
-        )
+    def __init__(self, run: Run, console):
+        self.run, self.console = run, console
+        own_augment = run.parts.augment if run.parts.record["augment"]["own"] else None  # None: the Config's
+        self.call = programs.TrainCall(run.mesh, run.platform.loop(run.config.device_loop), own_augment)
+        self.evaluate = programs.make_evaluate(run.config, run.mesh)
         self.early, self.pool = None, None
         self.warnings = contextlib.ExitStack()
 
-    def begin(self, state, data):
-        """Compile a new run's programs on a thread; `state` abstract (pipeline.abstract)."""
-        shapes = pipeline.call_shapes(data.train_labels.shape[0], self.config)
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.warnings.close()
+
+    def begin(self, data):
+        """Compile a new run's programs on a thread, from the state's shapes."""
+        shapes = batches.call_shapes(data.train_labels.shape[0], self.run.config)
         # JAX's cache warnings from the thread are collected until `finish` (cache.compiling;
         # warnings are process-wide, so only this thread enters and leaves the collection).
         self.warnings.enter_context(cache.compiling())
+        state = device_data.abstract(self.run.template, self.run.mesh)
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
         self.early = (shapes, time.monotonic(), self.pool.submit(self._compile, state, data, shapes))
 
     def _compile(self, state, data, shapes, epoch: int = 0):
-        args = (self.chunk, self.evaluate, self.config, state, data, self.data_key, shapes, epoch)
-        return pipeline.compile_epoch(*args)
+        run = self.run
+        return programs.compile_epoch(
+            self.call,
+            self.evaluate,
+            run.config,
+            state,
+            data,
+            run.data_key,
+            shapes,
+            threads=run.platform.compile_threads,
+            epoch=epoch,
+        )
 
     def finish(self, state, data, progress: Progress):
         """The compiled evaluation, once every train-call shape of the run is compiled too."""
-        shapes = pipeline.call_shapes(data.train_labels.shape[0], self.config, progress.step_in_epoch)
-        count = len({self.chunk.shape(*s) for s in shapes})
+        shapes = batches.call_shapes(data.train_labels.shape[0], self.run.config, progress.step_in_epoch)
+        count = len({self.call.shape(*s) for s in shapes})
         self.console.line(f"Compiling the train step ({plural(count, 'call shape')}) and the evaluation...")
         began = time.monotonic()
         with self.warnings, cache.compiling():
@@ -370,25 +405,3 @@ class Programs:
             f"Compiled in {time.monotonic() - since:.1f} s, begun with the state ({waited:.1f} s waited)."
         )
         return compiled
-
-    def close(self):
-        """Wait for a compile still running (the run ended before `finish`)."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        self.warnings.close()
-
-
-def _check_finite(m, epoch, step0, spe, ckpts):
-    bad = np.flatnonzero(~np.isfinite(m["loss"]))
-    if bad.size:
-        saved = ckpts.steps()
-        advice = (
-            f"the last good checkpoint (step {saved[-1]}) in {ckpts.path} is intact: rerun "
-            "with a lower --learning_rate to resume from it"
-            if saved
-            else "no checkpoint was saved yet: rerun with a lower --learning_rate"
-        )
-        raise NonFinite(
-            f"loss became {m['loss'][bad[0]] / m['count'][bad[0]]} at epoch {epoch}, "
-            f"step {step0 + bad[0] + 1}/{spe}; stopped without saving it; {advice}"
-        )

@@ -29,10 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from resnet_jax import models, optim
+from resnet_jax import models, optim, steps, tuning
 from resnet_jax.augment import augment as seed_augment
 from resnet_jax.cache import per_process
+from resnet_jax.config import Config
 from resnet_jax.errors import UserError
+from resnet_jax.steps import check_image_shape, init_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +44,6 @@ class Parts:
     augment: Callable  # (key, images) -> images
     rate: Callable  # (state, epoch) -> the learning rate of the epoch's first step, or None
     record: dict  # what run.json and the start-up report say of the parts
-
-    @property
-    def own_model(self) -> bool:
-        return self.record["model"]["own"]
 
 
 def name_of(fn) -> str:
@@ -59,9 +57,7 @@ def name_of(fn) -> str:
 
 def resolve(config, image_shape, steps_per_epoch: int, platform, *, model=None, optimizer=None, augment=None):
     """The run's Parts: the user's where given (checked), else the Config's."""
-    image_shape = tuple(int(d) for d in image_shape)
-    if len(image_shape) != 3 or min(image_shape) <= 0:
-        raise UserError(f"image_shape must be (height, width, channels), got {image_shape}")
+    image_shape = check_image_shape(image_shape)
     if steps_per_epoch <= 0:
         raise UserError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
     own_model = model is not None
@@ -255,3 +251,26 @@ def _optimizer_name(optimizer, opt_state) -> str:
     if isinstance(optimizer, optax.GradientTransformation):
         return f"optax GradientTransformation ({state})"
     return f"{name_of(optimizer)}(steps_per_epoch) ({state})"
+
+
+def create_train_state(
+    config: Config,
+    rng: jax.Array,
+    image_shape,
+    steps_per_epoch: int,
+    *,
+    model=None,
+    optimizer=None,
+    materialize: bool | None = None,
+) -> steps.TrainState:
+    """Initialise a model (the Config's ResNet, or yours) and optimizer (the Config's Keras-form
+    Adam, or an optax transformation / a function of steps_per_epoch returning one) for images of
+    `image_shape` (H, W, C). `materialize` (the ResNet's CPU speed setting) defaults to what
+    resnet_jax.tuning decides for the platform JAX runs on (the first call in a process sets the
+    process up, as a run does: tuning.setup)."""
+    tuning.setup(config, image_shape, model)
+    platform = tuning.current()
+    if materialize is not None:
+        platform = dataclasses.replace(platform, materialize=materialize)
+    parts = resolve(config, image_shape, steps_per_epoch, platform, model=model, optimizer=optimizer)
+    return init_state(parts.model, parts.tx, config, rng, image_shape)

@@ -8,7 +8,6 @@ optimizer make of them.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.struct
@@ -42,29 +41,6 @@ class TrainState(train_state.TrainState):
         if self.batch_stats:
             return {"params": self.params, "batch_stats": self.batch_stats}
         return {"params": self.params}
-
-
-def create_train_state(
-    config: Config,
-    rng: jax.Array,
-    image_shape,
-    steps_per_epoch: int,
-    *,
-    model=None,
-    optimizer=None,
-    materialize: bool | None = None,
-) -> TrainState:
-    """Initialise a model (the Config's ResNet, or yours) and optimizer (the Config's Keras-form
-    Adam, or an optax transformation / a function of steps_per_epoch returning one) for images of
-    `image_shape` (H, W, C). `materialize` (the ResNet's CPU speed setting) defaults to what
-    resnet_jax.tuning decides for the platform JAX runs on."""
-    from resnet_jax import parts, tuning
-
-    platform = tuning.started()
-    if materialize is not None:
-        platform = dataclasses.replace(platform, materialize=materialize)
-    chosen = parts.resolve(config, image_shape, steps_per_epoch, platform, model=model, optimizer=optimizer)
-    return init_state(chosen.model, chosen.tx, config, rng, image_shape)
 
 
 def check_image_shape(image_shape) -> tuple:
@@ -188,9 +164,14 @@ def eval_step(state: TrainState, images, labels, weights=None):
     return summed_metrics(ce + l2_penalty(state.params, state.config), logits, labels, weights)
 
 
+def preprocess(images_u8, mean):
+    """uint8 images as the model sees them: scaled to [0, 1], the training set's pixel mean off."""
+    return images_u8.astype(jnp.float32) / 255.0 - mean
+
+
 @jax.jit
 def _probabilities(state: TrainState, images_u8):
-    return jax.nn.softmax(logits_of(state, images_u8.astype(jnp.float32) / 255.0 - state.pixel_mean))
+    return jax.nn.softmax(logits_of(state, preprocess(images_u8, state.pixel_mean)))
 
 
 def predict(state: TrainState, images, batch_size: int = 1000) -> np.ndarray:

@@ -1,76 +1,186 @@
-"""Everything a run writes into its workdir and prints, behind one gate: process 0 does it, the
-other processes of a multi-host run do nothing (as the Flax examples' metric writers, which only
-log on process 0). Orbax's checkpoints are not here: every process writes its part of those.
+"""Everything a run or a sweep writes into its workdir and prints, behind one gate: process 0
+does it, the other processes of a multi-host run do nothing (as the Flax examples' metric
+writers, which only log on process 0). Orbax's checkpoints are not here: every process writes
+its part of those.
 
-    claim()        the workdir made, locked (one run at a time), holding only resnet_jax's files
-    run_json()     run.json (what ran, changes, the test result)
-    holdout()      holdout.json (the held-out validation images)
-    history()      metrics.jsonl rewritten to the checkpointed history
-    epoch()        one epoch's outputs: a metrics.jsonl line, TensorBoard, curves.png
-    console        the seed log's lines (silent off process 0)
+    Writer.console    the seed log's lines, a sweep's table (silent off process 0)
+    claim()           the workdir made, locked (one run at a time), holding only resnet_jax's files
+    run_json()        run.json (what ran, changes, the test result)
+    holdout()         holdout.json (the held-out validation images)
+    history()         metrics.jsonl rewritten to the checkpointed history
+    start_epochs()    then epoch(): one epoch's metrics.jsonl line, TensorBoard, curves.png
+    json(), figure()  a sweep's runs.json, summary.json and curves.png
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import json
 import os
+import sys
+import time
 
-from resnet_jax import report
-from resnet_jax import workdir as wd
+from resnet_jax import plots, run_files
+from resnet_jax.atomic import write_text
+from resnet_jax.console import Console
 
 
-class RunWriter:
+class Writer:
     def __init__(self, path: str, verbosity: int = 1, primary: bool | None = None):
         import jax
 
         self.path = path
         self.primary = jax.process_index() == 0 if primary is None else primary
-        self.console = report.Console(verbosity if self.primary else 0)
+        self.console = Console(verbosity if self.primary else 0)
         self._epochs = None
 
     @contextlib.contextmanager
-    def claim(self):
+    def claim(self, locked: bool = False):
         """The workdir for this run: created if needed (every process), then locked by process 0
-        and checked for files resnet_jax did not write. A start that fails leaving nothing but
-        the lock takes the lock (and a workdir it created) away again."""
+        (unless the caller holds the lock: `locked`) and checked for files resnet_jax did not
+        write. A start that fails leaving nothing but the lock takes the lock (and a workdir it
+        created) away again."""
         existed = os.path.isdir(self.path)
-        wd.prepare(self.path)
+        run_files.prepare(self.path)
         if not self.primary:
             yield
             return
-        with wd.Lock(self.path):
+        with contextlib.nullcontext() if locked else run_files.Lock(self.path):
             try:
-                wd.check_foreign(self.path)
+                run_files.check_foreign(self.path)
                 yield
             except BaseException:
-                if os.listdir(self.path) == [wd.LOCK_FILE]:
-                    os.unlink(os.path.join(self.path, wd.LOCK_FILE))
+                if os.listdir(self.path) == [run_files.LOCK_FILE] and not locked:
+                    os.unlink(os.path.join(self.path, run_files.LOCK_FILE))
                     if not existed:
                         os.rmdir(self.path)
                 raise
 
     def run_json(self, info: dict):
         if self.primary:
-            wd.write_run(self.path, info)
+            run_files.write_run(self.path, info)
 
     def holdout(self, indices):
         if self.primary and indices is not None:
-            wd.write_holdout(self.path, indices)
+            run_files.write_holdout(self.path, indices)
 
     def history(self, history):
         if self.primary:
-            wd.rewrite_metrics(self.path, history)
+            run_files.rewrite_metrics(self.path, history)
 
     def start_epochs(self, lr_epochs=()):
         """Per-epoch outputs from here on (curves.png marks the rate drops at `lr_epochs`)."""
         if self.primary:
-            self._epochs = report.EpochWriter(self.path, lr_epochs)
+            self._epochs = EpochWriter(self.path, lr_epochs)
 
-    def epoch(self, rec: dict, history):
+    def epoch(self, record: dict, history):
         if self._epochs is not None:
-            self._epochs.write(rec, history)
+            self._epochs.write(record, history)
 
     def close(self):
         if self._epochs is not None:
             epochs, self._epochs = self._epochs, None
             epochs.close()
+
+    def json(self, name: str, data: dict):
+        """A JSON file of the workdir (a sweep's runs.json, summary.json), whole or not at all."""
+        if self.primary:
+            run_files.prepare(self.path)
+            write_text(os.path.join(self.path, name), json.dumps(data, indent=1))
+
+    def figure(self, name: str, draw):
+        """A picture of the workdir: `draw()` returns the matplotlib Figure (drawn on process 0 only)."""
+        if self.primary:
+            plots.save(draw(), os.path.join(self.path, name))
+
+
+class TensorBoard:
+    """Per-epoch scalars as TensorBoard events under workdir/tensorboard, written with
+    tensorboardX's event-file writer (pure Python, no TensorFlow), synchronously: an event is on
+    disk when `write` returns, and a full disk is seen here, not on a writer thread. `tensorboard
+    --logdir <workdir>` reads them."""
+
+    def __init__(self, workdir: str):
+        self.folder, self.writer = os.path.join(workdir, "tensorboard"), None
+        try:
+            from tensorboardX.event_file_writer import EventsWriter
+
+            os.makedirs(self.folder, exist_ok=True)
+            self.writer = EventsWriter(os.path.join(self.folder, "events"))
+        except OSError as e:  # a full disk at the first event file
+            self._give_up(e)
+
+    def write(self, record: dict):
+        """One event per epoch; a write the disk refuses is one warning line and TensorBoard is
+        off for the rest of the run (a convenience: the run goes on)."""
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        if self.writer is None:
+            return
+        values = [
+            Summary.Value(tag=name, simple_value=float(record[name]))
+            for name in ("loss", "acc", "val_loss", "val_acc", "lr", "seconds")
+            if record.get(name) is not None
+        ]
+        try:
+            self.writer.write_event(
+                Event(wall_time=time.time(), step=int(record["epoch"]), summary=Summary(value=values))
+            )
+            self.writer.flush()
+        except OSError as e:
+            self._give_up(e)
+
+    def _give_up(self, e):
+        from resnet_jax.faults import is_disk_full
+
+        if not is_disk_full(e):
+            raise e
+        print(
+            f"warning: TensorBoard events cannot be written in {self.folder} (no space left on device); "
+            "the run goes on without them",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.writer = None
+
+    def close(self):
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except OSError as e:
+                self._give_up(e)
+
+
+class EpochWriter:
+    """The per-epoch outputs of a run, written once per epoch: a metrics.jsonl line, TensorBoard
+    scalars, and curves.png redrawn on a background thread (about 0.1 s of matplotlib that the
+    devices need not wait for; `close` waits for the last picture)."""
+
+    def __init__(self, workdir: str, lr_epochs=()):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.workdir, self.lr_epochs = workdir, tuple(lr_epochs)
+        self.tensorboard = TensorBoard(workdir)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curves")
+        # matplotlib takes seconds to import on a slow CPU: done now, while the run compiles, so
+        # the first picture (and a stop request right after it) does not wait for it.
+        self.pending = self.pool.submit(importlib.import_module, "matplotlib.figure")
+
+    def write(self, record: dict, history):
+        run_files.append_metrics(self.workdir, record)
+        self.tensorboard.write(record)
+        if self.pending is not None and self.pending.done() and not self.pending.cancelled():
+            self.pending.result()  # the last picture's error (a full disk) surfaces here
+        if self.pending is not None and not self.pending.done():
+            self.pending.cancel()  # superseded by this epoch's picture, unless already drawing
+        self.pending = self.pool.submit(
+            plots.plot_curves, list(history), os.path.join(self.workdir, "curves.png"), self.lr_epochs
+        )
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+        if self.pending is not None and not self.pending.cancelled():
+            self.pending.result()  # a drawing error surfaces here, not silently
+        self.tensorboard.close()

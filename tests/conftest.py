@@ -21,11 +21,11 @@ OWNS_CACHE = "RESNET_JAX_TEST_CACHE" not in os.environ
 os.environ["RESNET_JAX_TEST_CACHE"] = os.environ["XDG_CACHE_HOME"] = CACHE_HOME
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
-from resnet_jax import cache, tuning  # noqa: E402
+from resnet_jax import tuning  # noqa: E402
 
-# This process as train.py sets itself up, before JAX starts: malloc, and the compilation cache.
-tuning.tune_malloc(tuning.detect_platform())
-cache.enable_compilation_cache()
+# This process as train.py sets itself up, before JAX starts: malloc, the compilation cache, and
+# one CPU device (JAX's default; the tests that split the CPU run processes of their own).
+tuning.setup(cpu_devices=1)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -214,6 +214,29 @@ def run_json(workdir):
 
 def stderr_lines(proc):
     return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+def folder_hash(folder):
+    """A hash of every file's path and bytes under `folder`."""
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(folder)):
+        dirs.sort()
+        for name in sorted(files):
+            h.update(os.path.join(root, name).encode())
+            with open(os.path.join(root, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def assert_refused(workdir, args, message):
+    """train.py with `args` on `workdir` ends in one line naming `message`, exit status 2, and
+    touches nothing: the workdir is as it was, or still absent."""
+    existed = os.path.exists(workdir)
+    before = folder_hash(workdir) if existed else None
+    proc = train("--workdir", workdir, *args, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (args, proc.stderr)
+    assert (folder_hash(workdir) == before) if existed else not os.path.exists(workdir), args
 
 
 def checkpoint_bytes(workdir):

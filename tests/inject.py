@@ -88,26 +88,26 @@ def install(site: str, setattr=setattr, after: int = 0):
     elif kind == "oom":
         import jax
 
-        from resnet_jax import faults, pipeline
+        from resnet_jax import faults, programs
 
         exhausted = jax.errors.JaxRuntimeError(
             "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes."
         )
         if where == "run":
-            real_call = pipeline.TrainChunk.__call__
+            real_call = programs.TrainCall.__call__
 
             def call(self, *args, **kwargs):
                 if due():
                     raise exhausted
                 return real_call(self, *args, **kwargs)
 
-            setattr(pipeline.TrainChunk, "__call__", call)
+            setattr(programs.TrainCall, "__call__", call)
         elif where == "compile":
 
             def compile_(self, *args, **kwargs):
                 raise exhausted
 
-            setattr(pipeline.TrainChunk, "compile", compile_)
+            setattr(programs.TrainCall, "compile", compile_)
         elif where == "data":
             setattr(faults, "host_memory", lambda: 1 << 20)  # 1 MiB free: the dataset cannot fit
     else:

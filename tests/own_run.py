@@ -7,20 +7,13 @@ BatchNorm-free CNN and SGD on a cosine schedule, on fixed random 28x28x1 data.
 import functools
 import sys
 
-import numpy as np
+from conftest import random_dataset
 from own_parts import CNN, sgd_cosine
 
 import resnet_jax as rj
 
 workdir, epochs = sys.argv[1], int(sys.argv[2])
-rng = np.random.default_rng(0)
-dataset = rj.Dataset(
-    rng.integers(0, 256, (96, 28, 28, 1), dtype=np.uint8),
-    rng.integers(0, 10, 96),
-    rng.integers(0, 256, (32, 28, 28, 1), dtype=np.uint8),
-    rng.integers(0, 10, 32),
-    num_classes=10,
-)
+dataset = random_dataset(n_train=96, n_test=32, shape=(28, 28, 1))
 config = rj.preset("tiny", batch_size=16, epochs=epochs, steps_per_call=2)
 rj.train_and_evaluate(
     config, workdir, dataset, model=CNN(), optimizer=functools.partial(sgd_cosine, epochs=epochs)

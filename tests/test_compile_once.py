@@ -65,21 +65,21 @@ class BatchNormCNN(nn.Module):
 
 
 def test_a_new_run_compiled_while_its_state_initialises_trains_the_same(tmp_path, monkeypatch):
-    """tuning.Tuning.compile_early (on GPUs and TPUs, with their scan loop): a new run's programs
-    compile on a thread from the state's shapes (pipeline.abstract) while the state is
+    """tuning.Platform.compile_early (on GPUs and TPUs, with their scan loop): a new run's programs
+    compile on a thread from the state's shapes (device_data.abstract) while the state is
     initialised. They run the real arrays, one compile per call shape, and the run is the same
     bit for bit as one compiled after its state (the CPU's way); a resumed run compiles after its
     state."""
     from conftest import assert_same_run
 
-    from resnet_jax import pipeline, tuning
+    from resnet_jax import programs, tuning
 
     ds = random_dataset(n_train=44, n_test=12, shape=(8, 8, 3))  # calls of 2, 2, 1 steps, partial 4
     config = rj.tiny(batch_size=8, eval_batch_size=12, epochs=1, device_loop="scan", steps_per_call=2)
     model = BatchNormCNN()  # a ResNet's compiles take seconds each on this CPU
-    started = tuning.started
-    early = lambda: dataclasses.replace(started(), compile_early=True)
-    monkeypatch.setattr(tuning, "started", early)
+    current = tuning.current
+    early = lambda: dataclasses.replace(current(), compile_early=True)
+    monkeypatch.setattr(tuning, "current", early)
     printed = io.StringIO()
     with compiles() as names, contextlib.redirect_stdout(printed):
         rj.train_and_evaluate(config, str(tmp_path / "early"), ds, model=model, verbosity=1)
@@ -87,13 +87,13 @@ def test_a_new_run_compiled_while_its_state_initialises_trains_the_same(tmp_path
     assert sum("train_chunk" in n for n in names) == 3, names  # (2, 8), (1, 8), (1, 4): once each
 
     # The same run compiled after its state, this process's compiled programs forgotten.
-    monkeypatch.setattr(tuning, "started", started)
-    monkeypatch.setattr(pipeline, "_COMPILED", type(pipeline._COMPILED)())
+    monkeypatch.setattr(tuning, "current", current)
+    programs.forget()
     rj.train_and_evaluate(config, str(tmp_path / "after"), ds, model=model, verbosity=0)
     assert_same_run(str(tmp_path / "early"), str(tmp_path / "after"), model=model)
 
     # Resumed for one epoch more: compiled after its state (it may start mid-epoch).
-    monkeypatch.setattr(tuning, "started", early)
+    monkeypatch.setattr(tuning, "current", early)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         rj.train_and_evaluate(dataclasses.replace(config, epochs=2), str(tmp_path / "early"), ds, model=model)

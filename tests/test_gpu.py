@@ -14,7 +14,7 @@ from conftest import assert_same_run, kill_after_first_epoch, metrics, random_da
 from digits import DIGITS, digits_dataset
 
 import resnet_jax as rj
-from resnet_jax import parallel, pipeline
+from resnet_jax import batches, device_data, parallel, programs
 
 pytestmark = pytest.mark.gpu
 
@@ -32,16 +32,16 @@ def gpu_archive(tmp_path_factory):
 def test_scan_loop_equals_python_loop_on_the_gpu(tiny_config):
     ds = random_dataset(n_train=40)
     mesh = parallel.make_mesh()
-    data = pipeline.to_device(ds, rj.dataset.pixel_mean(ds.train_images), tiny_config, mesh)
-    key = pipeline.epoch_key(jax.random.key(1), 0)
-    perm = pipeline.permutation(key, 40)
+    data = device_data.to_device(ds, rj.dataset.pixel_mean(ds.train_images), tiny_config, mesh)
+    key = batches.epoch_key(jax.random.key(1), 0)
+    perm = batches.permutation(key, 40)
     out = {}
     with jax.default_matmul_precision("float32"):  # no TF32: compare the loops, not roundings
         for loop in ("scan", "python"):
             state = rj.create_train_state(tiny_config, jax.random.key(0), (32, 32, 3), 5)
             state = parallel.replicate(jax.device_get(state), mesh)
             out[loop] = jax.device_get(
-                pipeline.make_train_chunk(mesh, loop)(state, data, perm, 0, 0, key, length=4, batch=8)
+                programs.TrainCall(mesh, loop)(state, data, perm, 0, 0, key, length=4, batch=8)
             )
     (s1, m1), (s2, m2) = out["scan"], out["python"]
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)

@@ -36,12 +36,12 @@ CHILD = textwrap.dedent("""
     import resnet_jax as rj
     from resnet_jax import tuning
     if sys.argv[1] == "configure":
-        print("configure:", rj.configure(rj.tiny()).malloc, tuning.tune_malloc("cpu"))
+        print("configure:", rj.configure(rj.tiny()).malloc, tuning.setup())
     rng = np.random.default_rng(0)
     ds = rj.Dataset(rng.integers(0, 256, (32, 8, 8, 1), dtype=np.uint8), rng.integers(0, 3, 32),
                     rng.integers(0, 256, (8, 8, 8, 1), dtype=np.uint8), rng.integers(0, 3, 8))
     state, _ = rj.train_and_evaluate(rj.tiny(batch_size=8, epochs=1), sys.argv[2], ds, verbosity=0)
-    print("done:", tuning._malloc["done"])
+    print("done:", tuning.applied()["malloc"])
     libc = ctypes.CDLL(None)
     libc.open_memstream.restype = ctypes.c_void_p
     buf, size = ctypes.c_char_p(), ctypes.c_size_t()

@@ -77,23 +77,44 @@ def free_port():
 
 
 def test_two_processes_train_like_one_and_their_checkpoint_restores(one_device, tmp_path):
+    """Two processes of one multi-host run train seeds 0 and 1 of a multi-run (rj.train_many);
+    seed 0 is the single run. Everything the runs and the multi-run write and print goes through
+    process 0 (resnet_jax.writer): process 1 writes no file of the workdir but its checkpoint
+    parts, and prints nothing; process 0 writes each file once and prints each line once."""
     address = f"127.0.0.1:{free_port()}"
     procs = worker(
-        tmp_path / "out.npz", tmp_path / "w", devices=1, distributed=[(address, 2, 0), (address, 2, 1)]
+        tmp_path / "out.npz",
+        tmp_path / "w",
+        devices=1,
+        distributed=[(address, 2, 0, "seeds"), (address, 2, 1, "seeds")],
     )
+    printed = []
     for p in procs:
-        _, err = p.communicate(timeout=600)
+        out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
+        printed.append(out)
     two = load(tmp_path / "out.npz")
     assert two[0]["processes"] == 2 and two[0]["devices"] == 2
     assert_same_training(two, one_device)
     # only process 0 wrote the metrics, once per epoch
-    with open(tmp_path / "w" / "metrics.jsonl") as f:
+    with open(tmp_path / "w" / "seed_0" / "metrics.jsonl") as f:
         assert [json.loads(line)["epoch"] for line in f] == [1, 2]
-    state = rj.restore(str(tmp_path / "w"), "latest")  # a single process reads their checkpoint
+    state = rj.restore(str(tmp_path / "w" / "seed_0"), "latest")  # a single process reads their checkpoint
     np.testing.assert_array_equal(
         np.asarray(state.params["head"]["kernel"]), two[1]["['params']['head']['kernel']"]
     )
+    writes = [json.load(open(tmp_path / f"out.npz.writes.{i}.json")) for i in (0, 1)]
+    gloo = lambda text: [line for line in text.splitlines() if not line.startswith("[Gloo]")]  # gloo's own
+    assert writes[1] == [] and gloo(printed[1]) == []  # process 1: no file, no line
+    renamed = [path for how, path in writes[0] if how == "rename"]
+    for name in ("runs.json", "summary.json", "curves.png"):  # the multi-run's files, once each
+        assert renamed.count(name) == 1, (name, renamed)
+    for seed in (0, 1):  # each run's record: at its start and once finished
+        assert renamed.count(f"seed_{seed}/run.json") == 2, renamed
+    lines = [line for line in gloo(printed[0]) if line.strip()]
+    assert sum(line.startswith("Seeds of one recipe") for line in lines) == 1
+    assert sum(line.startswith("Test accuracy over 2 seeds") for line in lines) == 1
+    assert len([line for line in lines if line.startswith("Epoch 1/2")]) == 2  # one per run
 
 
 def test_bfloat16_trains_with_float32_variables(tmp_path):

@@ -25,19 +25,13 @@ from conftest import (
 )
 
 import resnet_jax as rj
-from resnet_jax import report
+from resnet_jax import console
 
 # 3-5. Data ---------------------------------------------------------------------------------------
 
 
 def test_in_memory_arrays_are_recorded_and_the_command_line_says_what_to_do(tmp_path):
-    rng = np.random.default_rng(0)
-    ds = rj.Dataset(
-        rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8),
-        rng.integers(0, 10, 40),
-        rng.integers(0, 256, (16, 28, 28, 1), dtype=np.uint8),
-        rng.integers(0, 10, 16),
-    )
+    ds = random_dataset(n_train=40, n_test=16, shape=(28, 28, 1))
     workdir = str(tmp_path / "w")
     rj.train_and_evaluate(rj.tiny(batch_size=8, epochs=1), workdir, ds, verbosity=0)
     data = run_json(workdir)["data"]
@@ -142,8 +136,8 @@ def test_a_stop_request_acts_within_seconds_on_the_cpu(archive, tmp_path):
 
 def test_ms_per_step_counts_only_the_steps_run():
     rec = {"epoch": 1, "loss": 1.0, "acc": 0.5, "val_loss": 1.0, "val_acc": 0.5, "seconds": 2.0}
-    assert " 2s 20ms/step " in report.epoch_line(1000, rec, steps_run=100)
-    assert " 2s 2ms/step " in report.epoch_line(1000, rec)
+    assert " 2s 20ms/step " in console.epoch_line(1000, rec, steps_run=100)
+    assert " 2s 2ms/step " in console.epoch_line(1000, rec)
 
 
 # 9-11. Streams, help, TensorBoard, --eval_only -----------------------------------------------------

@@ -39,15 +39,15 @@ def test_nothing_cpu_specific_off_the_cpu(platform):
 
 def test_a_gpu_start_creates_the_library_handles_outside_command_buffers(monkeypatch):
     # On a GPU, a step loaded from the compilation cache first reached cuDNN while XLA recorded
-    # its CUDA graph ("Could not create cudnn handle"; docs/performance.md): started() runs one
+    # its CUDA graph ("Could not create cudnn handle"; docs/performance.md): current() runs one
     # lone convolution and matrix product first. Here: it is called on a GPU, not elsewhere,
     # and its computation runs (on the CPU).
     calls = []
     monkeypatch.setattr(tuning, "warm_gpu_libraries", lambda: calls.append(1))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert tuning.started().platform == "gpu" and calls == [1]
+    assert tuning.current().name == "gpu" and calls == [1]
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert tuning.started().platform == "cpu" and calls == [1]
+    assert tuning.current().name == "cpu" and calls == [1]
     monkeypatch.undo()
     tuning.warm_gpu_libraries()  # the real one: a convolution and a product that run
 
@@ -68,9 +68,9 @@ def test_the_cpu_choice():
 
 
 def test_programs_compile_as_many_at_once_as_the_platform_says(monkeypatch):
-    # compile_all's threads follow tuning.Tuning.compile_threads: on this CPU one program at a
+    # compile_all's threads follow tuning.Platform.compile_threads: on this CPU one program at a
     # time; with the GPU's decision, several at once.
-    from resnet_jax import pipeline
+    from resnet_jax import programs
 
     def jobs(tag):
         now, most, lock = [0], [0], threading.Lock()
@@ -88,13 +88,13 @@ def test_programs_compile_as_many_at_once_as_the_platform_says(monkeypatch):
         return [((tag, i), Lowered) for i in range(3)], most
 
     work, most = jobs("cpu-test")
-    assert pipeline.compile_all(work) == ["cpu-test"] * 3 and most[0] == 1
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    threads = tuning.current().compile_threads  # this CPU's decision
+    assert programs.compile_all(work, threads) == ["cpu-test"] * 3 and most[0] == 1
     work, most = jobs("gpu-test")
-    assert pipeline.compile_all(work) == ["gpu-test"] * 3 and most[0] == 3
-    for tag in ("cpu-test", "gpu-test"):
-        for i in range(3):
-            pipeline._COMPILED.pop((tag, i))
+    assert (
+        programs.compile_all(work, tuning.decide("gpu").compile_threads) == ["gpu-test"] * 3 and most[0] == 3
+    )
+    programs.forget()
 
 
 def test_platform_detection_honours_jax_platforms():

@@ -1,5 +1,5 @@
-"""What a run writes and prints goes through one gate (resnet_jax.writer): process 0 writes, the
-others nothing; a start that fails leaves no lock behind."""
+"""What a run (or a sweep) writes and prints goes through one gate (resnet_jax.writer): process 0
+writes, the others nothing; a start that fails leaves no lock behind."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import os
 import pytest
 
 import resnet_jax as rj
-from resnet_jax.writer import RunWriter
+from resnet_jax.writer import Writer
 
 REC = {"epoch": 1, "lr": 0.001, "loss": 2.0, "acc": 0.1, "val_loss": 2.1, "val_acc": 0.2, "seconds": 1.0}
 
@@ -21,21 +21,24 @@ def write_everything(w):
         w.start_epochs((26,))
         w.epoch(REC, [REC])
         w.close()
+    w.json("summary.json", {"settings": []})  # a sweep's files: the same gate
+    w.figure("sweep.png", lambda: __import__("matplotlib.figure").figure.Figure())
 
 
 def test_off_process_0_nothing_is_written_or_printed(tmp_path, capsys):
     workdir = tmp_path / "w"
-    write_everything(RunWriter(str(workdir), verbosity=2, primary=False))
+    write_everything(Writer(str(workdir), verbosity=2, primary=False))
     assert os.listdir(workdir) == []  # made (every process needs it for orbax), nothing in it
     assert capsys.readouterr().out == ""
 
 
 def test_process_0_writes_every_file_and_line(tmp_path, capsys):
     workdir = tmp_path / "w"
-    write_everything(RunWriter(str(workdir), verbosity=1, primary=True))
+    write_everything(Writer(str(workdir), verbosity=1, primary=True))
     assert {"run.json", "metrics.jsonl", "holdout.json", "curves.png", "tensorboard", ".lock"} <= set(
         os.listdir(workdir)
     )
+    assert {"summary.json", "sweep.png"} <= set(os.listdir(workdir))
     with open(workdir / "metrics.jsonl") as f:
         assert [json.loads(line) for line in f] == [REC, REC]  # rewritten history, then the epoch
     assert capsys.readouterr().out == "hello\n"
@@ -47,6 +50,6 @@ def test_a_failed_start_leaves_no_lock_behind(tmp_path, existed):
     if existed:
         workdir.mkdir()
     with pytest.raises(rj.UserError, match="bad data"):
-        with RunWriter(str(workdir), primary=True).claim():
+        with Writer(str(workdir), primary=True).claim():
             raise rj.UserError("bad data")
     assert workdir.exists() == existed and (not existed or os.listdir(workdir) == [])

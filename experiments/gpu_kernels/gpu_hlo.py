@@ -6,7 +6,7 @@
 
 (JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1: without a GPU the plugin cannot load CUPTI to check versions.)
 
-Compiles the training loop's device call (`pipeline._train_chunk`, a lax.scan of train steps) for
+Compiles the training loop's device call (`programs._train_chunk`, a lax.scan of train steps) for
 an NVIDIA Hopper GPU with XLA's deviceless (compile-only) GPU client and prints one JSON line: the
 kernels one step (the loop's body) launches, by kind (cuDNN convolutions, reductions, elementwise
 fusions, copies, matmuls) and by the part of the step they come from (model forward/backward, L2
@@ -34,14 +34,13 @@ import re
 
 import jax
 import jax.numpy as jnp
-from common import model_config, parse, parser
-from hlo_text import computations, first_match, op_of
+from common import computations, first_match, model_config, op_of, parse, parser
 from jax.experimental import topologies
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import resnet_jax as rj
-from resnet_jax import checkpoint, pipeline, tuning
+from resnet_jax import batches, checkpoint, device_data, programs, tuning
 
 TARGETS = {
     "h200": dict(cores=132, bandwidth=4_800_000_000_000, memory=150_000_000_000, name="NVIDIA H200"),
@@ -145,12 +144,12 @@ def main():
     )
     mesh = topologies.make_mesh(topo=topology, mesh_shape=(1,), axis_names=(rj.parallel.AXIS,))
     config = model_config(a, batch_size=a.batch_size, dtype=a.dtype, steps_per_call=a.steps_per_call)
-    n_train, spe = 50_000, pipeline.steps_per_epoch(50_000, a.batch_size)
+    n_train, spe = 50_000, batches.steps_per_epoch(50_000, a.batch_size)
     model = rj.models.from_config(config, materialize=tuning.decide("gpu").materialize)
     state = checkpoint.template(model, rj.optim.make_optimizer(config, spe), config, (32, 32, 3))
     on_gpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P()))
     state = jax.tree.map(on_gpu, state)
-    data = pipeline.DeviceData(
+    data = device_data.DeviceData(
         *(on_gpu(jax.ShapeDtypeStruct(s, d)) for s, d in (
             ((n_train, 32, 32, 3), jnp.uint8), ((n_train,), jnp.int32), ((10_000, 32, 32, 3), jnp.uint8),
             ((10_000,), jnp.int32), ((10_000,), jnp.float32), ((32, 32, 3), jnp.float32)))
@@ -158,7 +157,7 @@ def main():
     perm = on_gpu(jax.ShapeDtypeStruct((n_train,), jnp.int32))
     key = on_gpu(jax.eval_shape(lambda: jax.random.key(0)))
     scalar = on_gpu(jax.ShapeDtypeStruct((), jnp.int32))
-    step = jax.jit(functools.partial(pipeline._train_chunk, mesh=mesh), static_argnames=("length", "batch"))
+    step = jax.jit(functools.partial(programs._train_chunk, mesh=mesh), static_argnames=("length", "batch"))
     compiled = step.lower(
         state, data, perm, scalar, scalar, key, length=a.steps_per_call, batch=a.batch_size
     ).compile()

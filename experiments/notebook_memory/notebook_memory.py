@@ -20,7 +20,7 @@ import json
 import subprocess
 import textwrap
 
-from jsonl import emit
+from common import emit
 
 CHILD = textwrap.dedent("""
     import gc, json, sys, tempfile

@@ -2,10 +2,10 @@
 
     manager.py   orbax: asynchronous saves, the best by val_acc plus the two latest, reads that
                  fall back past a damaged checkpoint (and set it aside), a full disk as one line
-    progress.py  the JSON record saved beside the arrays: where the run stands (Progress, Sums)
+    progress.py  the JSON record saved beside the arrays: where the run stands (Progress)
     layout.py    the state template a checkpoint is restored into, and the shape of every array
                  it holds (run.json's `state_tree`, checked before a checkpoint is touched)
-    restore.py   a saved run's state from its workdir alone (`resnet_jax.restore`)
+    reading.py   a saved run's state from its workdir alone (`resnet_jax.restore`)
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a kill at
 any moment leaves every finished checkpoint readable; nothing here deletes one except orbax's
@@ -21,14 +21,13 @@ from resnet_jax.checkpoint.manager import (
     quiet,
     resumable_on_full_disk,
 )
-from resnet_jax.checkpoint.progress import Progress, Sums
-from resnet_jax.checkpoint.restore import open_run, restore, restore_with_meta
+from resnet_jax.checkpoint.progress import Progress
+from resnet_jax.checkpoint.reading import open_run, restore, restore_with_meta
 
 __all__ = [
     "FOLDER",
     "Checkpoints",
     "Progress",
-    "Sums",
     "check_tree",
     "exists",
     "last_complete_line",

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
@@ -277,7 +278,7 @@ def last_complete_line(workdir: str) -> str:
         except Exception:  # noqa: BLE001 - unreadable: try an older one
             meta = None
         if meta is not None:
-            where = Progress.from_meta(meta).where(None)
+            where = Progress.from_meta(meta).where()
             return (
                 f"the last complete checkpoint is {where} (step {step}) in {folder}; "
                 "free space and rerun the same command to resume"
@@ -312,22 +313,40 @@ def _listing(errors) -> str:
     return "; ".join(f"step {step}: {reason}" for step, reason in errors)
 
 
+class _Threads(logging.Filter):
+    """Drops the records logged by the threads inside `quiet`; other threads' pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads = set()
+
+    def filter(self, record):
+        return record.thread not in self.threads
+
+
+_QUIET = _Threads()
+_LOGGERS = ("absl", "asyncio", "orbax", "jax", "tensorstore")  # orbax logs through absl's
+
+
 @contextlib.contextmanager
 def quiet():
-    """Silence the loggers orbax, tensorstore and asyncio use while a checkpoint is read: a
-    damaged one makes them print hundreds of lines; resnet_jax says what matters in one."""
-    names = ("absl", "asyncio", "orbax", "jax", "tensorstore")
-    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
-    for logger, _ in saved:
-        logger.setLevel(logging.CRITICAL + 1)
+    """While a checkpoint is read, the loggers orbax, tensorstore and asyncio use drop what this
+    thread logs (a damaged checkpoint makes them print hundreds of lines; resnet_jax says what
+    matters in one). A filter on those loggers, added once, does it: no logger's level changes,
+    and the records of other threads (a save in flight, the user's own) pass."""
+    for name in _LOGGERS:
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)
+    me = threading.get_ident()
+    _QUIET.threads.add(me)
     try:
         yield
     except BaseException:
         gc.collect()  # the failed read's leftover tasks log their errors when collected: now
         raise
     finally:
-        for logger, level in saved:
-            logger.setLevel(level)
+        _QUIET.threads.discard(me)
 
 
 def verify_arrays(folder: str):

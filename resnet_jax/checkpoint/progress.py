@@ -1,37 +1,12 @@
-"""Where a run stands, as data: `Sums` (running metric sums) and `Progress` (epochs done, step in
-the current epoch, best so far, history). A checkpoint's JSON `meta` is `Progress.to_meta()`."""
+"""Where a run stands, as data: `Progress` (epochs done, step in the current epoch, best so far,
+history, the running sums of a half-done epoch). A checkpoint's JSON `meta` is
+`Progress.to_meta()`."""
 
 from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
-
-@dataclasses.dataclass(frozen=True)
-class Sums:
-    """Summed metrics (see steps.summed_metrics): means are sum / count, exact over any batching."""
-
-    loss: float = 0.0
-    correct: float = 0.0
-    count: float = 0.0
-
-    def add(self, metrics) -> Sums:
-        """These sums plus per-step (or scalar) metric arrays, added in float64."""
-        return Sums(
-            *(
-                getattr(self, k) + float(np.sum(metrics[k], dtype=np.float64))
-                for k in ("loss", "correct", "count")
-            )
-        )
-
-    @property
-    def mean_loss(self) -> float:
-        return self.loss / self.count
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.count
+from resnet_jax.metrics import Sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +63,9 @@ class Progress:
         """run.json's entry for settings changed on a resume from here."""
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "settings": settings}
 
-    def where(self, steps_per_epoch: int | None = None, next_step: bool = False) -> str:
-        """'epoch E' (E completed), or 'epoch E+1, step S/N' mid-epoch; with `next_step`, where
-        training goes on from ('epoch E+1' after a completed epoch)."""
+    def where(self, steps_per_epoch: int | None = None) -> str:
+        """Where the run stands: 'epoch E' (E completed), or 'epoch E+1, step S/N' mid-epoch."""
         if not self.step_in_epoch:
-            return f"epoch {self.epoch + 1}" if next_step else f"epoch {self.epoch}"
+            return f"epoch {self.epoch}"
         total = f"/{steps_per_epoch}" if steps_per_epoch else ""
         return f"epoch {self.epoch + 1}, step {self.step_in_epoch}{total}"

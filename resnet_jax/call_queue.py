@@ -1,6 +1,6 @@
 """The device-call queue of an epoch: train calls handed to the devices ahead of the host.
 
-A train call (`pipeline.TrainChunk`) runs many steps on the devices. On the scan loop it returns
+A train call (`programs.TrainCall`) runs many steps on the devices. On the scan loop it returns
 at once (JAX dispatches asynchronously) and its metrics reach the host when they are read; on the
 python loop (CPU) it dispatches its steps one by one and returns when they are done. `run` keeps
 `pace.ahead` calls queued behind the one being read, so the devices never wait for the host
@@ -26,12 +26,12 @@ class Pace:
 
     def __init__(self, loop: str, steps_per_call: int, seconds: float = 0.5):
         self.loop, self.cap, self.seconds = loop, steps_per_call, seconds
-        self.k = steps_per_call if loop == "scan" else 1
+        self.steps = steps_per_call if loop == "scan" else 1  # a call's steps, now
         self.ahead = 1 if loop == "scan" else 0
 
     def update(self, length: int, elapsed: float):
         if self.loop == "python" and elapsed > 0:
-            self.k = int(min(self.cap, max(1, round(self.seconds * length / elapsed))))
+            self.steps = int(min(self.cap, max(1, round(self.seconds * length / elapsed))))
 
 
 def run(state, call, plan, start: int, steps: int, pace: Pace, stop, on_metrics):
@@ -46,7 +46,7 @@ def run(state, call, plan, start: int, steps: int, pace: Pace, stop, on_metrics)
     sent, step, inflight = start, start, collections.deque()
     while step < steps:
         while sent < steps and len(inflight) <= pace.ahead and not (stop.is_set() and inflight):
-            offset, first, length, batch = plan(sent, pace.k)
+            offset, first, length, batch = plan(sent, pace.steps)
             began = time.monotonic()  # before the call: a python-loop call returns when done
             state, metrics = call(state, offset, first, length, batch)
             inflight.append((metrics, first, length, began))

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import os
 
-from resnet_jax import parts, steps, tuning
-from resnet_jax import workdir as wd
+from resnet_jax import parts, run_files, steps, tuning
 from resnet_jax.checkpoint.layout import check_tree, state_tree, template
 from resnet_jax.checkpoint.manager import FOLDER, Checkpoints
 from resnet_jax.checkpoint.progress import Progress
@@ -16,19 +15,20 @@ from resnet_jax.errors import UserError
 def open_run(workdir: str):
     """(path, config, run.json info) of a saved run; clear errors when there is none."""
     path = os.path.abspath(os.path.expanduser(workdir))
-    saved = wd.read_run(path) if os.path.isdir(path) else None
+    saved = run_files.read_run(path) if os.path.isdir(path) else None
     if saved is None:
-        raise UserError(f"{path} holds no resnet_jax run (no {wd.RUN_FILE}); train one first")
+        raise UserError(f"{path} holds no resnet_jax run (no {run_files.RUN_FILE}); train one first")
     if not os.path.isdir(os.path.join(path, FOLDER)):
         raise UserError(f"{path} has no checkpoint yet; train at least one epoch first")
     return path, saved[0], saved[1]
 
 
-def restore_with_meta(workdir: str, which: str = "best", *, model=None, optimizer=None):
+def restore_with_meta(workdir: str, which: str = "best", *, model=None, optimizer=None, platform=None):
     """(state, progress, step) of a saved checkpoint (`best` by val_acc, or `latest`).
 
     A run of your own model needs `model=`. A run of your own optimizer restores its state as
-    saved (plain arrays, no `tx`) unless you pass the `optimizer=` again."""
+    saved (plain arrays, no `tx`) unless you pass the `optimizer=` again. `platform`: the
+    caller's decision (resnet_jax.tuning), else made here."""
     path, config, info = open_run(workdir)
     if which not in ("best", "latest"):
         raise UserError(f"which must be 'best' or 'latest', got {which!r}")
@@ -39,8 +39,11 @@ def restore_with_meta(workdir: str, which: str = "best", *, model=None, optimize
             f"the run in {path} trained your own model ({name}); pass it: "
             f"resnet_jax.restore(workdir, model={name}(...))"
         )
-    image_shape, spe = tuple(info["image_shape"]), info["steps_per_epoch"]
-    chosen = parts.resolve(config, image_shape, spe, tuning.started(), model=model, optimizer=optimizer)
+    image_shape, steps_per_epoch = tuple(info["image_shape"]), info["steps_per_epoch"]
+    if platform is None:
+        tuning.setup(config, image_shape, model)
+        platform = tuning.current()
+    chosen = parts.resolve(config, image_shape, steps_per_epoch, platform, model=model, optimizer=optimizer)
     like = template(chosen.model, chosen.tx, config, image_shape)
     as_saved = record.get("optimizer", {}).get("own") and optimizer is None
     check_tree(info, state_tree(like), path, only=("params", "batch_stats") if as_saved else None)
@@ -69,7 +72,7 @@ def _readable_alternative(ckpts, which) -> str:
         for step in ckpts.steps()[::-1]:
             meta = ckpts.read_meta(step)
             if meta is not None:
-                where = Progress.from_meta(meta).where(None)
+                where = Progress.from_meta(meta).where()
                 return f"; the latest checkpoint ({where}, step {step}) is readable: pass --which latest"
     return ""
 

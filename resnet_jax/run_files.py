@@ -1,4 +1,6 @@
-"""The work directory: its checks, its lock, run.json (config + shapes) and metrics.jsonl."""
+"""A run's workdir and its files: the checks before anything is written, the lock, run.json
+(what ran, changes, the test result), metrics.jsonl, holdout.json, and whether a folder holds a
+run or a sweep. The files are written through resnet_jax.writer (process 0's gate)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ import datetime
 import fcntl
 import json
 import os
-import tempfile
 
+from resnet_jax.atomic import write_text
 from resnet_jax.config import CHANGEABLE_FIELDS, FIXED_FIELDS, MODEL_FIELDS, Config
 from resnet_jax.errors import UserError
 from resnet_jax.faults import writing
@@ -16,6 +18,8 @@ from resnet_jax.faults import writing
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
+HOLDOUT_FILE = "holdout.json"
+SWEEP_FILE = "runs.json"  # a sweep's (or --seeds's) workdir: what it is; its runs in subfolders
 
 
 def prepare(workdir: str) -> str:
@@ -33,22 +37,27 @@ def prepare(workdir: str) -> str:
     return path
 
 
-class Lock:
-    """One run per workdir: an flock on workdir/.lock, released by the kernel if the run dies."""
+class InUse(UserError):
+    """The workdir's lock is held by another process (a run, or a sweep writing its summary)."""
 
-    def __init__(self, workdir: str):
+
+class Lock:
+    """One run per workdir: an flock on workdir/.lock, released by the kernel if the run dies.
+    `wait`: block until it is free (a sweep's summary) instead of refusing."""
+
+    def __init__(self, workdir: str, wait: bool = False):
         self.path = os.path.join(workdir, LOCK_FILE)
-        self.fd = None
+        self.fd, self.wait = None, wait
 
     def __enter__(self):
         with writing("the lock file", self.path):
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.read(self.fd, 64).decode(errors="replace").strip() or "another process"
             os.close(self.fd)
-            raise UserError(
+            raise InUse(
                 f"workdir {os.path.dirname(self.path)} is in use by a running training "
                 f"(pid {holder}); wait for it or pass another --workdir"
             ) from None
@@ -64,26 +73,6 @@ class Lock:
     def __exit__(self, *exc):
         if self.fd is not None:
             os.close(self.fd)  # closing releases the flock
-
-
-def write_atomic(path: str, text: str):
-    """Write via a temporary file and rename: readers see the old or the new file, never half
-    (a full disk leaves the old one and raises faults.DiskFull naming the file)."""
-    folder = os.path.dirname(path)
-    tmp = None
-    try:
-        with writing(os.path.basename(path), path):
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-            os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-    except BaseException:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_run(workdir: str):
@@ -102,19 +91,23 @@ def read_run(workdir: str):
         ) from None
 
 
-def check_compatible(saved: Config, config: Config, workdir: str):
-    """Refuse to resume a run with another model, data or seed (config.FIXED_FIELDS)."""
-    diff = [f for f in FIXED_FIELDS if getattr(saved, f) != getattr(config, f)]
+def check_compatible(
+    saved: Config, config: Config, workdir: str, fields=FIXED_FIELDS, what="a run", kind=None
+):
+    """Refuse to go on with a saved run (or sweep: `what`, `kind`) whose `fields` differ: by
+    default those a resume may not change (config.FIXED_FIELDS: the model, the data, the seed)."""
+    diff = [f for f in fields if getattr(saved, f) != getattr(config, f)]
     if not diff:
         return
-    what = ", ".join(f"{f} {getattr(saved, f)!r} (now {getattr(config, f)!r})" for f in diff)
-    kind = "a different model" if set(diff) & set(MODEL_FIELDS) else "different data or seed"
+    differences = ", ".join(f"{f} {getattr(saved, f)!r} (now {getattr(config, f)!r})" for f in diff)
+    if kind is None:
+        kind = "a different model" if set(diff) & set(MODEL_FIELDS) else "different data or seed"
     same = "the same settings"
     if saved.preset and saved.preset != config.preset:  # the likely cause: the preset was left out
         same = f"--preset {saved.preset} (its preset) and the same settings"
     raise UserError(
-        f"workdir {workdir} holds a run of {kind}: {what}; rerun with {same} "
-        "to resume, or pass another --workdir (nothing was deleted)"
+        f"workdir {workdir} holds {what} of {kind}: {differences}; rerun with {same} "
+        "to go on with it, or pass another --workdir (nothing was deleted)"
     )
 
 
@@ -158,12 +151,9 @@ def check_foreign(workdir: str):
         )
 
 
-HOLDOUT_FILE = "holdout.json"
-
-
 def write_holdout(workdir: str, indices):
     """The held-out validation images (indices into the training set), for the record."""
-    write_atomic(os.path.join(workdir, HOLDOUT_FILE), json.dumps([int(i) for i in indices]))
+    write_text(os.path.join(workdir, HOLDOUT_FILE), json.dumps([int(i) for i in indices]))
 
 
 def check_holdout(workdir: str, indices):
@@ -181,7 +171,7 @@ def check_holdout(workdir: str, indices):
 
 
 def write_run(workdir: str, info: dict):
-    write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(info, indent=1))
+    write_text(os.path.join(workdir, RUN_FILE), json.dumps(info, indent=1))
 
 
 def _now() -> str:
@@ -250,10 +240,39 @@ def check_resume(saved, config: Config, data: dict, workdir: str) -> dict:
 
 def rewrite_metrics(workdir: str, history):
     """metrics.jsonl = the checkpointed history, one line per completed epoch (no duplicates)."""
-    write_atomic(os.path.join(workdir, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in history))
+    write_text(os.path.join(workdir, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in history))
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """metrics.jsonl's records, one per completed epoch."""
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def append_metrics(workdir: str, record: dict):
     path = os.path.join(workdir, METRICS_FILE)
     with writing(METRICS_FILE, path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def is_sweep(workdir: str) -> bool:
+    return os.path.exists(os.path.join(workdir, SWEEP_FILE))
+
+
+def refuse_a_sweep(workdir: str):
+    """A single run is refused in a sweep's workdir (train.py without --seeds or --sweep)."""
+    if not os.path.isdir(workdir) or not is_sweep(workdir):
+        return
+    try:
+        with open(os.path.join(workdir, SWEEP_FILE)) as f:
+            saved = json.load(f)
+        seeds = ",".join(str(s) for s in saved["seeds"])
+        grid = saved.get("grid") or []
+    except (OSError, ValueError, KeyError, TypeError):
+        seeds, grid = "", []
+    again = f"--seeds {seeds}" + "".join(f" --sweep {f}=..." for f, _ in grid)
+    kind = "a sweep" if grid else f"a multi-run (seeds {seeds})"
+    raise UserError(
+        f"workdir {workdir} holds {kind}; rerun it with {again}, or train a run of it in its own "
+        "folder (nothing was touched)"
+    )

@@ -9,13 +9,13 @@ import pytest
 from conftest import random_dataset
 
 import resnet_jax as rj
-from resnet_jax import parallel, pipeline
+from resnet_jax import batches, device_data, parallel, programs
 
 
 def test_seed_epoch_is_1563_steps_with_the_partial_batch_kept():
-    plan = pipeline.epoch_plan(50_000, 32, 100)
+    plan = batches.epoch_plan(50_000, 32, 100)
     assert sum(length for _, _, length, _ in plan) == 1563
-    assert pipeline.steps_per_epoch(50_000, 32) == 1563
+    assert batches.steps_per_epoch(50_000, 32) == 1563
     assert plan[-1] == (1562 * 32, 1562, 1, 16)
     # contiguous: every call starts where the last ended
     ends = [off + length * batch for off, _, length, batch in plan]
@@ -24,20 +24,20 @@ def test_seed_epoch_is_1563_steps_with_the_partial_batch_kept():
 
 @pytest.mark.parametrize("start", [0, 100, 700, 1562])
 def test_resumed_plan_is_the_tail_of_the_full_plan(start):
-    full = pipeline.epoch_plan(50_000, 32, 100)
-    assert pipeline.epoch_plan(50_000, 32, 100, start) == [c for c in full if c[1] >= start]
+    full = batches.epoch_plan(50_000, 32, 100)
+    assert batches.epoch_plan(50_000, 32, 100, start) == [c for c in full if c[1] >= start]
 
 
 def test_every_image_once_per_epoch_in_a_fresh_order():
     n, batch = 203, 16
     orders = []
     for epoch in range(3):
-        key = pipeline.epoch_key(jax.random.key(0), epoch)
-        perm = pipeline.permutation(key, n)
+        key = batches.epoch_key(jax.random.key(0), epoch)
+        perm = batches.permutation(key, n)
         seen = np.concatenate(
             [
-                np.asarray(pipeline.chunk_rows(perm, off, length, b)).ravel()
-                for off, _, length, b in pipeline.epoch_plan(n, batch, 5)
+                np.asarray(batches.chunk_rows(perm, off, length, b)).ravel()
+                for off, _, length, b in batches.epoch_plan(n, batch, 5)
             ]
         )
         assert sorted(seen) == list(range(n))
@@ -51,11 +51,11 @@ def test_train_chunks_match_single_steps_on_the_same_batches(tiny_config, loop):
     ds = random_dataset(n_train=40)
     mean = rj.dataset.pixel_mean(ds.train_images)
     mesh = parallel.make_mesh()
-    data = pipeline.to_device(ds, mean, tiny_config, mesh)
-    key = pipeline.epoch_key(jax.random.key(1), 0)
-    perm = pipeline.permutation(key, 40)
+    data = device_data.to_device(ds, mean, tiny_config, mesh)
+    key = batches.epoch_key(jax.random.key(1), 0)
+    perm = batches.permutation(key, 40)
     state = rj.create_train_state(tiny_config, jax.random.key(0), (32, 32, 3), 5)
-    chunk = pipeline.make_train_chunk(mesh, loop)
+    chunk = programs.TrainCall(mesh, loop)
     s1, m1 = chunk(state, data, perm, 0, 0, key, length=3, batch=8)
 
     state = rj.create_train_state(tiny_config, jax.random.key(0), (32, 32, 3), 5)
@@ -84,9 +84,9 @@ def test_evaluation_is_exact_over_all_test_images(tiny_config):
     ds = random_dataset(n_test=37)  # not a multiple of the eval batch (16): padded and masked
     mean = rj.dataset.pixel_mean(ds.train_images)
     mesh = parallel.make_mesh()
-    data = pipeline.to_device(ds, mean, tiny_config, mesh)
+    data = device_data.to_device(ds, mean, tiny_config, mesh)
     state = rj.create_train_state(tiny_config, jax.random.key(0), (32, 32, 3), 5)
-    got = jax.device_get(pipeline.make_evaluate(tiny_config, mesh)(state, data))
+    got = jax.device_get(programs.make_evaluate(tiny_config, mesh)(state, data))
     x = ds.test_images.astype(np.float32) / 255 - mean
     ref = jax.device_get(rj.eval_step(state, jnp.asarray(x), ds.test_labels))
     assert got["count"] == 37

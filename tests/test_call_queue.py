@@ -1,4 +1,4 @@
-"""The device-call queue of an epoch (resnet_jax.calls), alone: fake device calls stand in for the
+"""The device-call queue of an epoch (resnet_jax.call_queue), alone: fake device calls stand in for the
 train step, so what is in flight, what is read, and what a stop request does can be watched."""
 
 import threading
@@ -6,8 +6,8 @@ import threading
 import numpy as np
 import pytest
 
-from resnet_jax import calls
-from resnet_jax.pipeline import next_call
+from resnet_jax import call_queue as calls
+from resnet_jax.batches import next_call
 
 
 class Devices:
@@ -79,13 +79,13 @@ def test_a_metrics_error_stops_the_queue_where_it_happened():
 
 def test_the_python_loop_paces_calls_to_about_half_a_second():
     pace = calls.Pace("python", 100)
-    assert pace.k == 1
+    assert pace.steps == 1
     pace.update(1, 0.01)  # 10 ms a step: 50 steps a call
-    assert pace.k == 50
+    assert pace.steps == 50
     pace.update(50, 5.0)  # 100 ms a step: 5
-    assert pace.k == 5
+    assert pace.steps == 5
     pace.update(5, 0.0001)
-    assert pace.k == 100  # capped by steps_per_call
+    assert pace.steps == 100  # capped by steps_per_call
     scan = calls.Pace("scan", 100)
     scan.update(100, 50.0)
-    assert scan.k == 100  # the scan loop keeps its aligned calls
+    assert scan.steps == 100  # the scan loop keeps its aligned calls
