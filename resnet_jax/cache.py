@@ -83,10 +83,12 @@ def load_arrays(kind: str, name: str, source: dict) -> dict | None:
 
 def save_arrays(kind: str, name: str, arrays: dict, source: dict) -> None:
     """Save arrays atomically under `name` with their record (`source`: what they were decoded
-    from; their shapes and digest), checked by `load_arrays`; a failure is one warning line (a
-    cache is optional)."""
+    from; their shapes and digest), checked by `load_arrays`; a failure, a full disk included, is
+    one warning line (a cache is optional)."""
+    from resnet_jax.atomic import replacing
+    from resnet_jax.faults import DiskFull
+
     folder = os.path.join(home(), kind)
-    tmp = None
     record = {
         "source": source,
         "shapes": {k: list(a.shape) for k, a in arrays.items()},
@@ -94,14 +96,11 @@ def save_arrays(kind: str, name: str, arrays: dict, source: dict) -> None:
     }
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
+        with replacing(os.path.join(folder, name + ".npz")) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays, **{RECORD: np.asarray(json.dumps(record))})
-        os.replace(tmp, os.path.join(folder, name + ".npz"))
-    except OSError as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        warn(f"cannot cache the decoded images in {folder} ({e.strerror or e}); the next run decodes again")
+    except (OSError, DiskFull) as e:
+        reason = getattr(e, "strerror", None) or e
+        warn(f"cannot cache the decoded images in {folder} ({reason}); the next run decodes again")
 
 
 def compilation_cache_dir(environ=None, enabled: bool = True) -> str | None:

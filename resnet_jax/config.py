@@ -151,6 +151,17 @@ CHANGEABLE_FIELDS = (
 # - the rest (data_dir, steps_per_call, device_loop, eval_batch_size, preset) change no number.
 
 
+# The fields a compiled train or evaluation program reads from the state's Config: the loss's L2,
+# the seed's augmentation, the label check. The rest (the seed, the schedule, the length, the data's
+# name, ...) change no program: runs that differ only there share their compiled programs.
+PROGRAM_FIELDS = ("num_classes", "l2_weight", "l2_layers", "shift_range", "flip")
+
+
+def program_config(config: Config) -> Config:
+    """The Config a device program is compiled for: PROGRAM_FIELDS of `config`, defaults elsewhere."""
+    return Config(**{name: getattr(config, name) for name in PROGRAM_FIELDS})
+
+
 def tiny(**overrides) -> Config:
     """A preset for tests and quick looks: 4 filters, one block per stage, 2 epochs."""
     base = dict(num_filters=4, stage_sizes=(1, 1, 1), epochs=2, steps_per_call=8, preset="tiny")

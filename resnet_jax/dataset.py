@@ -131,8 +131,8 @@ def holdout_indices(labels: np.ndarray, val_split: float, seed: int) -> np.ndarr
     take = np.floor(share).astype(int)
     take[np.argsort(-(share - take), kind="stable")[: count - take.sum()]] += 1
     rng = np.random.default_rng(seed)
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
-    return np.sort(np.concatenate(chosen))
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
 
 
 def split_holdout(dataset: Dataset, val_split: float, seed: int) -> tuple[Dataset, np.ndarray]:

@@ -22,7 +22,7 @@ def evaluate_on(state, dataset: Dataset, config, mesh) -> Sums:
     program = programs.evaluate_program(config, mesh, programs.make_evaluate(config, mesh), state, data)
     with cache.compiling():  # a cache entry it cannot read: one warning line
         (evaluate,) = programs.compile_all([program], threads=1)  # once per shape in this process
-    return Sums().add(jax.device_get(evaluate(state, data)))
+    return Sums().add(jax.device_get(programs.Evaluation(evaluate)(state, data)))
 
 
 def evaluate(state, dataset: Dataset) -> tuple[float, float]:

@@ -113,13 +113,13 @@ def train(
     """`train_and_evaluate` for the `platform` decided by the caller; `locked`: the caller holds
     the workdir's lock (a sweep's run). `kw`: model, optimizer, augment, callbacks, summary."""
     path = os.path.abspath(os.path.expanduser(workdir))
-    out = Writer(path, verbosity)
-    console, stop = out.console, stop if stop is not None else threading.Event()
+    writer = Writer(path, verbosity)
+    console, stop = writer.console, stop if stop is not None else threading.Event()
     with checkpoint.resumable_on_full_disk(path), contextlib.ExitStack() as stack:
         stack.enter_context(interrupt.saving_on(stop, end_bar=console.bar))  # Ctrl-C: save, stop
         # -- Workdir: one run at a time, holding only resnet_jax's own files.
         run_files.refuse_a_sweep(path)
-        stack.enter_context(out.claim(locked))
+        stack.enter_context(writer.claim(locked))
 
         # -- Data: the test set validates (the seed's way), or a held-out part of the training set.
         if dataset is None:
@@ -152,7 +152,7 @@ def train(
         if platform.compile_early and not checkpoint.exists(path):
             compiled.begin(on_devices())
         data = run_files.describe_data(dataset, config, held_out)  # its fingerprint hashes meanwhile
-        start = _start(run, ckpts, data, out.primary)
+        start = _start(run, ckpts, data, writer.primary)
         state, progress = start.state, start.progress
 
         # -- Record and report: run.json, metrics.jsonl, what will run.
@@ -174,9 +174,9 @@ def train(
         if progress.finished(config.epochs):  # nothing to train, nothing to write
             console.line(finished_line(path, progress, info.get("test")))
             return state, list(progress.history)
-        out.run_json(info)
-        out.history(progress.history)
-        out.holdout(held_out)
+        writer.run_json(info)
+        writer.history(progress.history)
+        writer.holdout(held_out)
         for line in resume_lines(path, progress, steps_per_epoch, start.changed) if start.saved else ():
             console.line(line)
 
@@ -185,9 +185,9 @@ def train(
         evaluate = compiled.finish(state, on_devices(), progress)
 
         # -- Epochs: device calls of many steps, an evaluation, the callbacks, a checkpoint.
-        out.start_epochs(() if parts.record["optimizer"]["own"] else config.lr_epochs)
-        stack.callback(out.close)
-        epochs = Epochs(run, compiled.call, evaluate, on_devices(), stop, ckpts, out)
+        writer.start_epochs(() if parts.record["optimizer"]["own"] else config.lr_epochs)
+        stack.callback(writer.close)
+        epochs = Epochs(run, compiled.call, evaluate, on_devices(), stop, ckpts, writer)
         for epoch in range(progress.epoch + 1, config.epochs + 1):
             lr = parts.rate(state, epoch)
             console.epoch_start(epoch, config.epochs, lr)
@@ -215,7 +215,7 @@ def train(
         else:
             test = evaluate_on(state, dataset, config, mesh)
         console.test_result(test.mean_loss, test.accuracy)
-        out.run_json(run_files.finished(info, test, progress, int(jax.device_get(state.step))))
+        writer.run_json(run_files.finished(info, test, progress, int(jax.device_get(state.step))))
         return state, list(progress.history)
 
 
@@ -263,9 +263,9 @@ class Epochs:
     (`call_queue.run`) with each call's metrics summed, checked for NaN and shown on the progress
     bar; then the evaluation, its record, and the checkpoint its outputs follow."""
 
-    def __init__(self, run: Run, call, evaluate, data, stop, ckpts, out: Writer):
+    def __init__(self, run: Run, call, evaluate, data, stop, ckpts, writer: Writer):
         self.run, self.call, self.evaluate, self.data = run, call, evaluate, data
-        self.stop, self.ckpts, self.out = stop, ckpts, out
+        self.stop, self.ckpts, self.writer = stop, ckpts, writer
         self.pace = call_queue.Pace(call.loop, run.config.steps_per_call)
         self.val_on = "held-out" if run.held_out is not None else "test"
 
@@ -288,7 +288,7 @@ class Epochs:
             self.ckpts.poll()  # the last epoch's outputs, once its checkpoint is on disk
             check_finite(metrics, epoch, step, total, self.ckpts)
             sums = sums.add(metrics)
-            self.out.console.progress(step + length, total, sums, began)
+            self.writer.console.progress(step + length, total, sums, began)
 
         plan = lambda step, k: batches.next_call(n, batch_size, k, step)
         state, step = call_queue.run(
@@ -307,9 +307,9 @@ class Epochs:
         disk, so they never list an epoch that a restart would redo."""
         best_before = progress.best_val_acc
         progress, improved = progress.epoch_done(record, stopped=stopping)
-        then = functools.partial(self.out.epoch, record, progress.history)
+        then = functools.partial(self.writer.epoch, record, progress.history)
         self.ckpts.save(state, progress.to_meta(), rank=record["epoch"] if improved else -1, then=then)
-        console, total = self.out.console, self.run.steps_per_epoch
+        console, total = self.writer.console, self.run.steps_per_epoch
         console.epoch_end(total, record, best_before, improved, self.ckpts.path, steps_run=steps_run)
         return progress
 

@@ -21,6 +21,7 @@ import numpy as np
 from resnet_jax import parallel
 from resnet_jax.augment import augment as seed_augment
 from resnet_jax.batches import chunk_rows, epoch_key, permutation
+from resnet_jax.config import program_config
 from resnet_jax.device_data import DeviceData, eval_batch
 from resnet_jax.steps import eval_step, preprocess, train_step
 
@@ -73,6 +74,7 @@ class TrainCall:
     def compile(self, shapes, state, data, perm, key, *, threads: int, extra=()):
         """The executables of `shapes` [(length, batch), ...] and of the `extra` programs
         [(what, lower)], compiled together (`compile_all`); returns the compiled extras."""
+        state = for_programs(state)
         todo = sorted({self.shape(*s) for s in shapes})
         inputs = signature(state, data, perm, key)
         jobs = [
@@ -93,15 +95,19 @@ class TrainCall:
         return exe(state, data, perm, offset, step0, key)
 
     def __call__(self, state, data, perm, offset, step0, key, *, length, batch):
+        config, state = state.config, for_programs(state)
         if self.loop == "scan":
-            return self._call(state, data, perm, offset, step0, key, length, batch)
+            state, metrics = self._call(state, data, perm, offset, step0, key, length, batch)
+            return state.replace(config=config), metrics
         metrics = []
         for i in range(length):
             state, m = self._call(state, data, perm, offset + i * batch, step0 + i, key, 1, batch)
             metrics.append(m)
         # Joined on the host: a device concatenation would compile afresh for every call length
         # the pace picks (call_queue.Pace), and the caller reads them at once anyway.
-        return state, jax.tree.map(lambda *a: np.concatenate(a), *jax.device_get(metrics))
+        return state.replace(config=config), jax.tree.map(
+            lambda *a: np.concatenate(a), *jax.device_get(metrics)
+        )
 
 
 # Compiled programs of this process, kept across runs (the newest 32). A program is named by what
@@ -110,6 +116,13 @@ class TrainCall:
 # the model's `apply`, the optimizer), and every leaf's shape, dtype and sharding.
 _COMPILED: collections.OrderedDict = collections.OrderedDict()
 _KEEP = 32
+
+
+def for_programs(state):
+    """The state as the programs take it: its Config reduced to what they read
+    (config.program_config), so that runs differing only in the rest (their seed, epochs, rate
+    schedule, ...) share one compiled program. The caller's state keeps its Config."""
+    return state.replace(config=program_config(state.config))
 
 
 def signature(*args):
@@ -175,8 +188,19 @@ def make_evaluate(config, mesh):
     return jax.jit(functools.partial(_evaluate, batch=eval_batch(config, mesh), mesh=mesh))
 
 
+class Evaluation:
+    """A compiled evaluation, called with any state of its shapes (`for_programs` applied)."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __call__(self, state, data):
+        return self.compiled(for_programs(state), data)
+
+
 def evaluate_program(config, mesh, evaluate, state, data):
-    """The evaluation as a `compile_all` job."""
+    """The evaluation as a `compile_all` job (its result: call it through `Evaluation`)."""
+    state = for_programs(state)
     what = (("evaluate",), mesh, eval_batch(config, mesh), signature(state, data))
     return what, lambda: evaluate.lower(state, data)
 
@@ -190,4 +214,4 @@ def compile_epoch(
     key = epoch_key(data_key, epoch)
     program = evaluate_program(config, call.mesh, evaluate, state, data)
     (done,) = call.compile(shapes, state, data, permutation(key, n), key, threads=threads, extra=[program])
-    return done
+    return Evaluation(done)

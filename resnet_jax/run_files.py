@@ -219,11 +219,11 @@ def finished(info: dict, test, progress, step: int) -> dict:
     }
 
 
-def describe_data(dataset, config: Config, held) -> dict:
+def describe_data(dataset, config: Config, held_out) -> dict:
     """What run.json records of the data: source, counts, shape, classes, fingerprint, split."""
     data = dataset.describe()
-    if held is not None:
-        data.update(val_split=config.val_split, held_out=len(held))
+    if held_out is not None:
+        data.update(val_split=config.val_split, held_out=len(held_out))
     return data
 
 

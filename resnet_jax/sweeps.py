@@ -123,14 +123,14 @@ def check_grid(grid) -> tuple:
 def settings(config: Config, grid) -> list[tuple[dict, Config]]:
     """[(fields, Config)] of every setting of the grid, in grid order (the product of the values
     in the order given); each Config checked, so a value its field refuses is one line."""
-    out = []
+    found = []
     for values in itertools.product(*(v for _, v in grid)):
         fields = dict(zip((name for name, _ in grid), values))
         try:
-            out.append((fields, dataclasses.replace(config, **fields)))
+            found.append((fields, dataclasses.replace(config, **fields)))
         except UserError as e:
             raise UserError(f"the sweep's setting {label(fields)}: {e}") from None
-    return out
+    return found
 
 
 def render(value) -> str:
@@ -215,12 +215,12 @@ class Plan:
     def runs(self, shard=None):
         """[(fields, Config of the run, its folder)], setting by setting (`shard` (I, N): the I-th
         of every N)."""
-        out = [
+        every = [
             (fields, dataclasses.replace(config, seed=seed), self.folder(fields, seed))
             for fields, config in self.settings
             for seed in self.seeds
         ]
-        return out if shard is None else out[shard[0] :: shard[1]]
+        return every if shard is None else every[shard[0] :: shard[1]]
 
     def folder(self, fields: dict, seed: int) -> str:
         return run_dir(self.workdir, fields, seed) if self.grid else seed_dir(self.workdir, seed)
@@ -277,11 +277,11 @@ def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs
     check_workdir(path, config, grid, data)
     tuning.setup(config, dataset.image_shape, kwargs.get("model"))
     platform = tuning.current()
-    out = Writer(path, verbosity)
-    _record(out, path, config, grid, seeds, data)
+    writer = Writer(path, verbosity)
+    _record(writer, path, config, grid, seeds, data)
     plan = Plan(path, grid, seeds, every)
     runs = plan.runs(shard)
-    console = out.console
+    console = writer.console
     what = f"Sweep of {len(every)} settings x " if grid else "Seeds of one recipe: "
     part = "" if shard is None else f" (shard {shard[0]} of {shard[1]})"
     seeds_text = ",".join(map(str, seeds))
@@ -315,7 +315,7 @@ def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs
                     )
             if not waiting:
                 break
-    summary = _summarize_and_report(out, plan, config)
+    summary = _summarize_and_report(writer, plan, config)
     return summary, [results[folder] for _, _, folder in runs if folder in results]
 
 
@@ -357,11 +357,11 @@ def _claim(folder: str):
         yield _agree(mine)
 
 
-def _record(out: Writer, path: str, config: Config, grid, seeds, data: dict):
+def _record(writer: Writer, path: str, config: Config, grid, seeds, data: dict):
     """runs.json: what the sweep is, grown by what this call asks (under W's lock: processes
     sharing the sweep may ask for more values or seeds at once)."""
     swept = [name for name, _ in grid]
-    if not out.primary:
+    if not writer.primary:
         return
     run_files.prepare(path)
     with run_files.Lock(path, wait=True):
@@ -379,21 +379,21 @@ def _record(out: Writer, path: str, config: Config, grid, seeds, data: dict):
             "data": data,
         }
         if record != saved:
-            out.json(run_files.SWEEP_FILE, record)
+            writer.json(run_files.SWEEP_FILE, record)
 
 
-def _summarize_and_report(out: Writer, plan: Plan, config: Config) -> dict:
+def _summarize_and_report(writer: Writer, plan: Plan, config: Config) -> dict:
     """summary.json and curves.png from the runs finished now (under W's lock), and the console's
     closing table."""
     summary, histories = summarize(plan, config)
-    if out.primary:
+    if writer.primary:
         with run_files.Lock(plan.workdir, wait=True):
             summary, histories = summarize(plan, config)  # what is finished now, under the lock
-            out.json(SUMMARY_FILE, summary)
+            writer.json(SUMMARY_FILE, summary)
             if any(histories.values()):
-                out.figure("curves.png", lambda: _figure(plan, histories))
+                writer.figure("curves.png", lambda: _figure(plan, histories))
     for line in summary_lines(summary):
-        out.console.line(line)
+        writer.console.line(line)
     return summary
 
 

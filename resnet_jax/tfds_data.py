@@ -137,7 +137,7 @@ def load(name: str, data_dir: str | None = None, fits=None, offline_hint: str | 
     """The dataset `name` from tensorflow-datasets as host arrays.
 
     `fits(nbytes, what)` is called with the uint8 size of both splits before they are read into
-    memory (resnet_jax.data.check_fits), when tfds knows the split sizes. `offline_hint` replaces
+    memory (resnet_jax.data.check_host_memory), when tfds knows the split sizes. `offline_hint` replaces
     the offline advice (data_dir holds an image archive to pass instead)."""
     tfds = _tfds()
     try:

@@ -169,14 +169,14 @@ MALLOC_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 30
 MALLOC_ENV = "RESNET_JAX_MALLOC"  # 0: leave malloc as it is
 
 
-def malloc_settings(platform: str, libc=None, environ=None) -> tuple:
-    """The mallopt settings for a run on `platform`: MALLOC_SETTINGS on a CPU with glibc, unless
-    RESNET_JAX_MALLOC=0; none elsewhere (GPU, TPU, musl, macOS)."""
+def malloc_settings(name: str, libc=None, environ=None) -> tuple:
+    """The mallopt settings for a run on the platform `name`: MALLOC_SETTINGS on a CPU with glibc,
+    unless RESNET_JAX_MALLOC=0; none elsewhere (GPU, TPU, musl, macOS)."""
     environ = os.environ if environ is None else environ
-    name, _ = host.libc_ver() if libc is None else libc
+    libc_name, _ = host.libc_ver() if libc is None else libc
     if (
-        platform != "cpu"
-        or name != "glibc"
+        name != "cpu"
+        or libc_name != "glibc"
         or environ.get(MALLOC_ENV, "").strip().lower() in ("0", "off", "no")
     ):
         return ()

@@ -11,7 +11,7 @@ import resnet_jax as rj
 pytest.importorskip("sklearn")
 
 
-def test_digits_reach_95_percent_and_predict_agrees(tmp_path):
+def test_digits_reach_95_percent_and_predict_agrees(tmp_path, compiled_as_users_compile):
     ds = digits_dataset()
     state, history = rj.train_and_evaluate(DIGITS, str(tmp_path / "digits"), ds, verbosity=0)
     assert history[-1]["val_acc"] >= 0.95, history

@@ -21,7 +21,9 @@ def worker(out, workdir, devices=1, dtype="float32", distributed=None):
         os.environ,
         TF_CPP_MIN_LOG_LEVEL="2",
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=" ".join(
+            [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}"]
+        ),
         PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
     cmd = [sys.executable, os.path.join(HERE, "parallel_worker.py"), str(out), str(workdir), dtype]
