@@ -156,12 +156,16 @@ class TensorBoard:
 class EpochWriter:
     """The per-epoch outputs of a run, written once per epoch: a metrics.jsonl line, TensorBoard
     scalars, and curves.png redrawn on a background thread (about 0.1 s of matplotlib that the
-    devices need not wait for; `close` waits for the last picture)."""
+    devices need not wait for; `close` waits for the last picture). Epochs shorter than
+    `redraw_seconds` are drawn at most that often (the picture is never more than that behind,
+    and `close` draws the last epoch): matplotlib holds Python's lock while it draws, which slows
+    a run of sub-second epochs by about a sixth (docs/performance.md)."""
 
-    def __init__(self, workdir: str, lr_epochs=()):
+    def __init__(self, workdir: str, lr_epochs=(), redraw_seconds: float = 2.0):
         from concurrent.futures import ThreadPoolExecutor
 
         self.workdir, self.lr_epochs = workdir, tuple(lr_epochs)
+        self.redraw_seconds, self.drawn_at, self.deferred = redraw_seconds, -float("inf"), None
         self.tensorboard = TensorBoard(workdir)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curves")
         # matplotlib takes seconds to import on a slow CPU: done now, while the run compiles, so
@@ -173,13 +177,20 @@ class EpochWriter:
         self.tensorboard.write(record)
         if self.pending is not None and self.pending.done() and not self.pending.cancelled():
             self.pending.result()  # the last picture's error (a full disk) surfaces here
+        self.deferred = list(history)
+        if time.monotonic() - self.drawn_at >= self.redraw_seconds:
+            self._draw()
+
+    def _draw(self):
         if self.pending is not None and not self.pending.done():
             self.pending.cancel()  # superseded by this epoch's picture, unless already drawing
-        self.pending = self.pool.submit(
-            plots.plot_curves, list(history), os.path.join(self.workdir, "curves.png"), self.lr_epochs
-        )
+        history, self.deferred, self.drawn_at = self.deferred, None, time.monotonic()
+        path = os.path.join(self.workdir, "curves.png")
+        self.pending = self.pool.submit(plots.plot_curves, history, path, self.lr_epochs)
 
     def close(self):
+        if self.deferred is not None:
+            self._draw()
         self.pool.shutdown(wait=True)
         if self.pending is not None and not self.pending.cancelled():
             self.pending.result()  # a drawing error surfaces here, not silently

@@ -53,3 +53,31 @@ def test_a_failed_start_leaves_no_lock_behind(tmp_path, existed):
         with Writer(str(workdir), primary=True).claim():
             raise rj.UserError("bad data")
     assert workdir.exists() == existed and (not existed or os.listdir(workdir) == [])
+
+
+def test_short_epochs_are_drawn_at_most_every_few_seconds_and_the_last_at_close(tmp_path, monkeypatch):
+    """curves.png: the first epoch drawn at once, epochs quicker than `redraw_seconds` deferred
+    (matplotlib holds Python's lock while it draws), and `close` draws the last one."""
+    from resnet_jax import plots, writer
+
+    drawn = []
+    monkeypatch.setattr(plots, "plot_curves", lambda history, path, lr_epochs: drawn.append(len(history)))
+    epochs = writer.EpochWriter(str(tmp_path), redraw_seconds=3600)
+    history = []
+    for epoch in range(1, 6):
+        history.append(dict(REC, epoch=epoch))
+        epochs.write(history[-1], history)
+    epochs.pending.result()  # the first picture, drawn on its thread
+    assert drawn == [1]
+    epochs.close()
+    assert drawn == [1, 5]
+    assert len(open(tmp_path / "metrics.jsonl").read().splitlines()) == 5  # the lines are not deferred
+
+    drawn.clear()
+    os.makedirs(tmp_path / "every")
+    every = writer.EpochWriter(str(tmp_path / "every"), redraw_seconds=0)
+    for epoch in range(1, 4):
+        every.write(dict(REC, epoch=epoch), history[:epoch])
+        every.pending.result()  # each drawn before the next epoch: none superseded
+    every.close()
+    assert drawn == [1, 2, 3]
