@@ -159,7 +159,7 @@ class EpochWriter:
     devices need not wait for; `close` waits for the last picture). Epochs shorter than
     `redraw_seconds` are drawn at most that often (the picture is never more than that behind,
     and `close` draws the last epoch): matplotlib holds Python's lock while it draws, which slows
-    a run of sub-second epochs by about a sixth (docs/performance.md)."""
+    a run of sub-second epochs by about a tenth (docs/performance.md)."""
 
     def __init__(self, workdir: str, lr_epochs=(), redraw_seconds: float = 2.0):
         from concurrent.futures import ThreadPoolExecutor
