@@ -9,11 +9,14 @@ GPU (JAX owns the accelerators).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
 import re
 import socket
+import sys
+import tempfile
 
 import numpy as np
 
@@ -30,13 +33,15 @@ OFFLINE_HINTS = {
 
 def _tfds():
     """tensorflow_datasets with TensorFlow kept off every GPU (JAX owns the accelerators), and
-    imported without TensorFlow's start-up notices and warnings (oneDNN, CUDA): its C++ log level
-    is 2 for the import only, unless you chose one (JAX's import sets 1), and put back after."""
+    imported without TensorFlow's start-up notices (oneDNN, CPU features, CUDA): its C++ log level
+    is 2 for the import only, unless you chose one (JAX's import sets 1), and put back after; what
+    its libraries log while they load, before that level applies, is filtered (`_start_up_quiet`)."""
     saved = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
     if saved in (None, "1"):
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     try:
-        import tensorflow as tf
+        with _start_up_quiet():
+            import tensorflow as tf
     finally:
         if saved is None:
             os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
@@ -46,6 +51,54 @@ def _tfds():
     import tensorflow_datasets as tfds
 
     return tfds
+
+
+# TensorFlow's two shared libraries each log "oneDNN custom operations are on" (on CPUs with
+# AVX-512-class features, or TF_ENABLE_ONEDNN_OPTS=1) from a static initializer, as they load:
+# absl's logging is not initialised yet, so TF_CPP_MIN_LOG_LEVEL does not apply and absl writes
+# its own preamble first. Lines in absl's INFO/WARNING format, the preamble, and the CPU-feature
+# note's second line are dropped; anything else written meanwhile (errors) is written back.
+_NOTICE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IW]\d{4} \S+ +\d+ \S+:\d+\] |"
+    r"To enable the following instructions:)"
+)
+
+
+@contextlib.contextmanager
+def _start_up_quiet():
+    """File descriptor 2 into a temporary file while TensorFlow's libraries load, then what was
+    written there back to it, but for TensorFlow's start-up notices (`_NOTICE`)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not _NOTICE.match(line))
+            if kept:
+                os.write(2, kept.encode())
+
+
+@contextlib.contextmanager
+def _no_empty_temporary_folders():
+    """tfds.builder of a dataset not prepared here makes a folder `tmp*tfds` in the temporary
+    directory for GCS's metadata and, GCS being off, leaves it there empty: the empty ones made
+    meanwhile are removed (a folder holding anything is left alone)."""
+    where = tempfile.gettempdir()
+    listed = lambda: {n for n in os.listdir(where) if n.startswith("tmp") and n.endswith("tfds")}
+    before = listed()
+    try:
+        yield
+    finally:
+        for name in listed() - before:
+            with contextlib.suppress(OSError):  # not empty, or gone already
+                os.rmdir(os.path.join(where, name))
 
 
 def _reachable(address, timeout: float = 5.0) -> bool:
@@ -141,7 +194,8 @@ def load(name: str, data_dir: str | None = None, fits=None, offline_hint: str | 
     the offline advice (data_dir holds an image archive to pass instead)."""
     tfds = _tfds()
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        with _no_empty_temporary_folders():
+            builder = tfds.builder(name, data_dir=data_dir)
     except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
         if isinstance(e, UserError):
             raise
