@@ -180,7 +180,7 @@ def main():
             ).cpu_devices
         )
         jax.config.update("jax_num_cpu_devices", n)  # what a notebook user sets by hand
-        tuning.setup(config)  # train_and_evaluate's first act (the CPU count is set already)
+        tuning.setup()  # train_and_evaluate's first act (the CPU count is set already)
     dataset = random_cifar(N_TRAIN, N_TEST)
     for batch_size in batch_sizes:
         for dtype in dtypes:

@@ -296,7 +296,7 @@ def _main(argv) -> int:
         sweeps.settings(config, grid)  # every setting's value checked before anything starts
         shard = parse_shard(args.shard)
         # Before JAX starts its backends (and before orbax's threads): devices, malloc, cache.
-        tuning.setup(config, cpu_devices=args.cpu_devices, compilation_cache=args.compilation_cache)
+        tuning.setup(cpu_devices=args.cpu_devices, compilation_cache=args.compilation_cache)
         if args.distributed or args.coordinator_address or args.num_processes or args.process_id is not None:
             from resnet_jax import distributed
 

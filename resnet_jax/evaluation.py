@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from resnet_jax import cache, device_data, parallel, programs
+from resnet_jax import cache, device_data, parallel, programs, tuning
 from resnet_jax.checkpoint import open_run, restore_with_meta
 from resnet_jax.data import load_dataset
 from resnet_jax.dataset import Dataset
@@ -29,8 +29,13 @@ def evaluate(state, dataset: Dataset) -> tuple[float, float]:
     """(test loss, test accuracy) of a state (from train_and_evaluate or restore) on `dataset`'s
     test split, exact over every image, on every device. The loss includes the L2 term, as Keras
     reports it."""
-    test = evaluate_on(state, dataset, state.config, parallel.make_mesh())
+    test = evaluate_on(state, dataset, state.config, _mesh(state, dataset))
     return test.mean_loss, test.accuracy
+
+
+def _mesh(state, dataset: Dataset):
+    """The devices the state's run would use (resnet_jax.tuning.run_devices): the same sums."""
+    return parallel.run_mesh(tuning.current(), state.config, dataset.image_shape, state.model)
 
 
 def evaluate_checkpoint(
@@ -69,5 +74,5 @@ def evaluate_checkpoint(
             where = f"{progress.where()} (step {step})"
         images = f"{len(dataset.test_images):,} test images"
         console.line(f"Evaluating the {which} checkpoint of {path}: {where}, on the {images}")
-    test = evaluate_on(state, dataset, state.config, parallel.make_mesh())
+    test = evaluate_on(state, dataset, state.config, _mesh(state, dataset))
     return test.mean_loss, test.accuracy

@@ -81,7 +81,7 @@ def train_and_evaluate(
     per-layer table of the model first. The first run of a process sets the process up
     (resnet_jax.tuning.setup: the README's "What resnet_jax changes in your process").
     """
-    tuning.setup(config, dataset.image_shape if dataset is not None else (32, 32, 3), model)
+    tuning.setup()
     kwargs = dict(model=model, optimizer=optimizer, augment=augment, callbacks=callbacks, summary=summary)
     return train(
         config, workdir, dataset, platform=tuning.current(), verbosity=verbosity, stop=stop, **kwargs
@@ -129,12 +129,13 @@ def train(
         if config.val_split:
             train_set, held_out = split_holdout(dataset, config.val_split, config.seed)
 
-        # -- Mesh: every device; the platform's advice when JAX started before its settings.
+        # -- Mesh: the devices this run's model is worth (the run's decision, in any process); the
+        # platform's advice when JAX started before its settings.
         for line in filter(
             None, (tuning.note(), tuning.advice(config, train_set.image_shape, kw.get("model")))
         ):
             console.line(line)
-        mesh = parallel.make_mesh()
+        mesh = parallel.run_mesh(platform, config, train_set.image_shape, kw.get("model"))
         steps_per_epoch = _steps_per_epoch(config, train_set, mesh)
 
         # -- Parts: the model, the optimizer and the augmentation (yours, else the Config's).
@@ -166,6 +167,7 @@ def train(
             tree=checkpoint.state_tree(template),
             change=progress.change_record(start.changed) if start.changed else None,
             finished=progress.finished(config.epochs),
+            devices=parallel.describe(mesh),
         )
         for line in start_lines(config, data, parts, mesh, steps_per_epoch, path):
             console.line(line)

@@ -12,10 +12,38 @@ from resnet_jax.errors import UserError
 AXIS = "data"
 
 
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named 'data' over all devices of all processes (or the given ones)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (AXIS,))
+def make_mesh(devices=None, *, per_process: int | None = None) -> Mesh:
+    """A 1-D mesh named 'data' over all devices of all processes, or the given ones, or the
+    first `per_process` devices of each process (a run's own choice: resnet_jax.tuning.run_devices)."""
+    if devices is None:
+        devices = jax.devices()
+        if per_process is not None:
+            devices = [
+                d
+                for p in range(jax.process_count())
+                for d in jax.local_devices(process_index=p)[:per_process]
+            ]
+    return Mesh(np.asarray(list(devices)), (AXIS,))
+
+
+def run_mesh(platform, config, image_shape, model=None) -> Mesh:
+    """The mesh of a run (or an evaluation) of `config` on `image_shape` with `model` (None: the
+    Config's ResNet): as many of each process's devices as the run decides (tuning.run_devices)."""
+    from resnet_jax import tuning
+
+    return make_mesh(per_process=tuning.run_devices(platform, config, image_shape, model))
+
+
+def describe(mesh: Mesh) -> dict:
+    """What run.json records of a run's devices: the platform, the kind, how many the run used
+    and how many the processes had."""
+    device = mesh.devices.flat[0]
+    return {
+        "platform": device.platform,
+        "kind": device.device_kind,
+        "count": mesh.size,
+        "of": jax.device_count(),
+    }
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -268,7 +268,7 @@ def create_train_state(
     `image_shape` (H, W, C). `materialize` (the ResNet's CPU speed setting) defaults to what
     resnet_jax.tuning decides for the platform JAX runs on (the first call in a process sets the
     process up, as a run does: tuning.setup)."""
-    tuning.setup(config, image_shape, model)
+    tuning.setup()
     platform = tuning.current()
     if materialize is not None:
         platform = dataclasses.replace(platform, materialize=materialize)

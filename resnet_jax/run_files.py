@@ -178,10 +178,13 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-def run_info(saved, config: Config, train_set, steps_per_epoch: int, *, data, parts, tree, change, finished):
+def run_info(
+    saved, config: Config, train_set, steps_per_epoch: int, *, data, parts, tree, change, finished, devices
+):
     """run.json's record of a run: what resnet_jax wrote it (version), its config, data, parts
-    (model, optimizer, augmentation), the shapes of every saved array, the settings changed on
-    resume, when it started and was resumed, and (once finished) its test result."""
+    (model, optimizer, augmentation), the devices it used (this start's), the shapes of every
+    saved array, the settings changed on resume, when it started and was resumed, and (once
+    finished) its test result."""
     from resnet_jax import __version__
 
     before = saved[1] if saved else {}
@@ -194,6 +197,7 @@ def run_info(saved, config: Config, train_set, steps_per_epoch: int, *, data, pa
         "num_train": len(train_set.train_images),
         "data": data,
         "parts": parts,
+        "devices": devices,
         "state_tree": tree,
         "changes": list(before.get("changes") or []) + ([change] if change else []),
         "started": before.get("started") or now,

@@ -275,7 +275,7 @@ def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs
     ]
     data = dataset.describe()
     check_workdir(path, config, grid, data)
-    tuning.setup(config, dataset.image_shape, kwargs.get("model"))
+    tuning.setup()
     platform = tuning.current()
     writer = Writer(path, verbosity)
     _record(writer, path, config, grid, seeds, data)

@@ -56,7 +56,8 @@ class Platform:
     """How a run goes on one platform (see the table above)."""
 
     name: str  # cpu | gpu | tpu
-    cpu_devices: int | None = None  # CPU: JAX devices to split the host into
+    cpu_devices: int | None = None  # CPU: the devices every run uses (your choice); None: each
+    # run uses as many of the process's devices as its model is worth (`run_devices`)
     malloc: bool = False  # CPU: glibc malloc settings for XLA:CPU's per-step temporaries
     device_loop: str = "scan"  # what Config.device_loop "auto" means: python | scan
     materialize: bool = False  # models.materialize on block outputs
@@ -79,20 +80,13 @@ def auto_cpu_devices(cores: int, batch_size: int, flops_per_step: float | None =
     return max(d for d in range(1, max(cores, 1) + 1) if batch_size % d == 0)
 
 
-def decide(
-    name: str,
-    *,
-    cores: int = 1,
-    batch_size: int = 32,
-    flops_per_step: float | None = None,
-    cpu_devices="auto",
-) -> Platform:
-    """Every decision for a run of `batch_size` whose step costs `flops_per_step` on `name`."""
+def decide(name: str, *, cpu_devices="auto") -> Platform:
+    """Every decision for a run on `name`; `cpu_devices` a count (every run uses that many CPU
+    devices) or auto (each run decides: `run_devices`)."""
     if name != "cpu":
         return Platform(name=name, xla_flags=GPU_XLA_FLAGS if name == "gpu" else ())
-    if cpu_devices == "auto":
-        n = auto_cpu_devices(cores, batch_size, flops_per_step)
-    else:
+    n = None
+    if cpu_devices != "auto" and cpu_devices is not None:
         try:
             n = int(cpu_devices)
         except (TypeError, ValueError):
@@ -119,9 +113,35 @@ def step_flops(config, image_shape=(32, 32, 3), model=None) -> float:
     return config.batch_size * models.forward_flops(config, image_shape, model=model)
 
 
-def cpu_split(config, image_shape=(32, 32, 3), model=None) -> int:
-    """The JAX devices `auto` splits this CPU into for a run (one for a small model)."""
-    return auto_cpu_devices(cores(), config.batch_size, step_flops(config, image_shape, model))
+def cpu_split(config, image_shape=(32, 32, 3), model=None, cores_: int | None = None) -> int:
+    """The CPU devices `auto` gives a run on `cores_` cores (this machine's): one per core for a
+    model worth splitting, one for a small model (or a model that cannot be traced abstractly:
+    then split, as for an unknown size)."""
+    cores_ = cores() if cores_ is None else cores_
+    try:
+        flops = step_flops(config, image_shape, model)
+    except Exception:  # noqa: BLE001 - a user's model that eval_shape cannot trace
+        flops = None
+    return auto_cpu_devices(cores_, config.batch_size, flops)
+
+
+def run_devices(
+    platform: Platform, config, image_shape=(32, 32, 3), model=None, available=None, cores_=None
+) -> int:
+    """How many of each process's devices a run uses: a run's own decision, the same in any
+    process (a sweep's runs and a notebook's calls each decide afresh). Every device off a CPU;
+    on a CPU the count chosen (Platform.cpu_devices), else what its model is worth (`cpu_split`),
+    at most the devices the process has (`available`: jax.local_device_count(); `cores_`: this
+    machine's)."""
+    import jax
+
+    available = jax.local_device_count() if available is None else available
+    cores_ = cores() if cores_ is None else cores_
+    if platform.name != "cpu":
+        return available
+    if platform.cpu_devices is not None:
+        return min(platform.cpu_devices, available)
+    return cpu_split(config, image_shape, model, min(cores_, available))
 
 
 GPU_PLUGINS = (
@@ -208,21 +228,14 @@ _PROCESS: dict = {}
 
 def applied() -> dict:
     """What resnet_jax set in this process (empty before `setup`): see `setup`."""
-    return {k: v for k, v in _PROCESS.items() if k != "said"}
+    return {k: v for k, v in _PROCESS.items() if k not in ("said", "per_run")}
 
 
-def setup(
-    config=None,
-    image_shape=(32, 32, 3),
-    model=None,
-    *,
-    cpu_devices="auto",
-    malloc=True,
-    compilation_cache=True,
-):
+def setup(*, cpu_devices="auto", malloc=True, compilation_cache=True):
     """Apply resnet_jax's settings of the process, once (later calls do nothing), before JAX
     starts its backends: on a CPU glibc's malloc (`malloc=False` or RESNET_JAX_MALLOC=0: not) and
-    the split into JAX devices this run's model is worth (`cpu_devices`: auto or a count); on a
+    its JAX devices (`cpu_devices`: auto, one per core, of which each run uses what its model is
+    worth; or a count, every run using that many); on a
     GPU its XLA flags; everywhere the persistent compilation cache (resnet_jax.cache;
     `compilation_cache=False` or RESNET_JAX_COMPILATION_CACHE=0: not). Once JAX has started, only
     the compilation cache can still be switched on; malloc is then one line on stderr saying how
@@ -235,15 +248,19 @@ def setup(
     if _PROCESS:
         return None
     started = backends_started()
-    _PROCESS.update(malloc=_malloc(name, malloc, started), cpu_devices=None, xla_flags=(), said=False)
+    _PROCESS.update(
+        malloc=_malloc(name, malloc, started), cpu_devices=None, per_run=False, xla_flags=(), said=False
+    )
     _PROCESS["compilation_cache"] = cache.enable_compilation_cache(enabled=compilation_cache)
     if not started:
-        _before_jax_starts(name, chosen, config, image_shape, model)
+        _before_jax_starts(name, chosen)
     return applied()
 
 
-def _before_jax_starts(name: str, chosen, config, image_shape, model):
-    """What of `setup` counts only before JAX starts: the XLA flags, the CPU split."""
+def _before_jax_starts(name: str, chosen):
+    """What of `setup` counts only before JAX starts: the XLA flags, the CPU's devices (one per
+    core, of which each run takes what its model is worth; a count chosen: that many, for every
+    run)."""
     import jax
 
     flags = decide(name).xla_flags
@@ -253,15 +270,9 @@ def _before_jax_starts(name: str, chosen, config, image_shape, model):
         _PROCESS["xla_flags"] = tuple(os.environ["XLA_FLAGS"].split()[len(before.split()) :])
     if name != "cpu" or _count_chosen():
         return
-    if chosen is not None:
-        n = chosen.cpu_devices
-    else:
-        try:
-            n = cpu_split(config, image_shape, model) if config is not None else auto_cpu_devices(cores(), 32)
-        except Exception:  # noqa: BLE001 - a user's model that eval_shape cannot trace: JAX's default
-            return
+    n = chosen.cpu_devices if chosen is not None else cores()
     jax.config.update("jax_num_cpu_devices", n)
-    _PROCESS["cpu_devices"] = n
+    _PROCESS.update(cpu_devices=n, per_run=chosen is None)
 
 
 def note() -> str | None:
@@ -274,7 +285,8 @@ def note() -> str | None:
         done.append("glibc malloc tuned for XLA:CPU")
     if _PROCESS["cpu_devices"] is not None:
         n = _PROCESS["cpu_devices"]
-        done.append(f"the CPU split into {n} JAX device{'' if n == 1 else 's'}")
+        each = " (each run uses as many as its model is worth)" if _PROCESS["per_run"] and n > 1 else ""
+        done.append(f"the CPU as {n} JAX device{'' if n == 1 else 's'}{each}")
     if _PROCESS["xla_flags"]:
         done.append(f"XLA_FLAGS += {' '.join(f.split('=')[0] for f in _PROCESS['xla_flags'])}")
     if _PROCESS["compilation_cache"]:
@@ -321,19 +333,24 @@ def configure(
     config=None, cpu_devices="auto", image_shape=(32, 32, 3), *, malloc=True, compilation_cache=True
 ):
     """`setup` for a notebook that wants to choose first (call it before any other JAX work);
-    returns the Platform decided for the platform JAX will start on (without starting it)."""
-    setup(config, image_shape, cpu_devices=cpu_devices, malloc=malloc, compilation_cache=compilation_cache)
-    batch = config.batch_size if config is not None else 32
-    return decide(detect_platform(), cores=cores(), batch_size=batch, cpu_devices=cpu_devices)
+    returns the Platform decided for the platform JAX will start on (without starting it).
+    `config` and `image_shape` are not needed: each run decides its own devices."""
+    del config, image_shape
+    setup(cpu_devices=cpu_devices, malloc=malloc, compilation_cache=compilation_cache)
+    return decide(detect_platform(), cpu_devices=cpu_devices)
 
 
 def current() -> Platform:
-    """The Platform of the backend JAX runs on (starting it): what a run is given. On a GPU it
-    also creates cuDNN's and cuBLAS's handles (`warm_gpu_libraries`; microseconds after the first
-    time)."""
+    """The Platform of the backend JAX runs on (starting it): what a run is given. On a CPU each
+    run decides its devices where `setup` gave the process one per core; where the count is
+    someone else's choice (yours, or JAX's when it started before `setup`) every run uses all.
+    On a GPU it also creates cuDNN's and cuBLAS's handles (`warm_gpu_libraries`; microseconds
+    after the first time)."""
     import jax
 
-    platform = decide(jax.default_backend())
+    name = jax.default_backend()
+    per_run = _PROCESS.get("per_run", False)
+    platform = decide(name, cpu_devices="auto" if per_run or name != "cpu" else jax.local_device_count())
     if platform.name == "gpu":
         warm_gpu_libraries()
     return platform

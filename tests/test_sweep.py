@@ -7,10 +7,13 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from conftest import (
+    ENV,
     TINY,
     assert_refused,
     assert_same_run,
@@ -24,7 +27,7 @@ from conftest import (
 from own_parts import CNN, sgd_cosine
 
 import resnet_jax as rj
-from resnet_jax import cli, sweeps
+from resnet_jax import cli, sweeps, tuning
 
 SWEEP = ["--sweep", "learning_rate=0.001,0.003", "--seeds", "0,1", "--epochs", "2"]
 SETTINGS = ("learning_rate=0.001", "learning_rate=0.003")
@@ -211,3 +214,54 @@ def test_the_notebook_sweep_and_train_many_with_your_own_parts(tmp_path):
         rj.sweep(config, str(tmp_path / "x"), grid={"seed": [1, 2]}, dataset=ds)
     assert not os.path.exists(tmp_path / "x")
     assert sweeps.label({"stage_sizes": (3, 3, 2), "flip": False}) == "stage_sizes=3-3-2,flip=False"
+
+
+TWO_MODELS = """
+import sys, resnet_jax as rj
+data = rj.load_dataset(data_dir=sys.argv[1])
+for filters, folder in ((16, "a"), (4, "b")):  # the larger first: it decides nothing for the next
+    config = rj.Config(num_filters=filters, stage_sizes=(1, 1, 1), batch_size=16, steps_per_call=4,
+                       epochs=1, seed=1)
+    rj.train_and_evaluate(config, sys.argv[2] + "/" + folder, data, verbosity=0)
+"""
+
+
+def test_runs_of_other_model_sizes_each_use_their_own_devices_in_any_process(archive, tmp_path):
+    """The devices a run uses are its own decision: a sweep's small-model run, a notebook's second
+    model and the same flags alone train on as many devices (recorded in run.json) and equal
+    each other bit for bit; the larger model is split where the CPU has cores for it."""
+    flags = ["--stage_sizes", "1,1,1", "--batch_size", "16", "--steps_per_call", "4", "--epochs", "1"]
+    sweep = str(tmp_path / "sweep")
+    train(
+        "--workdir",
+        sweep,
+        "--data_dir",
+        archive,
+        *flags,
+        "--sweep",
+        "num_filters=4,16",
+        "--seeds",
+        "1",
+        env=ENV,
+    )
+    single = str(tmp_path / "single")
+    train("--workdir", single, "--data_dir", archive, *flags, "--num_filters", "4", "--seed", "1", env=ENV)
+    notebook = tmp_path / "notebook"
+    proc = subprocess.run(
+        [sys.executable, "-c", TWO_MODELS, archive, str(notebook)], env=ENV, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    small, large = (os.path.join(sweep, f"num_filters={n}", "seed_1") for n in (4, 16))
+    assert_same_run(small, single)
+    assert_same_run(str(notebook / "b"), single)
+    assert_same_run(large, str(notebook / "a"))
+    split = min(tuning.cores(), 2)  # the 16-filter model is worth a device per core; 16 images split in 2
+    for workdir, count in (
+        (small, 1),
+        (single, 1),
+        (notebook / "b", 1),
+        (large, split),
+        (notebook / "a", split),
+    ):
+        devices = read(workdir, "run.json")["devices"]
+        assert devices["count"] == count and devices["platform"] == "cpu", (workdir, devices)

@@ -30,7 +30,7 @@ def test_auto_cpu_devices_splits_only_models_worth_splitting():
 
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
 def test_nothing_cpu_specific_off_the_cpu(platform):
-    t = tuning.decide(platform, cores=16, batch_size=32, flops_per_step=1e12)
+    t = tuning.decide(platform)
     assert t.cpu_devices is None and not t.malloc and not t.materialize
     assert t.device_loop == "scan"
     assert ("--xla_gpu_deterministic_ops=true" in t.xla_flags) == (platform == "gpu")
@@ -53,8 +53,11 @@ def test_a_gpu_start_creates_the_library_handles_outside_command_buffers(monkeyp
 
 
 def test_the_cpu_choice():
-    t = tuning.decide("cpu", cores=2, batch_size=32, flops_per_step=1e10)
-    assert (t.cpu_devices, t.malloc, t.device_loop, t.materialize, t.xla_flags) == (
+    t = tuning.decide("cpu")  # each run decides its devices: the seed model one per core, tiny one
+    n = tuning.run_devices(t, rj.Config(), available=2, cores_=2)
+    assert tuning.run_devices(t, rj.tiny(), available=2, cores_=2) == 1 and t.cpu_devices is None
+    assert tuning.run_devices(t, rj.Config(), available=1, cores_=2) == 1  # what the process has
+    assert (n, t.malloc, t.device_loop, t.materialize, t.xla_flags) == (
         2,
         True,
         "python",
@@ -62,7 +65,8 @@ def test_the_cpu_choice():
         (),
     )
     assert t.compile_threads == 1  # XLA:CPU spreads one compile over the cores already
-    assert tuning.decide("cpu", cores=8, batch_size=32, cpu_devices="3").cpu_devices == 3
+    chosen = tuning.decide("cpu", cpu_devices="3")
+    assert chosen.cpu_devices == 3 and tuning.run_devices(chosen, rj.tiny(), available=8, cores_=8) == 3
     with pytest.raises(rj.UserError, match="cpu_devices must be 'auto' or a positive integer"):
         tuning.decide("cpu", cpu_devices="many")
 

@@ -41,7 +41,7 @@ def restore_with_meta(workdir: str, which: str = "best", *, model=None, optimize
         )
     image_shape, steps_per_epoch = tuple(info["image_shape"]), info["steps_per_epoch"]
     if platform is None:
-        tuning.setup(config, image_shape, model)
+        tuning.setup()
         platform = tuning.current()
     chosen = parts.resolve(config, image_shape, steps_per_epoch, platform, model=model, optimizer=optimizer)
     like = template(chosen.model, chosen.tx, config, image_shape)
