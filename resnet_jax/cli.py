@@ -14,7 +14,7 @@ import threading
 import typing
 
 from resnet_jax import __version__, sweeps, tuning
-from resnet_jax.config import NAMES, Config, preset
+from resnet_jax.config import NAMES, Config, parse_value, preset
 from resnet_jax.errors import Interrupted, UserError
 
 
@@ -50,7 +50,7 @@ class _Help(argparse.HelpFormatter):
 
 
 def comma_list(kind):
-    """An argparse type: "26,36,46" -> (26, 36, 46) of `kind` (train.py's tuple flags)."""
+    """An argparse type: "26,36,46" -> (26, 36, 46) of `kind` (the benchmarks' list flags)."""
 
     def parse(text: str):
         try:
@@ -64,14 +64,130 @@ def comma_list(kind):
     return parse
 
 
+def field_type(name: str):
+    """An argparse type for the Config field `name`: config.parse_value, the one parser of a
+    field's text (--sweep's too)."""
+
+    def parse(text: str):
+        try:
+            return parse_value(name, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
 def program_name(argv0: str | None = None) -> str:
     """How the user called the command line: train.py, resnet-jax, or python -m resnet_jax."""
     base = os.path.basename(sys.argv[0] if argv0 is None else argv0)
     return "python -m resnet_jax" if base == "__main__.py" else (base or "resnet-jax")
 
 
+GROUPS = {
+    "many": "many runs: seeds and sweeps (resnet_jax.sweeps; see README)",
+    "hosts": "many hosts (jax.distributed; see README)",
+    "machine": "this machine (resnet_jax.tuning, resnet_jax.cache)",
+}
+
+
+def _flag(default, help: str, group: str | None = None, **argparse_kw):
+    """A flag of `Flags` with its --help, its group (GROUPS) and what argparse needs beyond the type."""
+    return dataclasses.field(default=default, metadata=dict(help=help, group=group, kw=argparse_kw))
+
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+    """train.py's flags that are not Config fields: where, what to do instead of training, many
+    runs, what is printed, many hosts, this machine. Their parser is generated from this record,
+    as the Config fields' is from Config."""
+
+    workdir: str = _flag("ckpt", "checkpoints, metrics.jsonl, curves.png")
+    preset: str = _flag(
+        "",
+        "start from a named recipe; flags given override its values. "
+        f"Names: {', '.join(NAMES)} (resnet<depth>v<1|2>: the Keras example's table, "
+        "200 epochs; seed: the defaults; tiny: 4 filters, blocks 1,1,1, 2 epochs)",
+        choices=NAMES,
+        metavar="NAME",
+    )
+    eval_only: bool = _flag(False, "evaluate a saved checkpoint on the test set instead of training")
+    which: str | None = _flag(
+        None, "checkpoint for --eval_only: best (the default) or latest", choices=("best", "latest")
+    )
+    summary: bool = _flag(False, "print a per-layer table of the model (as Keras's model.summary()) first")
+    quiet: bool = _flag(False, "print only errors and the result asked for (--eval_only's test accuracy)")
+    verbose: int | None = _flag(
+        None, "0 silent, 1 epoch lines, 2 (the default) plus a progress bar on terminals", choices=(0, 1, 2)
+    )
+    seeds: str | None = _flag(
+        None,
+        "train these seeds of the recipe (of each --sweep setting), each a complete run in "
+        "WORKDIR/seed_<s> (WORKDIR/<setting>/seed_<s>), then a summary (WORKDIR/summary.json: "
+        "mean ± sd of the test accuracy); instead of --seed",
+        "many",
+        metavar="0,1,2|0-3",
+    )
+    sweep: list | None = _flag(
+        None,
+        "train every value of a Config field (repeat the flag for a grid: the product of the "
+        "values); a tuple value with ':' between items (stage_sizes=1:1:1,3:3:2). The summary "
+        "compares each setting with the first (95 %% interval) and chooses one on validation",
+        "many",
+        action="append",
+        metavar="FIELD=V1,V2",
+    )
+    shard: str | None = _flag(
+        None,
+        "take the I-th of every N runs of the sweep (0-based): a static split for a job array "
+        "whose shared disk does not honour file locks; slurm: SLURM_ARRAY_TASK_ID of "
+        "SLURM_ARRAY_TASK_COUNT. Without it, processes sharing a sweep claim runs by their locks",
+        "many",
+        metavar="I/N|slurm",
+    )
+    distributed: bool = _flag(
+        False,
+        "join a multi-process run; with no other flag JAX detects the cluster "
+        "(SLURM, Open MPI, TPU, Kubernetes)",
+        "hosts",
+    )
+    coordinator_address: str | None = _flag(None, "host:port of process 0", "hosts")
+    num_processes: int | None = _flag(None, "how many processes in all", "hosts")
+    process_id: int | None = _flag(None, "this process's number, 0..N-1", "hosts")
+    init_timeout: int = _flag(120, "seconds to wait for all processes to join", "hosts")
+    compilation_cache: bool = _flag(
+        True,
+        "keep compiled train steps in the user's cache directory (resnet_jax.cache), so the next "
+        "run of the same shapes starts without compiling; JAX_COMPILATION_CACHE_DIR picks the folder",
+        "machine",
+    )
+    cpu_devices: str = _flag(
+        "auto",
+        "CPU only: JAX devices each run uses (data parallel over cores); auto: one per core (a "
+        "divisor of --batch_size) for models worth splitting, one device for small models (under "
+        "0.35 GFLOP a step's forward pass: the tiny preset), which run faster unsplit",
+        "machine",
+    )
+
+
+def _add(parser, groups, name: str, hint, default, meta: dict, negatable: bool = False):
+    """One flag, spelled like its field, its type from the annotation (`hint`); a bool flag is a
+    switch (--x), or `negatable` (--x / --no-x: a Config field, or a default of True)."""
+    target = groups.get(meta.get("group"), parser)
+    kw = dict(default=default, help=meta["help"], **meta.get("kw", {}))
+    flag = f"--{name}"
+    if hint is bool:
+        action = argparse.BooleanOptionalAction if default or negatable else "store_true"
+        target.add_argument(flag, action=action, **kw)
+    elif "action" in kw:
+        target.add_argument(flag, **kw)
+    else:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        target.add_argument(flag, type=args[0] if args else hint, **kw)
+
+
 def build_parser(add_help: bool = True, prog: str = "train.py") -> argparse.ArgumentParser:
-    """train.py's flags; the benchmarks build theirs on it (benchmarks/common.py)."""
+    """train.py's flags: one per Config field (its type from config.parse_value) and one per
+    field of `Flags`; the benchmarks build theirs on it (benchmarks/common.py)."""
     parser = _Parser(
         prog=prog,
         description="Train the seed ResNet (resnet_jax); every flag "
@@ -80,116 +196,26 @@ def build_parser(add_help: bool = True, prog: str = "train.py") -> argparse.Argu
         allow_abbrev=False,
         add_help=add_help,
     )
-    parser.add_argument("--workdir", default="ckpt", help="checkpoints, metrics.jsonl, curves.png")
     parser.add_argument("--version", action="version", version=f"resnet_jax {__version__}")
     hints = typing.get_type_hints(Config)
     for field in dataclasses.fields(Config):
-        if field.name == "preset":  # set by --preset below, with its choices
+        if field.name in FLAG_NAMES:  # preset: a flag with its choices
             continue
-        hint, flag = hints[field.name], f"--{field.name}"
-        args = typing.get_args(hint)
-        kw = dict(default=field.default, help=field.metadata["help"])
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif typing.get_origin(hint) is tuple:
-            parser.add_argument(
-                flag,
-                type=comma_list(args[0]),
-                **kw,
-                metavar=",".join(str(v) for v in field.default) or "A,B",
-            )
-        elif type(None) in args:  # Optional[str]
-            parser.add_argument(flag, type=args[0], **kw)
-        else:
-            parser.add_argument(flag, type=hint, **kw)
-    parser.add_argument(
-        "--eval_only",
-        action="store_true",
-        help="evaluate a saved checkpoint on the test set instead of training",
-    )
-    parser.add_argument(
-        "--which",
-        choices=("best", "latest"),
-        default=None,
-        help="checkpoint for --eval_only: best (the default) or latest",
-    )
-    parser.add_argument(
-        "--preset",
-        choices=NAMES,
-        default="",
-        metavar="NAME",
-        help="start from a named recipe; flags given override its values. "
-        f"Names: {', '.join(NAMES)} (resnet<depth>v<1|2>: the Keras example's table, "
-        "200 epochs; seed: the defaults; tiny: 4 filters, blocks 1,1,1, 2 epochs)",
-    )
-    many = parser.add_argument_group("many runs: seeds and sweeps (resnet_jax.sweeps; see README)")
-    many.add_argument(
-        "--seeds",
-        default=None,
-        metavar="0,1,2|0-3",
-        help="train these seeds of the recipe (of each --sweep setting), each a complete run in "
-        "WORKDIR/seed_<s> (WORKDIR/<setting>/seed_<s>), then a summary (WORKDIR/summary.json: "
-        "mean ± sd of the test accuracy); instead of --seed",
-    )
-    many.add_argument(
-        "--sweep",
-        action="append",
-        default=None,
-        metavar="FIELD=V1,V2",
-        help="train every value of a Config field (repeat the flag for a grid: the product of the "
-        "values); a tuple value with ':' between items (stage_sizes=1:1:1,3:3:2). The summary "
-        "compares each setting with the first (95 %% interval) and chooses one on validation",
-    )
-    many.add_argument(
-        "--shard",
-        default=None,
-        metavar="I/N|slurm",
-        help="take the I-th of every N runs of the sweep (0-based): a static split for a job array "
-        "whose shared disk does not honour file locks; slurm: SLURM_ARRAY_TASK_ID of "
-        "SLURM_ARRAY_TASK_COUNT. Without it, processes sharing a sweep claim runs by their locks",
-    )
-    parser.add_argument("--quiet", action="store_true", help="print only errors")
-    parser.add_argument(
-        "--summary",
-        action="store_true",
-        help="print a per-layer table of the model (as Keras's model.summary()) first",
-    )
-    multi = parser.add_argument_group("many hosts (jax.distributed; see README)")
-    multi.add_argument(
-        "--distributed",
-        action="store_true",
-        help="join a multi-process run; with no other flag JAX detects the cluster "
-        "(SLURM, Open MPI, TPU, Kubernetes)",
-    )
-    multi.add_argument("--coordinator_address", default=None, help="host:port of process 0")
-    multi.add_argument("--num_processes", type=int, default=None, help="how many processes in all")
-    multi.add_argument("--process_id", type=int, default=None, help="this process's number, 0..N-1")
-    multi.add_argument(
-        "--init_timeout", type=int, default=120, help="seconds to wait for all processes to join"
-    )
-    machine = parser.add_argument_group("this machine (resnet_jax.tuning, resnet_jax.cache)")
-    machine.add_argument(
-        "--compilation_cache",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="keep compiled train steps in the user's cache directory (resnet_jax.cache), so the next "
-        "run of the same shapes starts without compiling; JAX_COMPILATION_CACHE_DIR picks the folder",
-    )
-    machine.add_argument(
-        "--cpu_devices",
-        default="auto",
-        help="CPU only: JAX devices to split the CPU into (data parallel over cores); auto: one per "
-        "core (a divisor of --batch_size) for models worth splitting, one device for small models "
-        "(under 0.35 GFLOP a step's forward pass: the tiny preset), which run faster unsplit",
-    )
-    parser.add_argument(
-        "--verbose",
-        type=int,
-        default=None,
-        choices=(0, 1, 2),
-        help="0 silent, 1 epoch lines, 2 (the default) plus a progress bar on terminals",
-    )
+        kw = {}
+        if hints[field.name] is not bool:
+            kw = dict(kw=dict(type=field_type(field.name), action="store"))
+            if typing.get_origin(hints[field.name]) is tuple:
+                kw["kw"]["metavar"] = ",".join(str(v) for v in field.default) or "A,B"
+        meta = {**field.metadata, **kw}
+        _add(parser, {}, field.name, hints[field.name], field.default, meta, negatable=True)
+    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
+    hints = typing.get_type_hints(Flags)
+    for field in dataclasses.fields(Flags):
+        _add(parser, groups, field.name, hints[field.name], field.default, field.metadata)
     return parser
+
+
+FLAG_NAMES = {f.name for f in dataclasses.fields(Flags)}
 
 
 def config_from_args(args) -> Config:

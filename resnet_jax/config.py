@@ -11,9 +11,27 @@ DTYPES = ("float32", "bfloat16")
 L2_LAYERS = ("conv", "dense")
 
 
-def _f(default, help: str):
-    """A Config field with its --help text (train.py's flags are generated from these)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+# What a resume does with a field whose value differs from the saved run's (each field says):
+#   model  refused: the model the checkpoint holds (its shapes and numerics)
+#   run    refused: the data, the seed, the batch and the split (the order of the images)
+#   apply  applied from the resumed step on, printed and recorded in run.json's "changes" (as
+#          recompiling a Keras model does): optimisation, augmentation, length
+#   free   changes no number (where the data is read from, how steps group into device calls, ...)
+RESUME = ("model", "run", "apply", "free")
+
+
+def _f(default, help: str, *, resume: str, program: bool = False, unswept: str | None = None):
+    """A Config field with its --help text and its roles: `resume` (RESUME), `program` (a compiled
+    train or evaluation program reads it: config.program_config keeps it), `unswept` (why a sweep
+    cannot vary it; None: it can). train.py's flags and every list of fields come from these."""
+    if resume not in RESUME:
+        raise ValueError(f"resume must be one of {RESUME}, got {resume!r}")
+    return dataclasses.field(
+        default=default, metadata={"help": help, "resume": resume, "program": program, "unswept": unswept}
+    )
+
+
+SAME_DATA = "a sweep compares settings on one dataset: run one sweep per dataset"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,51 +43,86 @@ class Config:
         "cifar10",
         "any tensorflow-datasets image-classification name (cifar10, cifar100, mnist, fashion_mnist, "
         "svhn_cropped, ...); a run records `folder` or `arrays` for data given otherwise",
+        resume="run",
+        unswept=SAME_DATA,
     )
     data_dir: str | None = _f(
         None,
         "a folder of images in class subfolders (train/<class>/*, test/<class>/*) or its .tar.gz; "
         "the official CIFAR archive or its folder; or a tfds data_dir",
+        resume="free",
+        unswept=SAME_DATA,
     )
     val_split: float = _f(
         0.0,
         "training images held out for validation: a count, or a fraction < 1; "
         "0: the test set validates, as in the seed",
+        resume="run",
     )
     # Loop (resnet_jax.loop).
-    epochs: int = _f(50, "passes over the training set")
-    batch_size: int = _f(32, "global batch over all devices; the final partial batch is kept")
-    seed: int = _f(0, "init and data keys derive from it")
+    epochs: int = _f(50, "passes over the training set", resume="apply")
+    batch_size: int = _f(32, "global batch over all devices; the final partial batch is kept", resume="run")
+    seed: int = _f(
+        0,
+        "init and data keys derive from it",
+        resume="run",
+        unswept="seeds are given with --seeds (seeds= in Python)",
+    )
     steps_per_call: int = _f(
         100,
         "train steps per device call on the scan loop (GPU/TPU), metrics read once per call; the CPU's "
         "python loop paces its calls to about 0.5 s, at most this many steps",
+        resume="free",
     )
-    device_loop: str = _f("auto", "scan | python | auto (scan on GPU/TPU, python on CPU; see tuning)")
-    eval_batch_size: int = _f(1000, "exact over the whole test set (padded and masked)")
+    device_loop: str = _f(
+        "auto", "scan | python | auto (scan on GPU/TPU, python on CPU; see tuning)", resume="free"
+    )
+    eval_batch_size: int = _f(1000, "exact over the whole test set (padded and masked)", resume="free")
     # Optimisation (resnet_jax.optim): Keras-form Adam, piecewise-constant rate.
-    learning_rate: float = _f(1e-3, "rate of the first epochs")
-    lr_epochs: tuple[int, ...] = _f((26, 36, 46), "boundaries, in epochs")
-    lr_factors: tuple[float, ...] = _f((0.1, 0.01, 0.5), "optax scales: each multiplies the rate so far")
-    adam_b1: float = _f(0.9, "Adam first-moment decay")
-    adam_b2: float = _f(0.999, "Adam second-moment decay")
-    adam_eps: float = _f(1e-7, "added to the uncorrected sqrt(v), as Keras does")
-    l2_weight: float = _f(1e-4, "weight * sum(kernel**2), inside the loss, no 0.5 factor")
-    l2_layers: tuple[str, ...] = _f(("conv",), "which kernels it covers: conv and/or dense")
+    learning_rate: float = _f(1e-3, "rate of the first epochs", resume="apply")
+    lr_epochs: tuple[int, ...] = _f((26, 36, 46), "boundaries, in epochs", resume="apply")
+    lr_factors: tuple[float, ...] = _f(
+        (0.1, 0.01, 0.5), "optax scales: each multiplies the rate so far", resume="apply"
+    )
+    adam_b1: float = _f(0.9, "Adam first-moment decay", resume="apply")
+    adam_b2: float = _f(0.999, "Adam second-moment decay", resume="apply")
+    adam_eps: float = _f(1e-7, "added to the uncorrected sqrt(v), as Keras does", resume="apply")
+    l2_weight: float = _f(
+        1e-4, "weight * sum(kernel**2), inside the loss, no 0.5 factor", resume="apply", program=True
+    )
+    l2_layers: tuple[str, ...] = _f(
+        ("conv",), "which kernels it covers: conv and/or dense", resume="apply", program=True
+    )
     # Augmentation (resnet_jax.augment).
-    shift_range: float = _f(0.1, "fraction of height / width; real-valued bilinear shift")
-    flip: bool = _f(True, "left-right with p = 0.5")
+    shift_range: float = _f(
+        0.1, "fraction of height / width; real-valued bilinear shift", resume="apply", program=True
+    )
+    flip: bool = _f(True, "left-right with p = 0.5", resume="apply", program=True)
     # Model (resnet_jax.models).
     resnet_version: int = _f(
-        1, "ResNet version: 1 (basic blocks, the seed's) or 2 (pre-activation bottlenecks)"
+        1, "ResNet version: 1 (basic blocks, the seed's) or 2 (pre-activation bottlenecks)", resume="model"
     )
-    num_filters: int = _f(32, "v1: width of the first stage, doubling per stage; v2: stem width")
-    stage_sizes: tuple[int, ...] = _f((3, 3, 2), "residual blocks per stage")
-    num_classes: int = _f(10, "train_and_evaluate sets it from the dataset")
-    bn_momentum: float = _f(0.99, "moving = momentum * moving + (1 - momentum) * batch")
-    bn_epsilon: float = _f(1e-3, "added to the variance; Keras's value (Flax's is 1e-5)")
-    dtype: str = _f("float32", "compute dtype; parameters, optimizer and BN statistics stay float32")
-    preset: str = _f("", "the preset this config started from (see --preset); informational")
+    num_filters: int = _f(
+        32, "v1: width of the first stage, doubling per stage; v2: stem width", resume="model"
+    )
+    stage_sizes: tuple[int, ...] = _f((3, 3, 2), "residual blocks per stage", resume="model")
+    num_classes: int = _f(
+        10,
+        "train_and_evaluate sets it from the dataset",
+        resume="model",
+        unswept="it is set from the dataset",
+    )
+    bn_momentum: float = _f(0.99, "moving = momentum * moving + (1 - momentum) * batch", resume="model")
+    bn_epsilon: float = _f(1e-3, "added to the variance; Keras's value (Flax's is 1e-5)", resume="model")
+    dtype: str = _f(
+        "float32", "compute dtype; parameters, optimizer and BN statistics stay float32", resume="model"
+    )
+    preset: str = _f(
+        "",
+        "the preset this config started from (see --preset); informational",
+        resume="free",
+        unswept="sweep the fields a preset sets (num_filters, stage_sizes, ...), or run one sweep per preset",
+    )
 
     def __post_init__(self):
         positive = ("epochs", "batch_size", "steps_per_call", "eval_batch_size", "num_filters", "num_classes")
@@ -121,40 +174,25 @@ class Config:
         return cls(**values)
 
 
-# How a saved run treats a field that differs when it is resumed:
-# - the model, the data and the seed are what the checkpoint is: a resume refuses to change them;
-MODEL_FIELDS = (
-    "resnet_version",
-    "num_filters",
-    "stage_sizes",
-    "num_classes",
-    "dtype",
-    "bn_momentum",
-    "bn_epsilon",
-)
-FIXED_FIELDS = MODEL_FIELDS + ("dataset", "seed", "batch_size", "val_split")
-# - optimisation, augmentation and length may change, as recompiling a Keras model does: applied
-#   from the resumed step on, printed, and recorded in run.json's "changes";
-CHANGEABLE_FIELDS = (
-    "epochs",
-    "learning_rate",
-    "lr_epochs",
-    "lr_factors",
-    "adam_b1",
-    "adam_b2",
-    "adam_eps",
-    "l2_weight",
-    "l2_layers",
-    "shift_range",
-    "flip",
-)
-# - the rest (data_dir, steps_per_call, device_loop, eval_batch_size, preset) change no number.
+def fields_where(**roles) -> tuple[str, ...]:
+    """The Config fields, in order, whose roles (see `_f`) have these values; a tuple of values
+    matches any of them: fields_where(resume=("model", "run"))."""
+    want = {k: v if isinstance(v, tuple) else (v,) for k, v in roles.items()}
+    return tuple(
+        f.name for f in dataclasses.fields(Config) if all(f.metadata[k] in v for k, v in want.items())
+    )
 
 
-# The fields a compiled train or evaluation program reads from the state's Config: the loss's L2,
-# the seed's augmentation, the label check. The rest (the seed, the schedule, the length, the data's
-# name, ...) change no program: runs that differ only there share their compiled programs.
-PROGRAM_FIELDS = ("num_classes", "l2_weight", "l2_layers", "shift_range", "flip")
+MODEL_FIELDS = fields_where(resume="model")  # a resume refuses another model,
+FIXED_FIELDS = fields_where(resume=("model", "run"))  # ... or other data, seed, batch or split;
+CHANGEABLE_FIELDS = fields_where(resume="apply")  # applies these from the resumed step on;
+NO_NUMBER = fields_where(resume="free")  # these change no number.
+# What a compiled train or evaluation program reads from the state's Config (the loss's L2, the
+# seed's augmentation; tests/test_config.py checks it against the lowered programs): runs that
+# differ only elsewhere share their programs.
+PROGRAM_FIELDS = fields_where(program=True)
+# What a sweep cannot vary, and why.
+NOT_SWEPT = {f.name: f.metadata["unswept"] for f in dataclasses.fields(Config) if f.metadata["unswept"]}
 
 
 def program_config(config: Config) -> Config:
@@ -239,19 +277,25 @@ BOOLS = {
 }
 
 
+KIND_NAMES = {int: "an int", float: "a float", str: "text"}
+
+
 def parse_value(name: str, text: str, separator: str = ","):
-    """A Config field's value from text, as its flag reads it (tuples: items split at
+    """A Config field's value from text, as its flag and `--sweep` read it (tuples: items split at
     `separator`); ValueError naming what was expected."""
     kind, item = field_types()[name]
-    text = text.strip()
+    text = str(text).strip()
     if kind is bool:
         if text.lower() not in BOOLS:
             raise ValueError(f"{name} takes true or false, got {text!r}")
         return BOOLS[text.lower()]
     try:
         if kind is tuple:
-            return tuple(item(v) for v in text.split(separator) if v.strip() != "")
+            return tuple(item(v.strip()) for v in text.split(separator) if v.strip() != "")
         return kind(text)
     except ValueError:
-        what = f"{separator}-separated {item.__name__}s" if kind is tuple else f"a {kind.__name__}"
+        if kind is tuple:
+            what = f"{'comma' if separator == ',' else repr(separator)}-separated {item.__name__}s"
+        else:
+            what = KIND_NAMES.get(kind, f"a {kind.__name__}")
         raise ValueError(f"{name} takes {what}, got {text!r}") from None

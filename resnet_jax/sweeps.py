@@ -32,22 +32,12 @@ import statistics
 import threading
 
 from resnet_jax import interrupt, run_files, tuning
-from resnet_jax.config import Config, parse_value
+from resnet_jax.config import NO_NUMBER, NOT_SWEPT, Config, parse_value
 from resnet_jax.console import table
 from resnet_jax.errors import UserError
 from resnet_jax.writer import Writer
 
 SUMMARY_FILE = "summary.json"
-# Fields a sweep cannot vary: the seed is --seeds's; one sweep compares settings on one dataset.
-NOT_SWEPT = {
-    "seed": "seeds are given with --seeds (seeds= in Python)",
-    "dataset": "a sweep compares settings on one dataset: run one sweep per dataset",
-    "data_dir": "a sweep compares settings on one dataset: run one sweep per dataset",
-    "num_classes": "it is set from the dataset",
-    "preset": "sweep the fields a preset sets (num_filters, stage_sizes, ...), or run one sweep per preset",
-}
-# Fields that change no number: a sweep resumed with other values of them is the same sweep.
-NO_NUMBER = ("data_dir", "steps_per_call", "device_loop", "eval_batch_size", "preset")
 TUPLE_SEPARATOR = ":"  # --sweep stage_sizes=1:1:1,3:3:2
 
 
