@@ -13,16 +13,18 @@ import jax
 import numpy as np
 
 import resnet_jax as rj
-from resnet_jax import batches, cli, device_data, parallel
+from resnet_jax import flags
+from resnet_jax.device import batches, parallel
+from resnet_jax.device import data as device_data
 
 
 def parser(description=None) -> argparse.ArgumentParser:
     """A benchmark's flags: train.py's own (every Config field, --preset, --cpu_devices, ...; from
-    cli.build_parser, not declared again) and --batchnorm_derivative. A flag the benchmark adds
+    flags.build_parser, not declared again) and --batchnorm_derivative. A flag the benchmark adds
     afterwards replaces train.py's flag of the same name (speed.py's comma-separated --batch_size)."""
     p = argparse.ArgumentParser(
         description=description,
-        parents=[cli.build_parser(add_help=False)],
+        parents=[flags.build_parser(add_help=False)],
         conflict_handler="resolve",
         allow_abbrev=False,
     )
@@ -37,14 +39,14 @@ def parser(description=None) -> argparse.ArgumentParser:
 
 def parse(p):
     """The flags, on top of --preset's values when one is named (as train.py parses them)."""
-    return cli.parse(p)
+    return flags.parse(p)
 
 
 def use_batchnorm_derivative(kind: str):
     """'custom': layers.normalize as the library has it. 'autodiff': the same function without its
     custom JVP (JAX differentiates the formula: each per-channel sum of the backward pass its own
     reduction), to measure what the custom JVP buys. Changes this process's resnet_jax.layers."""
-    from resnet_jax import layers
+    from resnet_jax.model import layers
 
     if kind == "autodiff" and hasattr(layers.normalize, "fun"):
         layers.normalize = layers.normalize.fun
@@ -81,7 +83,7 @@ def setup(args, dataset, **config_fields):
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     n = len(dataset.train_images)
-    data = device_data.to_device(dataset, rj.dataset.pixel_mean(dataset.train_images), config, mesh)
+    data = device_data.to_device(dataset, rj.data.dataset.pixel_mean(dataset.train_images), config, mesh)
     steps = batches.steps_per_epoch(n, config.batch_size)
     state = parallel.replicate(
         jax.device_get(rj.create_train_state(config, jax.random.key(0), dataset.image_shape, steps)), mesh

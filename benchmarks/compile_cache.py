@@ -64,7 +64,7 @@ def main():
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--out")
     a = p.parse_args()
-    archive = rj.cifar_archive.write_archive(tempfile.mkdtemp(), random_cifar(5000, 1000))
+    archive = rj.data.cifar_archive.write_archive(tempfile.mkdtemp(), random_cifar(5000, 1000))
     for _ in range(a.repeats):
         for name in a.models.split(","):
             cache_home = tempfile.mkdtemp(prefix="compile_cache_")

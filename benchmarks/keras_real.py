@@ -43,7 +43,7 @@ def main():
     from keras_preprocessing.image import ImageDataGenerator
 
     ds = rj.load_dataset("cifar10", data_dir=a.data_dir)
-    mean = rj.dataset.pixel_mean(ds.train_images)
+    mean = rj.data.dataset.pixel_mean(ds.train_images)
     n = a.limit or len(ds.train_images)
     x, y = ds.train_images[:n].astype(np.float32) / 255 - mean, ds.train_labels[:n]
     xt = ds.test_images.astype(np.float32) / 255 - mean
@@ -79,7 +79,7 @@ def main():
         callbacks=[
             EpochLines(),
             # resnet_jax's own optax schedule by epoch, so both sides step alike
-            keras.callbacks.LearningRateScheduler(lambda e: rj.optim.lr_for_epoch(steps, e + 1)),
+            keras.callbacks.LearningRateScheduler(lambda e: rj.model.optim.lr_for_epoch(steps, e + 1)),
         ],
         verbose=0,
     )

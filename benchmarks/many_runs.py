@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from common import configure_devices, emit, model_config, parse, parser, random_cifar, setup
 
-from resnet_jax import batches, cli, programs
+from resnet_jax import flags
+from resnet_jax.device import batches, programs
 
 
 def modes(mesh, length, batch, data):
@@ -44,8 +45,8 @@ def modes(mesh, length, batch, data):
 
 def main():
     p = parser(__doc__)
-    p.add_argument("--k", type=cli.comma_list(int), default=(1, 2, 4, 8, 16))
-    p.add_argument("--modes", type=cli.comma_list(str), default=("vmap", "unrolled", "sequential"))
+    p.add_argument("--k", type=flags.comma_list(int), default=(1, 2, 4, 8, 16))
+    p.add_argument("--modes", type=flags.comma_list(str), default=("vmap", "unrolled", "sequential"))
     p.add_argument("--calls", type=int, default=4, help="device calls a timed window")
     p.add_argument("--out", default=None)
     p.set_defaults(steps_per_call=50, device_loop="scan")

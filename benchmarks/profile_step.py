@@ -23,7 +23,7 @@ import jax
 from common import configure_devices, first_match, model_config, parse, parser, random_cifar, setup
 
 import resnet_jax as rj
-from resnet_jax import parallel
+from resnet_jax.device import parallel
 
 WRAPPERS = (
     "ThunkExecutor",
@@ -133,7 +133,7 @@ def main():
             {
                 "device": jax.devices()[0].device_kind,
                 "devices": mesh.size,
-                "model": rj.models.name(model_config(a)),
+                "model": rj.model.resnet.name(model_config(a)),
                 "batch_size": a.batch_size,
                 "wall_ms_per_step": round(wall_ms, 2),
                 "ops_per_step": round(sum(count.values()) / a.steps),

@@ -8,7 +8,7 @@ with the Keras original (benchmarks/keras_baseline.py, both Keras 3 backends) in
 
 --process says how this process is set up before JAX starts: `cli` as train.py (rj.configure:
 CPU devices, malloc, compilation cache), `notebook` as a notebook that calls train_and_evaluate
-(its first act, tuning.setup, sets malloc up; the CPU device count set by hand, as a user
+(its first act, process.setup, sets malloc up; the CPU device count set by hand, as a user
 would with jax_num_cpu_devices), `plain` the same without the malloc settings
 (RESNET_JAX_MALLOC=0). Each line also gives the kernel CPU time of the timed windows and the peak
 resident memory of the process.
@@ -34,7 +34,8 @@ import jax
 from common import configure_devices, emit, model_config, parse, parser, random_cifar, setup
 
 import resnet_jax as rj
-from resnet_jax import programs, tuning
+from resnet_jax import process, tuning
+from resnet_jax.device import programs
 
 N_TRAIN, N_TEST = 50_000, 10_000
 
@@ -43,7 +44,7 @@ def measure(a, batch_size, dtype, dataset):
     config, mesh, data, state, key, perm = setup(a, dataset, batch_size=batch_size, dtype=dtype)
     k = min(config.steps_per_call, N_TRAIN // batch_size)  # a call never spans epochs
     calls = max(1, round(a.steps / k))
-    loop = tuning.current().loop(config.device_loop)
+    loop = process.current().loop(config.device_loop)
     chunk = programs.TrainCall(mesh, loop)
     evaluate = programs.make_evaluate(config, mesh)
 
@@ -73,14 +74,14 @@ def measure(a, batch_size, dtype, dataset):
         eval_times.append(time.perf_counter() - start)
 
     images_per_s = calls * k * batch_size / train_s
-    flops = 3 * rj.models.forward_flops(config, (32, 32, 3))
+    flops = 3 * rj.model.resnet.forward_flops(config, (32, 32, 3))
     return {
         "what": a.what,
         "device_kind": jax.devices()[0].device_kind,
         "devices": mesh.size,
         "batch_size": batch_size,
         "dtype": dtype,
-        "model": rj.models.name(config),
+        "model": rj.model.resnet.name(config),
         "device_loop": loop,
         "steps_per_call": k,
         "train_images_per_s": round(images_per_s, 1),
@@ -94,7 +95,7 @@ def measure(a, batch_size, dtype, dataset):
         "batchnorm_derivative": a.batchnorm_derivative,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "process": a.process,
-        "malloc": tuning.applied().get("malloc"),
+        "malloc": process.applied().get("malloc"),
         "kernel_ms_per_step": round(1e3 * kernel, 2),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
     }
@@ -165,7 +166,7 @@ def main():
         configure_devices(a, config)  # as train.py: rj.configure before JAX starts
     else:
         if a.process == "plain":
-            os.environ[tuning.MALLOC_ENV] = "0"
+            os.environ[process.MALLOC_ENV] = "0"
         import jax
 
         cores = tuning.cores()
@@ -176,11 +177,11 @@ def main():
                 "cpu",
                 cores=cores,
                 batch_size=config.batch_size,
-                flops_per_step=config.batch_size * rj.models.forward_flops(config),
+                flops_per_step=config.batch_size * rj.model.resnet.forward_flops(config),
             ).cpu_devices
         )
         jax.config.update("jax_num_cpu_devices", n)  # what a notebook user sets by hand
-        tuning.setup()  # train_and_evaluate's first act (the CPU count is set already)
+        process.setup()  # train_and_evaluate's first act (the CPU count is set already)
     dataset = random_cifar(N_TRAIN, N_TEST)
     for batch_size in batch_sizes:
         for dtype in dtypes:

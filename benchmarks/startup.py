@@ -29,17 +29,17 @@ ROOT = os.path.dirname(HERE)
 
 # (module, function): timed wherever they exist; a name this version lacks is skipped.
 PHASES = (
-    ("resnet_jax.tuning", "setup"),
-    ("resnet_jax.tuning", "current"),
-    ("resnet_jax.loop", "load_dataset"),
-    ("resnet_jax.run_files", "describe_data"),
-    ("resnet_jax.parts", "resolve"),
+    ("resnet_jax.process", "setup"),
+    ("resnet_jax.process", "current"),
+    ("resnet_jax.runs.loop", "load_dataset"),
+    ("resnet_jax.checkpoint.run_files", "describe_data"),
+    ("resnet_jax.model.parts", "resolve"),
     ("resnet_jax.checkpoint", "template"),
-    ("resnet_jax.loop", "_start"),
-    ("resnet_jax.steps", "init_state"),
-    ("resnet_jax.device_data", "to_device"),
-    ("resnet_jax.programs", "compile_epoch"),  # on a thread when the compile begins early
-    ("resnet_jax.loop", "Programs.finish"),  # the wait for it (and any compile left)
+    ("resnet_jax.runs.loop", "_start"),
+    ("resnet_jax.model.steps", "init_state"),
+    ("resnet_jax.device.data", "to_device"),
+    ("resnet_jax.device.programs", "compile_epoch"),  # on a thread when the compile begins early
+    ("resnet_jax.device.programs", "Programs.finish"),  # the wait for it (and any compile left)
 )
 
 
@@ -48,7 +48,8 @@ def child(argv):
     began = float(os.environ["STARTUP_T0"])
     import importlib
 
-    from resnet_jax import cli, loop
+    from resnet_jax import cli
+    from resnet_jax.runs import loop
 
     imports = time.time() - began
     seconds = {}

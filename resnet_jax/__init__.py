@@ -1,12 +1,16 @@
 """resnet_jax: the seed Keras ResNet v1 on CIFAR-10, reproduced in JAX/Flax.
 
-Notebook API: Config, preset, load_dataset / Dataset, ResNet, augment, create_train_state,
-train_step, eval_step, predict; train_and_evaluate (with your own model, optimizer, augment,
-callbacks); sweep (settings x seeds) and train_many (seeds); restore, evaluate,
-evaluate_checkpoint; configure; the errors UserError, MachineFault and Interrupted. Names load
-on first use: `import resnet_jax` imports JAX but starts no backend, loads no Flax, optax or
+What a notebook uses is here: Config, preset, load_dataset, Dataset, ResNet, TrainState,
+create_train_state, train_step, eval_step, predict; train_and_evaluate (with your own model,
+optimizer, augmentation, callbacks), sweep (settings x seeds) and train_many (seeds); restore,
+evaluate, evaluate_checkpoint; configure; the errors UserError, MachineFault and Interrupted.
+Everything else lives in its room (docs/layout.md): `data`, `model`, `device`, `checkpoint`,
+`runs`, and the top-level modules `cli`, `flags`, `config`, `errors`, `tuning`, `process`,
+`atomic`.
+
+Names load on first use: `import resnet_jax` starts no JAX backend, loads no Flax, optax or
 orbax and changes no process-wide setting, so the command line can make its platform decisions
-(resnet_jax.tuning.setup) first.
+(resnet_jax.process.setup) first.
 """
 
 import importlib
@@ -17,73 +21,44 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
     __version__ = "0+unknown"
 
-from resnet_jax.augment import augment  # eager: a function named like its module (imports jax)
-
 _NAMES = {
     "Config": "config",
     "preset": "config",
-    "tiny": "config",
-    "Dataset": "dataset",
-    "load_dataset": "data",
+    "Dataset": "data.dataset",
+    "load_dataset": "data.load",
     "UserError": "errors",
     "Interrupted": "errors",
-    "MachineFault": "faults",
-    "ResNet": "models",
-    "lr_for_epoch": "optim",
-    "make_optimizer": "optim",
-    "scale_by_keras_adam": "optim",
-    "schedule": "optim",
-    "TrainState": "steps",
-    "eval_step": "steps",
-    "l2_penalty": "steps",
-    "predict": "steps",
-    "train_step": "steps",
-    "create_train_state": "parts",
-    "evaluate": "evaluation",
-    "evaluate_checkpoint": "evaluation",
+    "MachineFault": "errors",
+    "ResNet": "model.resnet",
+    "TrainState": "model.steps",
+    "eval_step": "model.steps",
+    "predict": "model.steps",
+    "train_step": "model.steps",
+    "create_train_state": "model.parts",
+    "evaluate": "runs.evaluation",
+    "evaluate_checkpoint": "runs.evaluation",
     "restore": "checkpoint",
-    "train_and_evaluate": "loop",
-    "sweep": "sweeps",
-    "train_many": "sweeps",
-    "configure": "tuning",
+    "train_and_evaluate": "runs.loop",
+    "sweep": "runs.sweeps",
+    "train_many": "runs.sweeps",
+    "configure": "process",
 }
+# The rooms and top-level modules, loaded on first use as attributes (rj.model.resnet, ...).
 _MODULES = {
     "atomic",
-    "augment",
-    "batches",
-    "cache",
-    "call_queue",
     "checkpoint",
-    "cifar_archive",
     "cli",
     "config",
-    "console",
     "data",
-    "dataset",
-    "device_data",
-    "distributed",
+    "device",
     "errors",
-    "evaluation",
-    "faults",
-    "image_folder",
-    "interrupt",
-    "layers",
-    "loop",
-    "metrics",
-    "models",
-    "optim",
-    "parallel",
-    "parts",
-    "plots",
-    "programs",
-    "run_files",
-    "steps",
-    "sweeps",
-    "tfds_data",
+    "flags",
+    "model",
+    "process",
+    "runs",
     "tuning",
-    "writer",
 }
-__all__ = sorted(_NAMES) + ["augment"]
+__all__ = sorted(_NAMES)
 
 
 def __getattr__(name):

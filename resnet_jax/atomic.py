@@ -8,7 +8,7 @@ import contextlib
 import os
 import tempfile
 
-from resnet_jax.faults import writing
+from resnet_jax.errors import writing
 
 
 @contextlib.contextmanager

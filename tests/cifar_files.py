@@ -23,5 +23,7 @@ def write_cifar(
     xt, yt = make_images(test_rows, seed + 100, classes)
     arrays = (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), xt, yt)
     dataset = rj.Dataset(*arrays, num_classes=classes)
-    path = rj.cifar_archive.write_archive(str(root), dataset, name, tar=tar, rows=rows, bytes_keys=bytes_keys)
+    path = rj.data.cifar_archive.write_archive(
+        str(root), dataset, name, tar=tar, rows=rows, bytes_keys=bytes_keys
+    )
     return path, arrays

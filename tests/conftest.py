@@ -21,7 +21,7 @@ OWNS_CACHE = "RESNET_JAX_TEST_CACHE" not in os.environ
 os.environ["RESNET_JAX_TEST_CACHE"] = os.environ["XDG_CACHE_HOME"] = CACHE_HOME
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
-from resnet_jax import tuning  # noqa: E402
+from resnet_jax import process, tuning  # noqa: E402
 
 # XLA:CPU programs compiled at LLVM's optimization level 0 for the whole test session (the
 # subprocesses inherit it): the suite is mostly compiles of small models, ~40 % of its time in
@@ -38,7 +38,7 @@ if tuning.detect_platform() == "cpu" and "xla_backend_optimization_level" not in
 
 # This process as train.py sets itself up, before JAX starts: malloc, the compilation cache, and
 # one CPU device (JAX's default; the tests that split the CPU run processes of their own).
-tuning.setup(cpu_devices=1)
+process.setup(cpu_devices=1)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -216,7 +216,7 @@ def compiled_as_users_compile(monkeypatch):
 
 @pytest.fixture
 def tiny_config():
-    return rj.tiny(batch_size=8, eval_batch_size=16)
+    return rj.config.tiny(batch_size=8, eval_batch_size=16)
 
 
 def random_dataset(n_train=64, n_test=24, shape=(32, 32, 3), classes=10, seed=0):

@@ -88,7 +88,8 @@ def install(site: str, setattr=setattr, after: int = 0):
     elif kind == "oom":
         import jax
 
-        from resnet_jax import faults, programs
+        from resnet_jax import errors
+        from resnet_jax.device import programs
 
         exhausted = jax.errors.JaxRuntimeError(
             "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes."
@@ -109,7 +110,7 @@ def install(site: str, setattr=setattr, after: int = 0):
 
             setattr(programs.TrainCall, "compile", compile_)
         elif where == "data":
-            setattr(faults, "host_memory", lambda: 1 << 20)  # 1 MiB free: the dataset cannot fit
+            setattr(errors, "host_memory", lambda: 1 << 20)  # 1 MiB free: the dataset cannot fit
     else:
         raise ValueError(f"unknown site {site}")
 

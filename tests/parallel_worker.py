@@ -12,7 +12,7 @@ import numpy as np
 from conftest import random_dataset
 
 import resnet_jax as rj
-from resnet_jax import distributed, parallel, programs
+from resnet_jax.device import distributed, parallel, programs
 
 out, workdir, dtype = sys.argv[1], sys.argv[2], sys.argv[3]
 seeds = "seeds" in sys.argv[4:]
@@ -33,7 +33,7 @@ def audit(event, arguments):
         writes.append(("rename", os.path.abspath(os.fsdecode(arguments[1]))))
 
 
-config = rj.tiny(batch_size=8, eval_batch_size=8, steps_per_call=3, dtype=dtype)
+config = rj.config.tiny(batch_size=8, eval_batch_size=8, steps_per_call=3, dtype=dtype)
 ds = random_dataset(n_train=62, n_test=20)  # 7 full batches + a partial batch of 6
 if seeds:
     sys.addaudithook(audit)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import resnet_jax as rj
-from resnet_jax.augment import augment, transform
+from resnet_jax.model.augment import augment, transform
 
 
 @pytest.fixture

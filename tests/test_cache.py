@@ -6,7 +6,7 @@ import os
 
 from conftest import ENV, TINY, metrics, stderr_lines, train, without_seconds
 
-from resnet_jax import cache
+from resnet_jax import process
 
 
 def entries(folder, programs=("jit__train_chunk", "jit__evaluate", "jit_init")):
@@ -58,12 +58,12 @@ def test_a_second_run_of_the_same_shapes_compiles_nothing(archive, tmp_path):
 
 
 def test_where_the_cache_lives():
-    assert cache.home({"XDG_CACHE_HOME": "/x"}) == "/x/resnet_jax"
-    assert cache.home({}).endswith(os.path.join(".cache", "resnet_jax"))
-    assert cache.compilation_cache_dir({"XDG_CACHE_HOME": "/x"}) == "/x/resnet_jax/xla"
-    assert cache.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/j", "XDG_CACHE_HOME": "/x"}) == "/j"
-    assert cache.compilation_cache_dir({"RESNET_JAX_COMPILATION_CACHE": "0"}) is None
-    assert cache.compilation_cache_dir({}, enabled=False) is None
+    assert process.cache_home({"XDG_CACHE_HOME": "/x"}) == "/x/resnet_jax"
+    assert process.cache_home({}).endswith(os.path.join(".cache", "resnet_jax"))
+    assert process.compilation_cache_dir({"XDG_CACHE_HOME": "/x"}) == "/x/resnet_jax/xla"
+    assert process.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/j", "XDG_CACHE_HOME": "/x"}) == "/j"
+    assert process.compilation_cache_dir({"RESNET_JAX_COMPILATION_CACHE": "0"}) is None
+    assert process.compilation_cache_dir({}, enabled=False) is None
 
 
 def test_a_damaged_or_foreign_image_cache_entry_is_decoded_again(tmp_path, monkeypatch, capsys):

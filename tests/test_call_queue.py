@@ -6,8 +6,8 @@ import threading
 import numpy as np
 import pytest
 
-from resnet_jax import call_queue as calls
-from resnet_jax.batches import next_call
+from resnet_jax.device import calls
+from resnet_jax.device.batches import next_call
 
 
 class Devices:

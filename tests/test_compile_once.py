@@ -33,7 +33,7 @@ def compiles():
 
 def test_a_second_run_evaluation_and_prediction_compile_nothing(tmp_path):
     ds = random_dataset(n_train=40, n_test=16, shape=(12, 12, 3))
-    config = rj.tiny(batch_size=8, epochs=1, num_filters=6)  # shapes no other test uses
+    config = rj.config.tiny(batch_size=8, epochs=1, num_filters=6)  # shapes no other test uses
     with compiles() as first:
         _, history_a = rj.train_and_evaluate(config, str(tmp_path / "a"), ds, verbosity=0)
     assert any("train_chunk" in n for n in first) and any("evaluate" in n for n in first), first
@@ -72,14 +72,15 @@ def test_a_new_run_compiled_while_its_state_initialises_trains_the_same(tmp_path
     state."""
     from conftest import assert_same_run
 
-    from resnet_jax import programs, tuning
+    from resnet_jax import process
+    from resnet_jax.device import programs
 
     ds = random_dataset(n_train=44, n_test=12, shape=(8, 8, 3))  # calls of 2, 2, 1 steps, partial 4
-    config = rj.tiny(batch_size=8, eval_batch_size=12, epochs=1, device_loop="scan", steps_per_call=2)
+    config = rj.config.tiny(batch_size=8, eval_batch_size=12, epochs=1, device_loop="scan", steps_per_call=2)
     model = BatchNormCNN()  # a ResNet's compiles take seconds each on this CPU
-    current = tuning.current
+    current = process.current
     early = lambda: dataclasses.replace(current(), compile_early=True)
-    monkeypatch.setattr(tuning, "current", early)
+    monkeypatch.setattr(process, "current", early)
     printed = io.StringIO()
     with compiles() as names, contextlib.redirect_stdout(printed):
         rj.train_and_evaluate(config, str(tmp_path / "early"), ds, model=model, verbosity=1)
@@ -87,13 +88,13 @@ def test_a_new_run_compiled_while_its_state_initialises_trains_the_same(tmp_path
     assert sum("train_chunk" in n for n in names) == 3, names  # (2, 8), (1, 8), (1, 4): once each
 
     # The same run compiled after its state, this process's compiled programs forgotten.
-    monkeypatch.setattr(tuning, "current", current)
+    monkeypatch.setattr(process, "current", current)
     programs.forget()
     rj.train_and_evaluate(config, str(tmp_path / "after"), ds, model=model, verbosity=0)
     assert_same_run(str(tmp_path / "early"), str(tmp_path / "after"), model=model)
 
     # Resumed for one epoch more: compiled after its state (it may start mid-epoch).
-    monkeypatch.setattr(tuning, "current", early)
+    monkeypatch.setattr(process, "current", early)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         rj.train_and_evaluate(dataclasses.replace(config, epochs=2), str(tmp_path / "early"), ds, model=model)

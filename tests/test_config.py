@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 import resnet_jax as rj
-from resnet_jax import config, device_data, parallel, programs
+from resnet_jax import config
 from resnet_jax.checkpoint import template
+from resnet_jax.device import data as device_data
+from resnet_jax.device import parallel, programs
 
 # A valid value other than the default, for every field.
 OTHER = {
@@ -66,9 +68,9 @@ def test_every_field_has_its_roles_and_the_lists_come_from_them():
 def lowered():
     """The text of the lowered train step and evaluation for a state whose Config is `config`
     (the full Config, not reduced to its program fields as the run's programs take it)."""
-    base = rj.tiny(batch_size=8, eval_batch_size=8)
-    model = rj.models.from_config(base)
-    tx = rj.make_optimizer(base, 10)
+    base = rj.config.tiny(batch_size=8, eval_batch_size=8)
+    model = rj.model.resnet.from_config(base)
+    tx = rj.model.optim.make_optimizer(base, 10)
     mesh = parallel.make_mesh(jax.devices()[:1])
     like = template(model, tx, base, (32, 32, 3))
     state = device_data.abstract(like, mesh)

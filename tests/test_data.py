@@ -78,7 +78,7 @@ def test_own_arrays_any_shape_and_classes():
 def test_pixel_mean():
     images = np.stack([np.full((2, 2, 3), 0, np.uint8), np.full((2, 2, 3), 255, np.uint8)])
     images[1, 0, 0, 0] = 51
-    mean = rj.dataset.pixel_mean(images)
+    mean = rj.data.dataset.pixel_mean(images)
     assert mean.dtype == np.float32 and mean.shape == (2, 2, 3)
     assert mean[0, 0, 0] == pytest.approx(0.1) and mean[1, 1, 2] == pytest.approx(0.5)
 

@@ -9,7 +9,8 @@ import pytest
 from conftest import random_dataset
 
 import resnet_jax as rj
-from resnet_jax import batches, device_data, parallel, programs
+from resnet_jax.device import batches, parallel, programs
+from resnet_jax.device import data as device_data
 
 
 def test_seed_epoch_is_1563_steps_with_the_partial_batch_kept():
@@ -49,7 +50,7 @@ def test_every_image_once_per_epoch_in_a_fresh_order():
 def test_train_chunks_match_single_steps_on_the_same_batches(tiny_config, loop):
     """The scanned device path = gather + preprocess + augment + train_step, step by step."""
     ds = random_dataset(n_train=40)
-    mean = rj.dataset.pixel_mean(ds.train_images)
+    mean = rj.data.dataset.pixel_mean(ds.train_images)
     mesh = parallel.make_mesh()
     data = device_data.to_device(ds, mean, tiny_config, mesh)
     key = batches.epoch_key(jax.random.key(1), 0)
@@ -65,7 +66,7 @@ def test_train_chunks_match_single_steps_on_the_same_batches(tiny_config, loop):
     for i in range(3):
         idx = np.asarray(perm[i * 8 : (i + 1) * 8])
         x = ds.train_images[idx].astype(np.float32) / 255 - mean
-        x = rj.augment(jax.random.fold_in(aug_key, i), jnp.asarray(x), tiny_config)
+        x = rj.model.augment.augment(jax.random.fold_in(aug_key, i), jnp.asarray(x), tiny_config)
         state, m = step(state, x, ds.train_labels[idx])
         losses.append(float(m["loss"]))
     np.testing.assert_allclose(np.asarray(m1["loss"]), losses, rtol=1e-5)
@@ -82,7 +83,7 @@ def test_train_chunks_match_single_steps_on_the_same_batches(tiny_config, loop):
 
 def test_evaluation_is_exact_over_all_test_images(tiny_config):
     ds = random_dataset(n_test=37)  # not a multiple of the eval batch (16): padded and masked
-    mean = rj.dataset.pixel_mean(ds.train_images)
+    mean = rj.data.dataset.pixel_mean(ds.train_images)
     mesh = parallel.make_mesh()
     data = device_data.to_device(ds, mean, tiny_config, mesh)
     state = rj.create_train_state(tiny_config, jax.random.key(0), (32, 32, 3), 5)

@@ -14,7 +14,8 @@ from conftest import assert_same_run, kill_after_first_epoch, metrics, random_da
 from digits import DIGITS, digits_dataset
 
 import resnet_jax as rj
-from resnet_jax import batches, device_data, parallel, programs
+from resnet_jax.device import batches, parallel, programs
+from resnet_jax.device import data as device_data
 
 pytestmark = pytest.mark.gpu
 
@@ -26,13 +27,13 @@ GPU_ENV = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
 @pytest.fixture(scope="module")
 def gpu_archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
-    return rj.cifar_archive.write_archive(str(root), random_dataset(n_train=200, n_test=64))
+    return rj.data.cifar_archive.write_archive(str(root), random_dataset(n_train=200, n_test=64))
 
 
 def test_scan_loop_equals_python_loop_on_the_gpu(tiny_config):
     ds = random_dataset(n_train=40)
     mesh = parallel.make_mesh()
-    data = device_data.to_device(ds, rj.dataset.pixel_mean(ds.train_images), tiny_config, mesh)
+    data = device_data.to_device(ds, rj.data.dataset.pixel_mean(ds.train_images), tiny_config, mesh)
     key = batches.epoch_key(jax.random.key(1), 0)
     perm = batches.permutation(key, 40)
     out = {}
@@ -72,7 +73,7 @@ def test_bfloat16_learns_digits_on_the_gpu(tmp_path):
 
 def test_a_gpu_checkpoint_restores_on_the_cpu(tmp_path):
     workdir = str(tmp_path / "w")
-    config = rj.tiny(batch_size=8, eval_batch_size=16, epochs=1)
+    config = rj.config.tiny(batch_size=8, eval_batch_size=16, epochs=1)
     state, _ = rj.train_and_evaluate(config, workdir, random_dataset(), verbosity=0)
     assert jax.tree.leaves(state.params)[0].devices().pop().platform == jax.default_backend()
     out = str(tmp_path / "cpu.npz")

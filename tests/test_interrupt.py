@@ -14,7 +14,7 @@ import pytest
 from conftest import ENV, ROOT, Lines, assert_same_run, metrics, wait_for
 
 import resnet_jax as rj
-from resnet_jax import interrupt
+from resnet_jax.runs import interrupt
 
 
 def test_sigint_saves_raises_interrupted_and_calling_again_resumes_exactly(full_run, archive, tmp_path):

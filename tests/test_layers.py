@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from resnet_jax import layers
+from resnet_jax.model import layers
 
 
 class Folded(nn.Module):

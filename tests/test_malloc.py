@@ -9,20 +9,20 @@ import textwrap
 import numpy as np
 import pytest
 
-from resnet_jax import tuning
+from resnet_jax import process, tuning
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GLIBC = ("glibc", "2.36")
 
 
 def test_settings_only_where_they_apply():
-    assert tuning.malloc_settings("cpu", GLIBC, {}) == tuning.MALLOC_SETTINGS
-    assert tuning.malloc_settings("gpu", GLIBC, {}) == ()
-    assert tuning.malloc_settings("tpu", GLIBC, {}) == ()
-    assert tuning.malloc_settings("cpu", ("", ""), {}) == ()  # musl, macOS: not glibc
+    assert process.malloc_settings("cpu", GLIBC, {}) == process.MALLOC_SETTINGS
+    assert process.malloc_settings("gpu", GLIBC, {}) == ()
+    assert process.malloc_settings("tpu", GLIBC, {}) == ()
+    assert process.malloc_settings("cpu", ("", ""), {}) == ()  # musl, macOS: not glibc
     for off in ("0", "off", "no"):
-        assert tuning.malloc_settings("cpu", GLIBC, {tuning.MALLOC_ENV: off}) == ()
-    assert dict(tuning.MALLOC_SETTINGS)[tuning.M_ARENA_MAX] == 1
+        assert process.malloc_settings("cpu", GLIBC, {process.MALLOC_ENV: off}) == ()
+    assert dict(process.MALLOC_SETTINGS)[process.M_ARENA_MAX] == 1
     assert tuning.decide("cpu").malloc and not tuning.decide("gpu").malloc
 
 
@@ -34,14 +34,14 @@ CHILD = textwrap.dedent("""
     if sys.argv[1] == "jax-first":
         import jax; jax.devices()
     import resnet_jax as rj
-    from resnet_jax import tuning
+    from resnet_jax import process
     if sys.argv[1] == "configure":
-        print("configure:", rj.configure(rj.tiny()).malloc, tuning.setup())
+        print("configure:", rj.configure(rj.config.tiny()).malloc, process.setup())
     rng = np.random.default_rng(0)
     ds = rj.Dataset(rng.integers(0, 256, (32, 8, 8, 1), dtype=np.uint8), rng.integers(0, 3, 32),
                     rng.integers(0, 256, (8, 8, 8, 1), dtype=np.uint8), rng.integers(0, 3, 8))
-    state, _ = rj.train_and_evaluate(rj.tiny(batch_size=8, epochs=1), sys.argv[2], ds, verbosity=0)
-    print("done:", tuning.applied()["malloc"])
+    state, _ = rj.train_and_evaluate(rj.config.tiny(batch_size=8, epochs=1), sys.argv[2], ds, verbosity=0)
+    print("done:", process.applied()["malloc"])
     libc = ctypes.CDLL(None)
     libc.open_memstream.restype = ctypes.c_void_p
     buf, size = ctypes.c_char_p(), ctypes.c_size_t()
@@ -68,7 +68,7 @@ def child(mode, tmp_path, name, **env):
     return out, proc.stderr, np.load(tmp_path / f"{name}.npy")
 
 
-@pytest.mark.skipif(not tuning.malloc_settings("cpu"), reason="malloc settings apply to glibc only")
+@pytest.mark.skipif(not process.malloc_settings("cpu"), reason="malloc settings apply to glibc only")
 def test_applied_once_before_jax_starts_and_results_are_identical(tmp_path):
     on, err_on, params_on = child("notebook", tmp_path, "on")
     assert on["done"] == "applied" and on["arenas"] == "1" and "note:" not in err_on
@@ -80,7 +80,7 @@ def test_applied_once_before_jax_starts_and_results_are_identical(tmp_path):
     assert configured["done"] == "applied" and configured["arenas"] == "1"
 
 
-@pytest.mark.skipif(not tuning.malloc_settings("cpu"), reason="malloc settings apply to glibc only")
+@pytest.mark.skipif(not process.malloc_settings("cpu"), reason="malloc settings apply to glibc only")
 def test_when_jax_started_first_one_line_says_how_to_get_them(tmp_path):
     late, err, _ = child("jax-first", tmp_path, "late")
     assert late["done"] == "late" and int(late["arenas"]) > 1

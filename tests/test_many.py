@@ -101,8 +101,8 @@ def test_refusals_are_one_line_and_write_nothing(two_seeds, full_run, archive, t
 
 
 def test_the_picture_of_many_runs_reads_with_one_epoch_and_the_table_lines_up():
-    from resnet_jax.console import table
-    from resnet_jax.plots import curves_figure
+    from resnet_jax.runs.console import table
+    from resnet_jax.runs.plots import curves_figure
 
     runs = [[{"epoch": 1, "val_acc": 0.5}], [{"epoch": 1, "val_acc": 0.7}]]  # one epoch each
     ax = curves_figure([("mean of the seeds", runs)], "val_acc of 2 seeds").axes[0]

@@ -142,7 +142,7 @@ def test_bfloat16_compute_keeps_float32_variables():
 def test_forward_flops_counts_every_conv_and_the_head(fields, shape):
     """The analytic count (used before JAX starts) equals 2 x MACs read off the traced layers."""
     config = rj.Config(**fields)
-    model = rj.models.from_config(config)
+    model = rj.model.resnet.from_config(config)
     x = jnp.zeros((1,) + shape)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
     _, inter = jax.eval_shape(lambda v: model.apply(v, x, train=False, capture_intermediates=True), variables)
@@ -160,7 +160,7 @@ def test_forward_flops_counts_every_conv_and_the_head(fields, shape):
                 walk(sub, out[name])
 
     walk(variables["params"], inter["intermediates"])
-    assert rj.models.forward_flops(config, shape) == traced
+    assert rj.model.resnet.forward_flops(config, shape) == traced
     if not fields:
         assert traced == 286_984_704  # the seed model: 0.287 GFLOP an image
 
@@ -170,8 +170,8 @@ def test_materialize_is_an_exact_identity_that_xla_keeps():
     (a division XLA does not fold), else the residual stream is recomputed again (README "Speed")."""
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3)) * 1e3
     x = x.at[0, 0, 0, 0].set(0.0).at[0, 0, 0, 1].set(-1e-30)  # (XLA:CPU flushes subnormals in any op)
-    f = jax.jit(rj.models.materialize)
+    f = jax.jit(rj.model.resnet.materialize)
     np.testing.assert_array_equal(f(x), x)
-    g = jax.grad(lambda x: jnp.sum(rj.models.materialize(x) * jnp.arange(x.size).reshape(x.shape)))(x)
+    g = jax.grad(lambda x: jnp.sum(rj.model.resnet.materialize(x) * jnp.arange(x.size).reshape(x.shape)))(x)
     np.testing.assert_array_equal(g, jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape))
     assert "divide" in f.lower(x).compile().as_text()

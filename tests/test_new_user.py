@@ -14,7 +14,7 @@ import pytest
 from conftest import ENV, ROOT, TINY, StopSoon, random_dataset, train
 
 import resnet_jax as rj
-from resnet_jax import cli, tuning
+from resnet_jax import flags, tuning
 
 
 def stderr_lines(proc):
@@ -68,7 +68,7 @@ def test_the_tfds_path_prints_nothing_and_leaves_the_environment_as_it_was(onedn
 
 
 def test_what_is_written_while_tensorflow_loads_is_kept_but_its_notices(capfd):
-    from resnet_jax import tfds_data
+    from resnet_jax.data import tfds_data
 
     with tfds_data._start_up_quiet():
         os.write(
@@ -113,7 +113,7 @@ def test_every_train_py_command_in_the_readme_parses_and_its_paths_exist():
     assert commands, "the README shows train.py commands"
     for command in commands:
         argv = shlex.split(command)[2:]
-        args = cli.parse(cli.build_parser(), argv)  # a bad flag would exit with a usage error
+        args = flags.parse(flags.build_parser(), argv)  # a bad flag would exit with a usage error
         data = args.data_dir
         if data is not None and data.startswith("../shared") and not os.path.exists(os.path.join(ROOT, data)):
             continue  # the workplace's copy of CIFAR-10: not on every machine
@@ -150,7 +150,7 @@ def test_resume_and_finish_lines_say_where_the_run_stands(full_run, archive, tmp
     _, workdir = full_run
     out = train("--workdir", workdir, "--data_dir", archive, "--epochs", "3", *TINY).stdout
     assert "is finished" in out and "Resuming" not in out  # a finished run does not resume
-    config = rj.tiny(batch_size=8, epochs=2, device_loop="scan", steps_per_call=2)
+    config = rj.config.tiny(batch_size=8, epochs=2, device_loop="scan", steps_per_call=2)
     ds = random_dataset(n_train=56)
 
     with pytest.raises(rj.errors.Interrupted):
@@ -179,7 +179,7 @@ def test_recovery_messages_name_the_fix(archive, tmp_path, monkeypatch):
     # --eval_only (the best checkpoint) before an epoch has finished: the mid-epoch one is named
     ds = random_dataset(n_train=56)
 
-    config = rj.tiny(batch_size=8, epochs=2, device_loop="scan", steps_per_call=2)
+    config = rj.config.tiny(batch_size=8, epochs=2, device_loop="scan", steps_per_call=2)
     with pytest.raises(rj.Interrupted):
         rj.train_and_evaluate(config, str(tmp_path / "mid"), ds, verbosity=0, stop=StopSoon())
     with pytest.raises(

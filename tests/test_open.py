@@ -82,7 +82,7 @@ def test_own_model_and_optimizer_resume_bit_for_bit_and_restore_with_the_model(t
 
 def test_a_resume_with_another_model_is_refused_naming_the_first_difference(tmp_path):
     ds = random_dataset(n_train=32, n_test=16, shape=(16, 16, 1))
-    config = rj.tiny(batch_size=8, epochs=1)
+    config = rj.config.tiny(batch_size=8, epochs=1)
     workdir = str(tmp_path / "w")
     rj.train_and_evaluate(config, workdir, ds, model=CNN(), verbosity=0)
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
@@ -119,7 +119,7 @@ def test_an_augmentation_that_blanks_the_images_leaves_nothing_to_learn(tmp_path
 
 def test_a_model_with_dropout_trains_with_a_key_per_step(tmp_path):
     ds = random_dataset(n_train=32, n_test=16, shape=(16, 16, 1))
-    config = rj.tiny(batch_size=8, epochs=1)
+    config = rj.config.tiny(batch_size=8, epochs=1)
     state, history = rj.train_and_evaluate(config, str(tmp_path / "w"), ds, model=DropoutCNN(), verbosity=0)
     assert np.isfinite(history[-1]["loss"])
     x, y = jax.random.normal(jax.random.key(0), (8, 16, 16, 1)), np.arange(8) % 10
@@ -130,7 +130,7 @@ def test_a_model_with_dropout_trains_with_a_key_per_step(tmp_path):
 
 def test_a_callback_stops_the_run_and_the_same_call_trains_nothing(tmp_path, capsys):
     ds = random_dataset(n_train=32, n_test=16, shape=(16, 16, 1))
-    config = rj.tiny(batch_size=8, epochs=5)
+    config = rj.config.tiny(batch_size=8, epochs=5)
     seen = []
 
     def early_stop(epoch, metrics, state):
@@ -174,7 +174,7 @@ def test_run_json_keeps_the_version_the_times_and_the_test_result(full_run):
 
 def test_parts_that_do_not_fit_are_one_line_each(tmp_path):
     ds = random_dataset(n_train=16, n_test=8, shape=(16, 16, 1))
-    config = rj.tiny(batch_size=8, epochs=1)
+    config = rj.config.tiny(batch_size=8, epochs=1)
     cases = [
         (dict(model=CNN(num_classes=5)), r"shape \(2, 5\).*must return float logits of shape \(2, 10\)"),
         (dict(model="resnet"), "must be a flax.linen.Module"),
@@ -203,7 +203,7 @@ def test_a_model_without_a_train_argument_is_named():
             return nn.Dense(10)(x.mean((1, 2)))
 
     with pytest.raises(rj.UserError, match="must take a `train` argument"):
-        rj.create_train_state(rj.tiny(), jax.random.key(0), (8, 8, 1), 1, model=NoTrain())
+        rj.create_train_state(rj.config.tiny(), jax.random.key(0), (8, 8, 1), 1, model=NoTrain())
 
 
 # Datasets: any tfds image-classification dataset, folders of images -------------------------------
@@ -219,7 +219,9 @@ def test_tfds_image_datasets_load_and_train(name, shape, tmp_path):
         ds = rj.load_dataset(name)
     assert ds.train_images.shape == (24, *shape) and ds.test_images.shape == (24, *shape)
     assert ds.train_images.dtype == np.uint8 and ds.num_classes == 10 and ds.name == name
-    _, history = rj.train_and_evaluate(rj.tiny(batch_size=8, epochs=1), str(tmp_path / "w"), ds, verbosity=0)
+    _, history = rj.train_and_evaluate(
+        rj.config.tiny(batch_size=8, epochs=1), str(tmp_path / "w"), ds, verbosity=0
+    )
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
     info = run_json(tmp_path / "w")
     assert info["config"]["dataset"] == name and info["data"]["source"] == f"tfds:{name}"
@@ -236,7 +238,7 @@ def test_datasets_that_are_not_image_classification_are_refused():
 
 def test_in_memory_arrays_are_recorded_as_arrays_not_a_dataset_name(tmp_path):
     ds = random_dataset(n_train=16, n_test=8, shape=(8, 8, 3))
-    rj.train_and_evaluate(rj.tiny(batch_size=8, epochs=1), str(tmp_path / "w"), ds, verbosity=0)
+    rj.train_and_evaluate(rj.config.tiny(batch_size=8, epochs=1), str(tmp_path / "w"), ds, verbosity=0)
     info = run_json(tmp_path / "w")
     assert info["config"]["dataset"] == "arrays" and info["data"]["source"] == "arrays"
     assert info["data"]["fingerprint"] == ds.fingerprint()
@@ -252,7 +254,7 @@ def test_an_image_folder_and_its_archive_load_as_the_arrays_they_hold(tmp_path, 
     archive = tmp_path / "pets.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root, arcname="pets")
-    folder = os.path.join(rj.cache.home(), "images")
+    folder = os.path.join(rj.process.cache_home(), "images")
     before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
     for path in (root, archive, archive):  # the third read comes from the cache
         ds = rj.load_dataset(data_dir=str(path))

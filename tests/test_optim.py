@@ -40,7 +40,7 @@ def test_keras_adam_matches_closed_form():
     rng = np.random.default_rng(0)
     # Tiny gradients make epsilon matter: there Keras and optax disagree most.
     grads = [rng.normal(size=(50,)) * s for s in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1, 1e-6, 3e-7)]
-    tx = optax.chain(rj.scale_by_keras_adam(), optax.scale_by_learning_rate(1e-3))
+    tx = optax.chain(rj.model.optim.scale_by_keras_adam(), optax.scale_by_learning_rate(1e-3))
     ours, ref = run(tx, grads), keras_adam_reference(grads, 1e-3)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=2e-6)
@@ -51,18 +51,18 @@ def test_keras_adam_matches_closed_form():
 
 def test_schedule_gives_seed_rate_for_every_epoch():
     config, spe = rj.Config(), 1563
-    sched = rj.schedule(config, spe)
+    sched = rj.model.optim.schedule(config, spe)
     for epoch, lr in SEED_LR.items():
         first, last = (epoch - 1) * spe, epoch * spe - 1
         assert float(sched(first)) == pytest.approx(lr, rel=1e-6), epoch
         assert float(sched(last)) == pytest.approx(lr, rel=1e-6), epoch
-        assert rj.lr_for_epoch(config, epoch) == pytest.approx(lr, rel=1e-12)
-        assert f"{rj.lr_for_epoch(config, epoch):g}" in ("0.001", "0.0001", "1e-06", "5e-07")
+        assert rj.model.optim.lr_for_epoch(config, epoch) == pytest.approx(lr, rel=1e-12)
+        assert f"{rj.model.optim.lr_for_epoch(config, epoch):g}" in ("0.001", "0.0001", "1e-06", "5e-07")
 
 
 @pytest.mark.parametrize("spe", [1, 7, 391])
 def test_schedule_boundaries_follow_steps_per_epoch(spe):
-    sched = rj.schedule(rj.Config(), spe)
+    sched = rj.model.optim.schedule(rj.Config(), spe)
     for boundary, before, after in ((26, 1e-3, 1e-4), (36, 1e-4, 1e-6), (46, 1e-6, 5e-7)):
         assert float(sched(boundary * spe - 1)) == pytest.approx(before, rel=1e-6)
         assert float(sched(boundary * spe)) == pytest.approx(after, rel=1e-6)
@@ -71,8 +71,8 @@ def test_schedule_boundaries_follow_steps_per_epoch(spe):
 def test_optimizer_applies_schedule_per_step():
     """make_optimizer = Keras Adam then the scheduled rate: step k uses the rate of its epoch."""
     config = dataclasses.replace(rj.Config(), lr_epochs=(2,), lr_factors=(0.5,))
-    tx = rj.make_optimizer(config, steps_per_epoch=3)
-    unit = optax.chain(rj.scale_by_keras_adam(), optax.scale_by_learning_rate(1.0))
+    tx = rj.model.optim.make_optimizer(config, steps_per_epoch=3)
+    unit = optax.chain(rj.model.optim.scale_by_keras_adam(), optax.scale_by_learning_rate(1.0))
     params = jnp.zeros(4)
     state, unit_state = tx.init(params), unit.init(params)
     for k in range(9):

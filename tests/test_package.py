@@ -17,9 +17,15 @@ from conftest import ENV, ROOT
 
 import resnet_jax as rj
 
-SKIP = shutil.ignore_patterns(
-    ".git", ".venv", ".ci", "__pycache__", "*.egg-info", "build", "dist", "ckpt", "runs", "data"
-)
+ANYWHERE = shutil.ignore_patterns(".git", ".venv", ".ci", "__pycache__", "*.egg-info", "build", "dist")
+AT_THE_TOP = {"ckpt", "runs", "data"}  # a clone's work folders (resnet_jax/data and runs are the package's)
+
+
+def SKIP(folder, names):
+    skipped = ANYWHERE(folder, names)
+    if os.path.abspath(folder) == os.path.abspath(ROOT):
+        skipped |= AT_THE_TOP & set(names)
+    return skipped
 
 
 def run(cmd, cwd, env=None):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import resnet_jax as rj
-from resnet_jax import parallel
+from resnet_jax.device import parallel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -145,7 +145,7 @@ def test_batch_size_must_divide_over_devices():
 
 
 def test_unreachable_coordinator_and_bad_process_id_fail_fast():
-    from resnet_jax import distributed
+    from resnet_jax.device import distributed
 
     with pytest.raises(rj.UserError, match="out of range for 2 processes"):
         distributed.initialize("127.0.0.1:1234", 2, 2)

@@ -61,7 +61,7 @@ def count_from_description(version, n, f=16, classes=10, channels=3):
 
 
 def sizes(config):
-    model = rj.models.from_config(config)
+    model = rj.model.resnet.from_config(config)
     v = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False), jax.random.key(0))
     return sum(x.size for x in jax.tree.leaves(v["params"])), sum(
         x.size for x in jax.tree.leaves(v["batch_stats"])
@@ -75,7 +75,7 @@ def test_every_preset_has_the_examples_size(name):
     n = KERAS_N[version][depth]
     assert config.stage_sizes == (n, n, n) and config.num_filters == 16 and config.resnet_version == version
     assert sizes(config) == count_from_description(version, n)
-    assert rj.models.name(config) == f"ResNet{depth}v{version}"
+    assert rj.model.resnet.name(config) == f"ResNet{depth}v{version}"
 
 
 def test_known_keras_totals():
@@ -101,9 +101,9 @@ def test_preset_schedule_is_the_examples(name):
         200: 5e-7,
     }
     spe = 1563
-    sched = rj.schedule(config, spe)
+    sched = rj.model.optim.schedule(config, spe)
     for epoch, rate in expected.items():
-        assert rj.lr_for_epoch(config, epoch) == pytest.approx(rate, rel=1e-6)
+        assert rj.model.optim.lr_for_epoch(config, epoch) == pytest.approx(rate, rel=1e-6)
         assert float(sched((epoch - 1) * spe)) == pytest.approx(rate, rel=1e-6)  # its first step
         assert float(sched(epoch * spe - 1)) == pytest.approx(rate, rel=1e-6)  # and its last
     assert (config.epochs, config.batch_size, config.learning_rate, config.l2_weight) == (200, 32, 1e-3, 1e-4)
@@ -149,7 +149,7 @@ def reference_v2(params, stats, x, n, eps=1e-3):
 
 def test_v2_forward_pass_equals_a_hand_written_reference():
     config = preset("resnet20v2")
-    model = rj.models.from_config(config)
+    model = rj.model.resnet.from_config(config)
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
     fast = {"xla_backend_optimization_level": 0}  # as init_state: XLA:CPU is slow to optimise RNG
     v = jax.jit(lambda k: model.init(k, x, train=False), compiler_options=fast)(jax.random.key(1))
@@ -169,7 +169,9 @@ def test_v2_forward_pass_equals_a_hand_written_reference():
     ]
     assert len(kernels) == 1 + 3 * 2 * 3 + 3  # stem, 3 stages x 2 blocks x 3 convs, 3 projections
     expected = config.l2_weight * sum(float(np.sum(np.square(np.asarray(w, np.float64)))) for w in kernels)
-    penalty = jax.jit(rj.l2_penalty, static_argnums=1)(v["params"], config)  # one compile, not one an op
+    penalty = jax.jit(rj.model.steps.l2_penalty, static_argnums=1)(
+        v["params"], config
+    )  # one compile, not one an op
     assert float(penalty) == pytest.approx(expected, rel=1e-5)
 
 
@@ -214,15 +216,15 @@ def test_preset_through_the_command_line(archive, tmp_path):
 
 def test_holdout_is_disjoint_stratified_and_deterministic():
     labels = np.repeat(np.arange(10), [100, 100, 100, 100, 100, 100, 100, 100, 100, 37])
-    a = rj.dataset.holdout_indices(labels, 0.1, seed=0)
-    assert np.array_equal(a, rj.dataset.holdout_indices(labels, 0.1, seed=0))
-    assert not np.array_equal(a, rj.dataset.holdout_indices(labels, 0.1, seed=1))
+    a = rj.data.dataset.holdout_indices(labels, 0.1, seed=0)
+    assert np.array_equal(a, rj.data.dataset.holdout_indices(labels, 0.1, seed=0))
+    assert not np.array_equal(a, rj.data.dataset.holdout_indices(labels, 0.1, seed=1))
     assert len(a) == round(0.1 * len(labels)) and len(set(a)) == len(a)
     per_class = np.bincount(labels[a], minlength=10)
     assert per_class[:9].tolist() == [10] * 9 and per_class[9] in (3, 4)
-    assert len(rj.dataset.holdout_indices(labels, 250, seed=0)) == 250
+    assert len(rj.data.dataset.holdout_indices(labels, 250, seed=0)) == 250
     ds = random_dataset(n_train=60)
-    train_part, idx = rj.dataset.split_holdout(ds, 12, seed=0)
+    train_part, idx = rj.data.dataset.split_holdout(ds, 12, seed=0)
     assert len(train_part.train_images) == 48 and len(train_part.test_images) == 12
     rest = np.setdiff1d(np.arange(60), idx)
     np.testing.assert_array_equal(train_part.train_images, ds.train_images[rest])
@@ -230,7 +232,7 @@ def test_holdout_is_disjoint_stratified_and_deterministic():
 
 
 def test_the_test_set_never_enters_training_or_checkpoint_choice(tmp_path):
-    config = rj.tiny(batch_size=8, eval_batch_size=16, epochs=3, val_split=16)
+    config = rj.config.tiny(batch_size=8, eval_batch_size=16, epochs=3, val_split=16)
     ds = random_dataset(n_train=64, n_test=24)
     other = rj.Dataset(
         ds.train_images, ds.train_labels, ds.test_images[::-1] // 2 + 7, (ds.test_labels + 3) % 10, 10
@@ -243,7 +245,7 @@ def test_the_test_set_never_enters_training_or_checkpoint_choice(tmp_path):
     best_a, best_b = rj.restore(str(tmp_path / "a"), "best"), rj.restore(str(tmp_path / "b"), "best")
     jax.tree.map(np.testing.assert_array_equal, best_a.params, best_b.params)
     # and the validation numbers are the held-out images', not the test set's
-    _, idx = rj.dataset.split_holdout(ds, 16, seed=0)
+    _, idx = rj.data.dataset.split_holdout(ds, 16, seed=0)
     held = rj.Dataset(ds.train_images[:8], ds.train_labels[:8], ds.train_images[idx], ds.train_labels[idx])
     loss, acc = rj.evaluate_checkpoint(str(tmp_path / "a"), "latest", dataset=held)
     assert acc == pytest.approx(history_a[-1]["val_acc"]) and loss == pytest.approx(history_a[-1]["val_loss"])

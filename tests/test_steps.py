@@ -42,13 +42,15 @@ def test_train_loss_is_cross_entropy_plus_conv_l2(state):
     assert float(metrics["count"]) == 8
     assert float(metrics["loss"]) / 8 == pytest.approx(expected, rel=1e-5)
     assert conv_l2(state.params) > 1e-3  # the L2 term is not negligible at init
-    assert float(rj.l2_penalty(state.params, state.config)) == pytest.approx(conv_l2(state.params), rel=1e-5)
+    assert float(rj.model.steps.l2_penalty(state.params, state.config)) == pytest.approx(
+        conv_l2(state.params), rel=1e-5
+    )
 
 
 def test_l2_layers_and_weight_come_from_config(state):
     both = dataclasses.replace(state.config, l2_layers=("conv", "dense"), l2_weight=2e-4)
     dense = float(np.sum(np.asarray(state.params["head"]["kernel"], np.float64) ** 2))
-    got = float(rj.l2_penalty(state.params, both))
+    got = float(rj.model.steps.l2_penalty(state.params, both))
     assert got == pytest.approx(2 * conv_l2(state.params) + 2e-4 * dense, rel=1e-5)
 
 
@@ -139,7 +141,7 @@ def test_bad_inputs_are_clear(state):
     with pytest.raises(rj.UserError, match="dtype must be one of"):
         rj.Config(dtype="float16")
     with pytest.raises(rj.UserError, match="image_shape"):
-        rj.create_train_state(rj.tiny(), jax.random.key(0), (32, 32), 1)
+        rj.create_train_state(rj.config.tiny(), jax.random.key(0), (32, 32), 1)
 
 
 def test_config_round_trips_and_defaults_are_the_seed():
@@ -161,7 +163,7 @@ def test_moving_statistics_are_the_exponential_average_of_the_batch_statistics(t
     """After many steps each BatchNorm's moving mean and variance equal an exponential average
     (momentum 0.99, from 0 and 1) of the batch statistics of its input, computed here in float64
     from the conv outputs the model produces at each step (plus the conv bias it folds in)."""
-    from resnet_jax import layers
+    from resnet_jax.model import layers
 
     state = rj.create_train_state(tiny_config, jax.random.key(0), (16, 16, 3), steps_per_epoch=10)
     step = jax.jit(rj.train_step)

@@ -27,7 +27,8 @@ from conftest import (
 from own_parts import CNN, sgd_cosine
 
 import resnet_jax as rj
-from resnet_jax import cli, sweeps, tuning
+from resnet_jax import flags, tuning
+from resnet_jax.runs import summary as summaries
 
 SWEEP = ["--sweep", "learning_rate=0.001,0.003", "--seeds", "0,1", "--epochs", "2"]
 SETTINGS = ("learning_rate=0.001", "learning_rate=0.003")
@@ -149,7 +150,7 @@ def test_static_shards_split_the_runs(swept, archive, tmp_path):
     assert first.count("Epoch 1/2") == 2 and not read(workdir)["complete"]
     assert "Runs still missing" in first
     env = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2"}
-    assert cli.parse_shard("slurm", env) == (1, 2) and cli.parse_shard("3/4") == (3, 4)
+    assert flags.parse_shard("slurm", env) == (1, 2) and flags.parse_shard("3/4") == (3, 4)
     second = train("--workdir", workdir, "--data_dir", archive, *TINY, *SWEEP, "--shard", "1/2").stdout
     assert second.count("Epoch 1/2") == 2 and read(workdir)["complete"]
     ran = re.findall(r"=== (learning_rate=[\d.]+, seed \d)", first) + re.findall(
@@ -194,7 +195,9 @@ def test_the_notebook_sweep_and_train_many_with_your_own_parts(tmp_path):
         verbosity=0,
     )
     # train_many: the seeds of one recipe, each run's (state, history)
-    results = rj.train_many(rj.tiny(batch_size=8, epochs=2), str(tmp_path / "many"), seeds=[3, 5], **own)
+    results = rj.train_many(
+        rj.config.tiny(batch_size=8, epochs=2), str(tmp_path / "many"), seeds=[3, 5], **own
+    )
     assert len(results) == 2 and seen == [1, 2, 1, 2]
     (state_3, history_3), (state_5, _) = results
     assert state_3.config.seed == 3 and len(history_3) == 2 and state_3.batch_stats == {}
@@ -204,7 +207,7 @@ def test_the_notebook_sweep_and_train_many_with_your_own_parts(tmp_path):
 
     # sweep: settings x seeds, the summary returned
     seen.clear()
-    config = rj.tiny(batch_size=8, epochs=1)
+    config = rj.config.tiny(batch_size=8, epochs=1)
     summary = rj.sweep(config, str(tmp_path / "w"), grid={"shift_range": [0.0, 0.1]}, seeds=[3, 5], **own)
     assert [s["dir"] for s in summary["settings"]] == ["shift_range=0.0", "shift_range=0.1"]
     assert all(s["seeds"] == [3, 5] for s in summary["settings"]) and len(seen) == 4
@@ -213,7 +216,7 @@ def test_the_notebook_sweep_and_train_many_with_your_own_parts(tmp_path):
     with pytest.raises(rj.UserError, match="seed cannot be swept"):
         rj.sweep(config, str(tmp_path / "x"), grid={"seed": [1, 2]}, dataset=ds)
     assert not os.path.exists(tmp_path / "x")
-    assert sweeps.label({"stage_sizes": (3, 3, 2), "flip": False}) == "stage_sizes=3-3-2,flip=False"
+    assert summaries.label({"stage_sizes": (3, 3, 2), "flip": False}) == "stage_sizes=3-3-2,flip=False"
 
 
 TWO_MODELS = """

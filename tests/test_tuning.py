@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 
 import resnet_jax as rj
-from resnet_jax import tuning
+from resnet_jax import process, tuning
+from resnet_jax.model import resnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_auto_cpu_devices_splits_only_models_worth_splitting():
     tiny, seed = rj.config.tiny(), rj.Config()
-    flops = {c: 32 * rj.models.forward_flops(c) for c in (tiny, seed)}
+    flops = {c: 32 * rj.model.resnet.forward_flops(c) for c in (tiny, seed)}
     assert tuning.auto_cpu_devices(2, 32, flops[tiny]) == 1  # overhead-bound: one device
     assert tuning.auto_cpu_devices(2, 32, flops[seed]) == 2  # one device per core
     assert tuning.auto_cpu_devices(4, 30, flops[seed]) == 3  # a divisor of the batch
@@ -43,20 +44,21 @@ def test_a_gpu_start_creates_the_library_handles_outside_command_buffers(monkeyp
     # lone convolution and matrix product first. Here: it is called on a GPU, not elsewhere,
     # and its computation runs (on the CPU).
     calls = []
-    monkeypatch.setattr(tuning, "warm_gpu_libraries", lambda: calls.append(1))
+    monkeypatch.setattr(process, "warm_gpu_libraries", lambda: calls.append(1))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert tuning.current().name == "gpu" and calls == [1]
+    assert process.current().name == "gpu" and calls == [1]
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert tuning.current().name == "cpu" and calls == [1]
+    assert process.current().name == "cpu" and calls == [1]
     monkeypatch.undo()
-    tuning.warm_gpu_libraries()  # the real one: a convolution and a product that run
+    process.warm_gpu_libraries()  # the real one: a convolution and a product that run
 
 
 def test_the_cpu_choice():
     t = tuning.decide("cpu")  # each run decides its devices: the seed model one per core, tiny one
-    n = tuning.run_devices(t, rj.Config(), available=2, cores_=2)
-    assert tuning.run_devices(t, rj.tiny(), available=2, cores_=2) == 1 and t.cpu_devices is None
-    assert tuning.run_devices(t, rj.Config(), available=1, cores_=2) == 1  # what the process has
+    seed, tiny = (resnet.step_flops(c) for c in (rj.Config(), rj.config.tiny()))
+    n = tuning.run_devices(t, 32, seed, available=2, cores_=2)
+    assert tuning.run_devices(t, 32, tiny, available=2, cores_=2) == 1 and t.cpu_devices is None
+    assert tuning.run_devices(t, 32, seed, available=1, cores_=2) == 1  # what the process has
     assert (n, t.malloc, t.device_loop, t.materialize, t.xla_flags) == (
         2,
         True,
@@ -66,7 +68,7 @@ def test_the_cpu_choice():
     )
     assert t.compile_threads == 1  # XLA:CPU spreads one compile over the cores already
     chosen = tuning.decide("cpu", cpu_devices="3")
-    assert chosen.cpu_devices == 3 and tuning.run_devices(chosen, rj.tiny(), available=8, cores_=8) == 3
+    assert chosen.cpu_devices == 3 and tuning.run_devices(chosen, 32, tiny, available=8, cores_=8) == 3
     with pytest.raises(rj.UserError, match="cpu_devices must be 'auto' or a positive integer"):
         tuning.decide("cpu", cpu_devices="many")
 
@@ -74,7 +76,7 @@ def test_the_cpu_choice():
 def test_programs_compile_as_many_at_once_as_the_platform_says(monkeypatch):
     # compile_all's threads follow tuning.Platform.compile_threads: on this CPU one program at a
     # time; with the GPU's decision, several at once.
-    from resnet_jax import programs
+    from resnet_jax.device import programs
 
     def jobs(tag):
         now, most, lock = [0], [0], threading.Lock()
@@ -92,7 +94,7 @@ def test_programs_compile_as_many_at_once_as_the_platform_says(monkeypatch):
         return [((tag, i), Lowered) for i in range(3)], most
 
     work, most = jobs("cpu-test")
-    threads = tuning.current().compile_threads  # this CPU's decision
+    threads = process.current().compile_threads  # this CPU's decision
     assert programs.compile_all(work, threads) == ["cpu-test"] * 3 and most[0] == 1
     work, most = jobs("gpu-test")
     assert (
@@ -123,22 +125,22 @@ def test_platform_detection_honours_jax_platforms():
 
 
 def test_users_xla_flags_win():
-    merged = tuning.merge_xla_flags("--xla_gpu_deterministic_ops=false --foo=1", tuning.GPU_XLA_FLAGS)
+    merged = process.merge_xla_flags("--xla_gpu_deterministic_ops=false --foo=1", tuning.GPU_XLA_FLAGS)
     assert "--xla_gpu_deterministic_ops=false" in merged.split()
     assert "--xla_gpu_deterministic_ops=true" not in merged
     assert any(f.startswith("--xla_gpu_enable_command_buffer=") for f in merged.split())
-    assert tuning.merge_xla_flags("", ()) == ""
+    assert process.merge_xla_flags("", ()) == ""
 
 
 def test_materialize_is_an_exact_identity_for_inf_and_nan_too():
     x = jnp.array([1.5, -2.0, 0.0, jnp.inf, -jnp.inf, jnp.nan, 3e38, -1e-30])
-    y = jax.jit(rj.models.materialize)(x)
+    y = jax.jit(rj.model.resnet.materialize)(x)
     np.testing.assert_array_equal(y[:6], x[:6])  # NaN == NaN for assert_array_equal
     assert y[6] == x[6] and np.isnan(y[5]) and np.isposinf(y[3]) and np.isneginf(y[4])
 
 
 def test_materialize_is_a_model_setting_the_cpu_decision_turns_on():
-    config = rj.tiny()
+    config = rj.config.tiny()
     on = rj.create_train_state(config, jax.random.key(0), (32, 32, 3), 5, materialize=True)
     off = rj.create_train_state(config, jax.random.key(0), (32, 32, 3), 5, materialize=False)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
@@ -181,12 +183,13 @@ def test_help_and_argument_errors_start_once():
 NOTEBOOK_SPLIT = """
 import json, sys, numpy as np
 import jax, resnet_jax as rj
-from resnet_jax import models, tuning
+from resnet_jax import tuning
+from resnet_jax.model import resnet
 rng = np.random.default_rng(0)
 x, y = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), np.arange(64) % 10
 config = rj.Config(num_filters=16, stage_sizes=(1, 1, 1), batch_size=32, epochs=1)
 rj.train_and_evaluate(config, sys.argv[1], rj.Dataset(x, y, x[:32], y[:32]), verbosity=0)
-flops = config.batch_size * models.forward_flops(config)
+flops = config.batch_size * resnet.forward_flops(config)
 print(json.dumps([jax.device_count(), tuning.auto_cpu_devices(tuning.cores(), 32, flops)]))
 """
 

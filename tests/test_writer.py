@@ -7,7 +7,7 @@ import os
 import pytest
 
 import resnet_jax as rj
-from resnet_jax.writer import Writer
+from resnet_jax.runs.writer import Writer
 
 REC = {"epoch": 1, "lr": 0.001, "loss": 2.0, "acc": 0.1, "val_loss": 2.1, "val_acc": 0.2, "seconds": 1.0}
 
@@ -58,7 +58,7 @@ def test_a_failed_start_leaves_no_lock_behind(tmp_path, existed):
 def test_short_epochs_are_drawn_at_most_every_few_seconds_and_the_last_at_close(tmp_path, monkeypatch):
     """curves.png: the first epoch drawn at once, epochs quicker than `redraw_seconds` deferred
     (matplotlib holds Python's lock while it draws), and `close` draws the last one."""
-    from resnet_jax import plots, writer
+    from resnet_jax.runs import plots, writer
 
     drawn = []
     monkeypatch.setattr(plots, "plot_curves", lambda history, path, lr_epochs: drawn.append(len(history)))

@@ -40,7 +40,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import resnet_jax as rj
-from resnet_jax import batches, checkpoint, device_data, programs, tuning
+from resnet_jax import checkpoint, process, tuning
+from resnet_jax.device import batches, programs
+from resnet_jax.device import data as device_data
 
 TARGETS = {
     "h200": dict(cores=132, bandwidth=4_800_000_000_000, memory=150_000_000_000, name="NVIDIA H200"),
@@ -138,15 +140,15 @@ def main():
     # device XLA cannot autotune them (jax 0.11 fails to compile; the few small GEMMs of the head
     # and the augmentation become cuBLAS calls instead, one kernel each either way).
     flags = tuning.GPU_XLA_FLAGS + ("--xla_gpu_enable_triton_gemm=false",)
-    os.environ["XLA_FLAGS"] = tuning.merge_xla_flags(os.environ.get("XLA_FLAGS", ""), flags)
+    os.environ["XLA_FLAGS"] = process.merge_xla_flags(os.environ.get("XLA_FLAGS", ""), flags)
     topology = topologies.get_topology_desc(
         platform="cuda", target_config=TARGET_CONFIG.format(**TARGETS[a.target]), topology="1x1x1"
     )
-    mesh = topologies.make_mesh(topo=topology, mesh_shape=(1,), axis_names=(rj.parallel.AXIS,))
+    mesh = topologies.make_mesh(topo=topology, mesh_shape=(1,), axis_names=(rj.device.parallel.AXIS,))
     config = model_config(a, batch_size=a.batch_size, dtype=a.dtype, steps_per_call=a.steps_per_call)
     n_train, spe = 50_000, batches.steps_per_epoch(50_000, a.batch_size)
-    model = rj.models.from_config(config, materialize=tuning.decide("gpu").materialize)
-    state = checkpoint.template(model, rj.optim.make_optimizer(config, spe), config, (32, 32, 3))
+    model = rj.model.resnet.from_config(config, materialize=tuning.decide("gpu").materialize)
+    state = checkpoint.template(model, rj.model.optim.make_optimizer(config, spe), config, (32, 32, 3))
     on_gpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P()))
     state = jax.tree.map(on_gpu, state)
     data = device_data.DeviceData(
@@ -174,7 +176,7 @@ def main():
     by_kind, by_source = kernels(comps, body)
     print(json.dumps({
         "what": "gpu_step_kernels", "target": TARGETS[a.target]["name"], "jax": jax.__version__,
-        "model": rj.models.name(config), "batch_size": a.batch_size, "dtype": a.dtype, "tag": a.tag,
+        "model": rj.model.resnet.name(config), "batch_size": a.batch_size, "dtype": a.dtype, "tag": a.tag,
         "batchnorm_derivative": a.batchnorm_derivative,
         "kernels_per_step": sum(by_kind.values()), "by_kind": dict(by_kind.most_common()),
         "by_source": dict(by_source.most_common()), "while_loops": len(loops),

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import resnet_jax as rj
-from resnet_jax.augment import augment as seed_augment
+from resnet_jax.model.augment import augment as seed_augment
 
 
 def main():

@@ -32,7 +32,7 @@ def main():
     from keras_parity import copy_weights
 
     import resnet_jax as rj
-    from resnet_jax import models, optim, steps
+    from resnet_jax.model import optim, resnet, steps
 
     config = rj.Config(num_filters=a.num_filters)
     keras.utils.set_random_seed(a.seed)
@@ -43,7 +43,7 @@ def main():
         if type(layer).__name__ == "BatchNormalization":
             weights[3] = rng.uniform(0.2, 3.0, size=weights[3].shape).astype(np.float32)
         layer.set_weights(weights)
-    model = models.from_config(config, materialize=False)
+    model = resnet.from_config(config, materialize=False)
     tx = optim.make_optimizer(config, 1563)
     state = copy_weights(kmodel, steps.init_state(model, tx, config, jax.random.key(a.seed), (32, 32, 3)))
     x = 0.3 * rng.normal(size=(64, 32, 32, 3)).astype(np.float32)

@@ -95,10 +95,10 @@ def main():
     from keras_baseline import build
 
     import resnet_jax as rj
-    from resnet_jax import models, optim, steps
+    from resnet_jax.model import optim, resnet, steps
 
     ds = rj.load_dataset("cifar10", data_dir=a.data_dir)
-    mean = rj.dataset.pixel_mean(ds.train_images)
+    mean = rj.data.dataset.pixel_mean(ds.train_images)
     config = rj.Config(num_filters=a.num_filters)
     keras.utils.set_random_seed(a.seed)
     kmodel = build(keras, config.num_filters, config.stage_sizes, 10)
@@ -108,7 +108,7 @@ def main():
         metrics=["accuracy"],
     )
 
-    model = models.from_config(config, materialize=False)
+    model = resnet.from_config(config, materialize=False)
     tx = optim.make_optimizer(config, 1563)
     state = steps.init_state(model, tx, config, jax.random.key(a.seed), (32, 32, 3))
     state = copy_weights(kmodel, state)
@@ -154,7 +154,7 @@ def main():
             correct = dict.fromkeys(correct, 0.0)
         idx = order[(i % per_epoch) * batch : (i % per_epoch + 1) * batch]
         x = ds.train_images[idx].astype(np.float32) / 255 - mean
-        x = np.asarray(rj.augment(jax.random.fold_in(data_key, i), x, config))
+        x = np.asarray(rj.model.augment.augment(jax.random.fold_in(data_key, i), x, config))
         y = ds.train_labels[idx]
         kmodel.reset_metrics()  # Keras 3's train_on_batch returns running means otherwise
         keras_out = kmodel.train_on_batch(x, y, return_dict=True)

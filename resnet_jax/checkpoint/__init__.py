@@ -6,36 +6,41 @@
     layout.py    the state template a checkpoint is restored into, and the shape of every array
                  it holds (run.json's `state_tree`, checked before a checkpoint is touched)
     reading.py   a saved run's state from its workdir alone (`resnet_jax.restore`)
+    run_files.py the run's own files beside them: run.json (what ran, changes, the test result),
+                 metrics.jsonl, holdout.json, the workdir's lock, and the checks on resume
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a kill at
 any moment leaves every finished checkpoint readable; nothing here deletes one except orbax's
 preservation policy (the best and the two latest are kept).
 """
 
-from resnet_jax.checkpoint.layout import check_tree, state_tree, template
-from resnet_jax.checkpoint.manager import (
-    FOLDER,
-    Checkpoints,
-    exists,
-    last_complete_line,
-    quiet,
-    resumable_on_full_disk,
-)
-from resnet_jax.checkpoint.progress import Progress
-from resnet_jax.checkpoint.reading import open_run, restore, restore_with_meta
+import importlib
 
-__all__ = [
-    "FOLDER",
-    "Checkpoints",
-    "Progress",
-    "check_tree",
-    "exists",
-    "last_complete_line",
-    "open_run",
-    "quiet",
-    "restore",
-    "restore_with_meta",
-    "resumable_on_full_disk",
-    "state_tree",
-    "template",
-]
+# Names load on first use (run_files needs no orbax; a workdir's checks run before it loads).
+_NAMES = {
+    "check_tree": "layout",
+    "state_tree": "layout",
+    "template": "layout",
+    "FOLDER": "manager",
+    "Checkpoints": "manager",
+    "exists": "manager",
+    "last_complete_line": "manager",
+    "quiet": "manager",
+    "resumable_on_full_disk": "manager",
+    "Progress": "progress",
+    "open_run": "reading",
+    "restore": "reading",
+    "restore_with_meta": "reading",
+}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+    elif name in ("layout", "manager", "progress", "reading", "run_files", "workarounds"):
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import jax
 
-from resnet_jax.cache import per_process
 from resnet_jax.errors import UserError
-from resnet_jax.steps import TrainState, check_image_shape, initial_arrays
+from resnet_jax.model.memo import per_process
+from resnet_jax.model.steps import TrainState, check_image_shape, initial_arrays
 
 
 def template(model, tx, config, image_shape) -> TrainState:

@@ -28,8 +28,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from resnet_jax.checkpoint.progress import Progress
-from resnet_jax.errors import UserError
-from resnet_jax.faults import DiskFull, MachineFault, is_disk_full, writing
+from resnet_jax.errors import DiskFull, MachineFault, UserError, is_disk_full, writing
 
 FOLDER = "checkpoints"
 

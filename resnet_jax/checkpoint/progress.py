@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from resnet_jax.metrics import Sums
+from resnet_jax.device.metrics import Sums
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 
-from resnet_jax import parts, run_files, steps, tuning
+from resnet_jax import process
+from resnet_jax.checkpoint import run_files
 from resnet_jax.checkpoint.layout import check_tree, state_tree, template
 from resnet_jax.checkpoint.manager import FOLDER, Checkpoints
 from resnet_jax.checkpoint.progress import Progress
 from resnet_jax.errors import UserError
+from resnet_jax.model import parts, steps
 
 
 def open_run(workdir: str):
@@ -41,8 +43,8 @@ def restore_with_meta(workdir: str, which: str = "best", *, model=None, optimize
         )
     image_shape, steps_per_epoch = tuple(info["image_shape"]), info["steps_per_epoch"]
     if platform is None:
-        tuning.setup()
-        platform = tuning.current()
+        process.setup()
+        platform = process.current()
     chosen = parts.resolve(config, image_shape, steps_per_epoch, platform, model=model, optimizer=optimizer)
     like = template(chosen.model, chosen.tx, config, image_shape)
     as_saved = record.get("optimizer", {}).get("own") and optimizer is None

@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.cache import per_process
-from resnet_jax.layers import BatchNorm, Conv, conv_norm, he_normal
+from resnet_jax.model.layers import BatchNorm, Conv, conv_norm, he_normal
+from resnet_jax.model.memo import per_process
 
 
 def materialize(x):
@@ -207,6 +207,12 @@ def forward_flops(config, image_shape=(32, 32, 3), model=None) -> float:
     """
     model = from_config(config) if model is None else model
     return _traced_flops(model, tuple(int(d) for d in image_shape))
+
+
+def step_flops(config, image_shape=(32, 32, 3), model=None) -> float:
+    """The forward FLOPs of a training step: the batch times one image's (your model's, else the
+    Config's), what sizes a run's CPU devices (resnet_jax.tuning.run_devices)."""
+    return config.batch_size * forward_flops(config, image_shape, model=model)
 
 
 @per_process(maxsize=32)

@@ -21,9 +21,10 @@ import os
 import sys
 import time
 
-from resnet_jax import plots, run_files
 from resnet_jax.atomic import write_text
-from resnet_jax.console import Console
+from resnet_jax.checkpoint import run_files
+from resnet_jax.runs import plots
+from resnet_jax.runs.console import Console
 
 
 class Writer:
@@ -133,7 +134,7 @@ class TensorBoard:
             self._give_up(e)
 
     def _give_up(self, e):
-        from resnet_jax.faults import is_disk_full
+        from resnet_jax.errors import is_disk_full
 
         if not is_disk_full(e):
             raise e

@@ -22,39 +22,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import itertools
 import json
-import math
 import os
-import re
-import statistics
 import threading
 
-from resnet_jax import interrupt, run_files, tuning
-from resnet_jax.config import NO_NUMBER, NOT_SWEPT, Config, parse_value
-from resnet_jax.console import table
+from resnet_jax import process
+from resnet_jax.checkpoint import run_files
+from resnet_jax.config import NO_NUMBER, NOT_SWEPT, Config
 from resnet_jax.errors import UserError
-from resnet_jax.writer import Writer
-
-SUMMARY_FILE = "summary.json"
-TUPLE_SEPARATOR = ":"  # --sweep stage_sizes=1:1:1,3:3:2
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """ "0,1,2", "0-3" or "0-3,7" -> the seeds, in order; one line for anything else."""
-    seeds = []
-    for part in (p.strip() for p in str(text).split(",")):
-        span = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
-        if span and int(span[2]) >= int(span[1]):
-            seeds += range(int(span[1]), int(span[2]) + 1)
-        elif part:
-            try:
-                seeds.append(int(part))
-            except ValueError:
-                raise UserError(f"--seeds takes seeds like 0,1,2 or 0-3, got {text!r}") from None
-    check_seeds(seeds)
-    return tuple(seeds)
+from resnet_jax.runs import interrupt
+from resnet_jax.runs import summary as summaries
+from resnet_jax.runs.summary import finished, label, render
+from resnet_jax.runs.writer import Writer
 
 
 def check_seeds(seeds):
@@ -66,30 +46,6 @@ def check_seeds(seeds):
     twice = sorted({s for s in seeds if list(seeds).count(s) > 1})
     if twice:
         raise UserError(f"seed {twice[0]} is given twice in --seeds; name each seed once")
-
-
-def parse_grid(texts) -> tuple:
-    """`--sweep FIELD=V1,V2` flags -> ((field, (values...)), ...), values as the field's flag
-    reads them (tuples with ':' between items). One line for a flag that cannot be one."""
-    fields = {f.name for f in dataclasses.fields(Config)}
-    grid = []
-    for text in texts:
-        if "=" not in text:
-            raise UserError(f"--sweep takes FIELD=V1,V2,..., got {text!r} (no '=')")
-        name, values = (part.strip() for part in text.split("=", 1))
-        if name not in fields:
-            close = difflib.get_close_matches(name, sorted(fields), n=1)
-            hint = f"; did you mean {close[0]}?" if close else " (train.py --help lists the fields)"
-            raise UserError(f"--sweep {text}: {name!r} is not a setting{hint}")
-        texts_of = [v.strip() for v in values.split(",")]
-        if not values.strip() or "" in texts_of:
-            raise UserError(f"--sweep {text}: give {name} one or more values, like {name}=V1,V2")
-        try:
-            parsed = tuple(parse_value(name, v, TUPLE_SEPARATOR) for v in texts_of)
-        except ValueError as e:
-            raise UserError(f"--sweep {text}: {e}") from None
-        grid.append((name, parsed))
-    return check_grid(grid)
 
 
 def check_grid(grid) -> tuple:
@@ -121,18 +77,6 @@ def settings(config: Config, grid) -> list[tuple[dict, Config]]:
         except UserError as e:
             raise UserError(f"the sweep's setting {label(fields)}: {e}") from None
     return found
-
-
-def render(value) -> str:
-    """A value as a setting's folder names it: 0.001, 3-3-2, True."""
-    if isinstance(value, tuple):
-        return "-".join(render(v) for v in value)
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def label(fields: dict) -> str:
-    """A setting's name, and its folder: learning_rate=0.001,num_filters=16 ('' for no grid)."""
-    return ",".join(f"{k}={render(v)}" for k, v in fields.items())
 
 
 def run_dir(workdir: str, fields: dict, seed: int) -> str:
@@ -246,8 +190,8 @@ def train_many(config: Config, workdir: str, seeds, dataset=None, *, verbosity: 
 
 def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs, states: bool):
     """(summary, [(state, history)] of the runs this process trained, or restored when `states`)."""
-    from resnet_jax.data import load_dataset
-    from resnet_jax.loop import train
+    from resnet_jax.data.load import load_dataset
+    from resnet_jax.runs.loop import train
 
     path = os.path.abspath(os.path.expanduser(workdir))
     seeds = (config.seed,) if seeds is None else tuple(int(s) for s in seeds)
@@ -265,8 +209,8 @@ def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs
     ]
     data = dataset.describe()
     check_workdir(path, config, grid, data)
-    tuning.setup()
-    platform = tuning.current()
+    process.setup()
+    platform = process.current()
     writer = Writer(path, verbosity)
     _record(writer, path, config, grid, seeds, data)
     plan = Plan(path, grid, seeds, every)
@@ -280,12 +224,12 @@ def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs
     results, waiting = {}, []
     with interrupt.saving_on(stop, end_bar=console.bar):
         for attempt in range(2):  # the second pass: runs another process held and left unfinished
-            todo = runs if attempt == 0 else [r for r in waiting if not _agree(_finished(r[2]))]
+            todo = runs if attempt == 0 else [r for r in waiting if not _agree(finished(r[2]))]
             waiting = []
             for i, (fields, run_config, folder) in enumerate(todo):
                 name = ", ".join(filter(None, (label(fields), f"seed {run_config.seed}")))
                 console.line(f"=== {name} ({i + 1} of {len(todo)}) -> {folder}")
-                if not states and _agree(_finished(folder)):  # nothing to train: not even its state read
+                if not states and _agree(finished(folder)):  # nothing to train: not even its state read
                     console.line(f"Run in {folder} is finished.")
                     continue
                 with _claim(folder) as mine:
@@ -305,16 +249,8 @@ def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs
                     )
             if not waiting:
                 break
-    summary = _summarize_and_report(writer, plan, config)
+    summary = summaries.write(writer, plan, config)
     return summary, [results[folder] for _, _, folder in runs if folder in results]
-
-
-def _finished(folder: str) -> bool:
-    try:
-        saved = run_files.read_run(folder)
-    except UserError:
-        return False
-    return saved is not None and saved[1].get("test") is not None
 
 
 def _agree(value: bool) -> bool:
@@ -370,200 +306,3 @@ def _record(writer: Writer, path: str, config: Config, grid, seeds, data: dict):
         }
         if record != saved:
             writer.json(run_files.SWEEP_FILE, record)
-
-
-def _summarize_and_report(writer: Writer, plan: Plan, config: Config) -> dict:
-    """summary.json and curves.png from the runs finished now (under W's lock), and the console's
-    closing table."""
-    summary, histories = summarize(plan, config)
-    if writer.primary:
-        with run_files.Lock(plan.workdir, wait=True):
-            summary, histories = summarize(plan, config)  # what is finished now, under the lock
-            writer.json(SUMMARY_FILE, summary)
-            if any(histories.values()):
-                writer.figure("curves.png", lambda: _figure(plan, histories))
-    for line in summary_lines(summary):
-        writer.console.line(line)
-    return summary
-
-
-def _figure(plan: Plan, histories: dict):
-    from resnet_jax.plots import curves_figure
-
-    groups = [
-        (label(f) or "mean of the seeds", histories[label(f)])
-        for f, _ in plan.settings
-        if histories[label(f)]
-    ]
-    title = (
-        f"val_acc of {len(plan.seeds)} seed(s)"
-        if not plan.grid
-        else f"val_acc by setting, {len(plan.seeds)} seed(s) each"
-    )
-    return curves_figure(groups, title)
-
-
-def _run_row(folder: str, seed: int) -> tuple[dict, list] | None:
-    if not _finished(folder):
-        return None
-    _, info = run_files.read_run(folder)
-    history = run_files.read_metrics(folder)
-    best = max(history, key=lambda r: r["val_acc"])
-    row = {
-        "seed": seed,
-        "test_accuracy": info["test"]["accuracy"],
-        "test_loss": info["test"]["loss"],
-        "best_val_acc": best["val_acc"],
-        "best_epoch": best["epoch"],
-        "epochs": len(history),
-        "seconds": round(sum(r["seconds"] for r in history), 1),
-    }
-    return row, history
-
-
-def mean_sd(values) -> dict:
-    """{"mean", "sd"}: the sample standard deviation (None for one value)."""
-    values = list(values)
-    return {
-        "mean": statistics.fmean(values) if values else None,
-        "sd": statistics.stdev(values) if len(values) > 1 else None,
-    }
-
-
-def welch(a, b) -> dict:
-    """The difference of means b - a with a 95 % interval by Welch's t (unequal variances);
-    no interval when either has fewer than two values."""
-    diff = statistics.fmean(b) - statistics.fmean(a)
-    if len(a) < 2 or len(b) < 2:
-        return {"diff": diff, "ci95": None, "why": "a setting with one seed: no interval can be given"}
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return {"diff": diff, "ci95": [diff, diff], "why": "every seed gave the same accuracy"}
-    from scipy import stats
-
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = float(stats.t.ppf(0.975, df)) * se
-    return {"diff": diff, "ci95": [diff - half, diff + half], "df": df}
-
-
-def summarize(plan: Plan, config: Config) -> tuple[dict, dict]:
-    """summary.json of what is finished, and the val_acc histories by setting label."""
-    entries, histories = [], {}
-    for fields, setting_config in plan.settings:
-        rows, curves = [], []
-        for seed in plan.seeds:
-            found = _run_row(plan.folder(fields, seed), seed)
-            if found is not None:
-                rows.append(found[0])
-                curves.append(found[1])
-        histories[label(fields)] = curves
-        entry = {
-            "fields": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
-            "dir": os.path.relpath(os.path.dirname(plan.folder(fields, 0)), plan.workdir),
-            "seeds": [r["seed"] for r in rows],
-            "missing": [s for s in plan.seeds if s not in [r["seed"] for r in rows]],
-            "test_accuracy": mean_sd(r["test_accuracy"] for r in rows),
-            "val_acc": mean_sd(r["best_val_acc"] for r in rows),
-            "held_out": bool(setting_config.val_split),
-            "runs": rows,
-        }
-        entries.append(entry)
-    first = [r["test_accuracy"] for r in entries[0]["runs"]] if entries else []
-    for entry in entries[1:]:
-        mine = [r["test_accuracy"] for r in entry["runs"]]
-        entry["vs_first"] = welch(first, mine) if first and mine else None
-    summary = {
-        "settings": entries,
-        "interval": "vs_first: the difference of mean test accuracy from the first setting's, with a "
-        "95 % interval by Welch's t",
-        "complete": all(not e["missing"] for e in entries),
-        "chosen": _choose(entries),
-    }
-    if not plan.grid and entries:  # --seeds's summary as it always was, at the top level too
-        entry = entries[0]
-        accuracy = [r["test_accuracy"] for r in entry["runs"]]
-        summary.update(
-            seeds=entry["seeds"],
-            test_accuracy=accuracy,
-            mean=entry["test_accuracy"]["mean"],
-            sd=entry["test_accuracy"]["sd"] if len(accuracy) > 1 else 0.0,
-            n=len(accuracy),
-            runs=entry["runs"],
-        )
-    return summary, histories
-
-
-def _choose(entries) -> dict | None:
-    """The setting with the best mean val_acc, and what validated: held-out training images
-    (--val_split), or the test set (the seed's way; then the test set chose it)."""
-    done = [e for e in entries if e["runs"]]
-    if not done:
-        return None
-    best = max(done, key=lambda e: e["val_acc"]["mean"])
-    held_out = all(e["held_out"] for e in done)
-    return {
-        "dir": best["dir"],
-        "fields": best["fields"],
-        "by": "mean best val_acc over its seeds",
-        "validated_on": "held-out training images (--val_split)" if held_out else "the test set",
-        "test_set_chose": not held_out,
-    }
-
-
-def summary_lines(summary: dict) -> list[str]:
-    """The console's closing table: per seed for a sweep of one setting, else per setting."""
-    entries = summary["settings"]
-    if not entries:
-        return []
-    if "runs" in summary:  # one setting: a row per seed, then mean ± sd
-        header = ("seed", "test_acc", "test_loss", "best_val_acc (epoch)", "seconds")
-        rows = [
-            (
-                r["seed"],
-                f"{r['test_accuracy']:.4f}",
-                f"{r['test_loss']:.4f}",
-                f"{r['best_val_acc']:.4f} ({r['best_epoch']})",
-                f"{r['seconds']:.0f}",
-            )
-            for r in summary["runs"]
-        ]
-        lines = ["", *table(header, rows)]
-        if summary["n"]:
-            mean, sd = summary["mean"], summary["sd"]
-            lines.append(f"Test accuracy over {summary['n']} seeds: {mean:.4f} ± {sd:.4f} (mean ± sd)")
-        return lines
-    header = ("setting", "n", "val_acc", "test_acc", "vs first (95 % interval)")
-    rows = []
-    for i, e in enumerate(entries):
-        vs = e.get("vs_first")
-        if i == 0 or vs is None:
-            versus = "" if i == 0 else "no runs yet"
-        elif vs["ci95"] is None:
-            versus = f"{vs['diff']:+.4f} (one seed: no interval)"
-        else:
-            versus = f"{vs['diff']:+.4f} [{vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f}]"
-        rows.append((label(e["fields"]), len(e["runs"]), _pm(e["val_acc"]), _pm(e["test_accuracy"]), versus))
-    lines = ["", *table(header, rows)]
-    chosen = summary["chosen"]
-    if chosen is not None:
-        lines.append(
-            f"Best on validation ({chosen['by']}, on {chosen['validated_on']}): {label(chosen['fields'])}"
-            + (
-                "; the test set chose it, so its test accuracy flatters it: hold images out with "
-                "--val_split for a choice the test set does not make"
-                if chosen["test_set_chose"]
-                else "; the test set was used once per run, at its end, not to choose"
-            )
-        )
-    if not summary["complete"]:
-        lines.append(
-            "Runs still missing (another process, a later shard, or a stop): the summary covers what finished"
-        )
-    return lines
-
-
-def _pm(stats: dict) -> str:
-    if stats["mean"] is None:
-        return "-"
-    return f"{stats['mean']:.4f}" + ("" if stats["sd"] is None else f" ± {stats['sd']:.4f}")

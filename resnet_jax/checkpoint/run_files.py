@@ -12,8 +12,7 @@ import os
 
 from resnet_jax.atomic import write_text
 from resnet_jax.config import CHANGEABLE_FIELDS, FIXED_FIELDS, MODEL_FIELDS, Config
-from resnet_jax.errors import UserError
-from resnet_jax.faults import writing
+from resnet_jax.errors import UserError, writing
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"

@@ -1,7 +1,7 @@
 """The parts of a run, decided once at the top (`train_and_evaluate`, `create_train_state`) and
 passed down: the model, the optimizer, the augmentation, and how to read the learning rate.
 
-Each is the Config's (the seed recipe: `models.ResNet`, Keras-form Adam on the piecewise-constant
+Each is the Config's (the seed recipe: `resnet.ResNet`, Keras-form Adam on the piecewise-constant
 schedule, shift + flip) unless the user brings their own, following Flax/optax conventions:
 
 - `model`: a `flax.linen.Module` called as `model(images, train=bool)` on preprocessed float
@@ -29,12 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from resnet_jax import models, optim, steps, tuning
-from resnet_jax.augment import augment as seed_augment
-from resnet_jax.cache import per_process
+from resnet_jax import process
 from resnet_jax.config import Config
 from resnet_jax.errors import UserError
-from resnet_jax.steps import check_image_shape, init_state
+from resnet_jax.model import optim, resnet, steps
+from resnet_jax.model.augment import augment as seed_augment
+from resnet_jax.model.memo import per_process
+from resnet_jax.model.steps import check_image_shape, init_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,7 @@ def resolve(config, image_shape, steps_per_epoch: int, platform, *, model=None, 
         raise UserError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
     own_model = model is not None
     if model is None:
-        model = models.from_config(config, materialize=platform.materialize)
+        model = resnet.from_config(config, materialize=platform.materialize)
     variables = _check_model(model, image_shape, config.num_classes)
     own_optimizer = optimizer is not None
     tx = (
@@ -88,7 +89,7 @@ def resolve(config, image_shape, steps_per_epoch: int, platform, *, model=None, 
         "model": {
             "own": own_model,
             "class": type(model).__name__,
-            "name": type(model).__name__ if own_model else models.name(config),
+            "name": type(model).__name__ if own_model else resnet.name(config),
             "parameters": count(variables["params"]),
             "batch_stats": count(variables.get("batch_stats", {})),
         },
@@ -267,9 +268,9 @@ def create_train_state(
     Adam, or an optax transformation / a function of steps_per_epoch returning one) for images of
     `image_shape` (H, W, C). `materialize` (the ResNet's CPU speed setting) defaults to what
     resnet_jax.tuning decides for the platform JAX runs on (the first call in a process sets the
-    process up, as a run does: tuning.setup)."""
-    tuning.setup()
-    platform = tuning.current()
+    process up, as a run does: process.setup)."""
+    process.setup()
+    platform = process.current()
     if materialize is not None:
         platform = dataclasses.replace(platform, materialize=materialize)
     parts = resolve(config, image_shape, steps_per_epoch, platform, model=model, optimizer=optimizer)

@@ -20,7 +20,7 @@ import tempfile
 
 import numpy as np
 
-from resnet_jax.dataset import Dataset
+from resnet_jax.data.dataset import Dataset
 from resnet_jax.errors import UserError
 
 # Where tfds downloads from: its own mirror first, then the dataset's site (CIFAR's here).

@@ -9,8 +9,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from resnet_jax import parallel
-from resnet_jax.dataset import Dataset
+from resnet_jax.data.dataset import Dataset
+from resnet_jax.device import parallel
 
 
 class DeviceData(NamedTuple):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from resnet_jax.dataset import Dataset
+from resnet_jax.data.dataset import Dataset
 from resnet_jax.errors import UserError
 
 # name -> (archive file, extracted folder, train files, test files, label key)

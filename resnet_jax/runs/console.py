@@ -8,17 +8,12 @@ import os
 import sys
 import time
 
+from resnet_jax.data.cache import bar
+
 
 def plural(n: int, noun: str) -> str:
     """'1 epoch', '2 epochs', '1,563 steps'."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
-def bar(done: int, total: int, width: int = 30) -> str:
-    """Keras's progress bar: [=====>........]."""
-    filled = int(width * done / max(total, 1))
-    arrow = "=" * max(filled - 1, 0) + (">" if done < total else "=") if filled else ""
-    return f"[{arrow:<{width}}]"
 
 
 def table(header, rows) -> list[str]:
@@ -28,32 +23,6 @@ def table(header, rows) -> list[str]:
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     align = lambda i, text: text.ljust(widths[i]) if i == 0 else text.rjust(widths[i])
     return ["  ".join(align(i, c) for i, c in enumerate(row)).rstrip() for row in cells]
-
-
-class DecodeProgress:
-    """What a first run shows while an image folder is decoded into the cache: one line, with a
-    progress bar on a terminal, then the time it took (later runs read the cache)."""
-
-    def __init__(self, source: str, stream=None):
-        self.source, self.stream = source, stream or sys.stdout
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.began = None
-
-    def __call__(self, done: int, total: int | None):
-        head = f"Decoding the images of {self.source} into the cache, once"
-        if self.began is None:
-            self.began = time.monotonic()
-            end = "" if self.tty else "\n"
-            print(head + ("" if self.tty else "..."), end=end, file=self.stream, flush=True)
-        if total is None:  # before the files are read
-            return
-        if self.tty:
-            line = f"\r{head} {bar(done, total)} {done:,}/{total:,}\x1b[K"
-            print(line, end="", file=self.stream, flush=True)
-        if done == total:
-            seconds = time.monotonic() - self.began
-            note = f"Decoded {total:,} images in {seconds:.1f} s; later runs read them from the cache"
-            print(("\n" if self.tty else "") + note, file=self.stream, flush=True)
 
 
 class Console:
@@ -157,12 +126,13 @@ def _cpu_split(config, mesh, image_shape, model) -> str:
     import jax
 
     from resnet_jax import tuning
+    from resnet_jax.model import resnet
 
     cores = tuning.cores()
     if mesh.devices.flat[0].platform != "cpu" or jax.process_count() > 1 or mesh.size >= cores:
         return ""
     try:
-        small = tuning.step_flops(config, image_shape, model) < tuning.SPLIT_MIN_FLOPS
+        small = resnet.step_flops(config, image_shape, model) < tuning.SPLIT_MIN_FLOPS
     except Exception:  # noqa: BLE001 - a model that cannot be traced abstractly
         small = False
     why = "the model is small: one device runs it faster" if small else "as JAX was started"

@@ -10,7 +10,6 @@ epoch in `call_queue`, checkpoints in `checkpoint`, everything written or printe
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -22,31 +21,22 @@ from typing import Any
 import jax
 import numpy as np
 
-from resnet_jax import (
-    batches,
-    cache,
-    call_queue,
-    checkpoint,
-    device_data,
-    faults,
-    interrupt,
-    parallel,
-    programs,
-    run_files,
-    steps,
-    tuning,
-)
-from resnet_jax import parts as run_parts
-from resnet_jax.checkpoint import Progress
+from resnet_jax import checkpoint, errors, process, tuning
+from resnet_jax.checkpoint import Progress, run_files
 from resnet_jax.config import Config
-from resnet_jax.console import finished_line, plural, resume_lines, start_lines
-from resnet_jax.console import summary as model_summary
-from resnet_jax.data import load_dataset
-from resnet_jax.dataset import Dataset, pixel_mean, split_holdout
+from resnet_jax.data.dataset import Dataset, pixel_mean, split_holdout
+from resnet_jax.data.load import load_dataset
+from resnet_jax.device import batches, calls, parallel, programs
+from resnet_jax.device import data as device_data
+from resnet_jax.device.metrics import Sums, check_finite, epoch_record
 from resnet_jax.errors import Interrupted, UserError
-from resnet_jax.evaluation import evaluate_on
-from resnet_jax.metrics import Sums, check_finite, epoch_record
-from resnet_jax.writer import Writer
+from resnet_jax.model import parts as run_parts
+from resnet_jax.model import steps
+from resnet_jax.runs import interrupt
+from resnet_jax.runs.console import finished_line, resume_lines, start_lines
+from resnet_jax.runs.console import summary as model_summary
+from resnet_jax.runs.evaluation import evaluate_on
+from resnet_jax.runs.writer import Writer
 
 
 def run_keys(config: Config):
@@ -81,10 +71,10 @@ def train_and_evaluate(
     per-layer table of the model first. The first run of a process sets the process up
     (resnet_jax.tuning.setup: the README's "What resnet_jax changes in your process").
     """
-    tuning.setup()
+    process.setup()
     kwargs = dict(model=model, optimizer=optimizer, augment=augment, callbacks=callbacks, summary=summary)
     return train(
-        config, workdir, dataset, platform=tuning.current(), verbosity=verbosity, stop=stop, **kwargs
+        config, workdir, dataset, platform=process.current(), verbosity=verbosity, stop=stop, **kwargs
     )
 
 
@@ -132,7 +122,7 @@ def train(
         # -- Mesh: the devices this run's model is worth (the run's decision, in any process); the
         # platform's advice when JAX started before its settings.
         for line in filter(
-            None, (tuning.note(), tuning.advice(config, train_set.image_shape, kw.get("model")))
+            None, (process.note(), parallel.advice(config, train_set.image_shape, kw.get("model")))
         ):
             console.line(line)
         mesh = parallel.run_mesh(platform, config, train_set.image_shape, kw.get("model"))
@@ -143,8 +133,8 @@ def train(
         parts = run_parts.resolve(config, train_set.image_shape, steps_per_epoch, platform, **own)
         template = checkpoint.template(parts.model, parts.tx, config, train_set.image_shape)
         run = Run(config, path, platform, parts, mesh, train_set, held_out, steps_per_epoch, template)
-        stack.enter_context(faults.out_of_memory_as(config, parts.record["model"]["name"], mesh))
-        compiled = stack.enter_context(Programs(run, console))
+        stack.enter_context(errors.out_of_memory_as(config, parts.record["model"]["name"], mesh))
+        compiled = stack.enter_context(programs.Programs(run, console))
         on_devices = functools.cache(lambda: _to_devices(run))
 
         # -- State: the workdir's latest checkpoint (same model, data and seed), else a new one,
@@ -224,7 +214,7 @@ def train(
 def _to_devices(run: Run) -> device_data.DeviceData:
     """The run's data on every device (checked to fit first); its pixel mean is the one a
     checkpoint of this data holds."""
-    faults.check_data_fits(device_data.device_bytes(run.train_set, run.config, run.mesh), run.mesh)
+    errors.check_data_fits(device_data.device_bytes(run.train_set, run.config, run.mesh), run.mesh)
     mean = pixel_mean(run.train_set.train_images)
     return device_data.to_device(run.train_set, mean, run.config, run.mesh)
 
@@ -252,7 +242,7 @@ def _start(run: Run, ckpts, data: dict, primary: bool) -> Start:
     if restored is not None:
         return Start(restored[0], Progress.from_meta(restored[1]), saved, changed)
     init_key = run_keys(run.config)[0]
-    with cache.compiling():
+    with process.compiling():
         state = steps.init_state(
             run.parts.model, run.parts.tx, run.config, init_key, run.train_set.image_shape
         )
@@ -262,13 +252,13 @@ def _start(run: Run, ckpts, data: dict, primary: bool) -> Start:
 
 class Epochs:
     """An epoch's work, from wherever the run stands (`Progress`): its device calls
-    (`call_queue.run`) with each call's metrics summed, checked for NaN and shown on the progress
+    (`calls.run`) with each call's metrics summed, checked for NaN and shown on the progress
     bar; then the evaluation, its record, and the checkpoint its outputs follow."""
 
     def __init__(self, run: Run, call, evaluate, data, stop, ckpts, writer: Writer):
         self.run, self.call, self.evaluate, self.data = run, call, evaluate, data
         self.stop, self.ckpts, self.writer = stop, ckpts, writer
-        self.pace = call_queue.Pace(call.loop, run.config.steps_per_call)
+        self.pace = calls.Pace(call.loop, run.config.steps_per_call)
         self.val_on = "held-out" if run.held_out is not None else "test"
 
     def train(self, state, epoch: int, progress: Progress):
@@ -293,7 +283,7 @@ class Epochs:
             self.writer.console.progress(step + length, total, sums, began)
 
         plan = lambda step, k: batches.next_call(n, batch_size, k, step)
-        state, step = call_queue.run(
+        state, step = calls.run(
             state, call, plan, progress.step_in_epoch, total, self.pace, self.stop, on_metrics
         )
         return state, sums, step
@@ -337,73 +327,3 @@ def _callbacks_stop(callbacks, epoch: int, state, record: dict) -> bool:
 
         stopping = bool(multihost_utils.broadcast_one_to_all(np.asarray(stopping)))
     return stopping
-
-
-class Programs:
-    """The run's compiled programs: its train call for every call shape and the evaluation
-    (`programs.compile_epoch`), each compiled once in a process (from the persistent compilation
-    cache what an earlier process compiled). `begin` starts a new run's compile on a thread from
-    the state's shapes while the state is initialised (Platform.compile_early); `finish` compiles
-    what is left and returns the compiled evaluation. A context manager: leaving waits for a
-    compile still running."""
-
-    def __init__(self, run: Run, console):
-        self.run, self.console = run, console
-        own_augment = run.parts.augment if run.parts.record["augment"]["own"] else None  # None: the Config's
-        self.call = programs.TrainCall(run.mesh, run.platform.loop(run.config.device_loop), own_augment)
-        self.evaluate = programs.make_evaluate(run.config, run.mesh)
-        self.early, self.pool = None, None
-        self.warnings = contextlib.ExitStack()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        self.warnings.close()
-
-    def begin(self, data):
-        """Compile a new run's programs on a thread, from the state's shapes."""
-        shapes = batches.call_shapes(data.train_labels.shape[0], self.run.config)
-        # JAX's cache warnings from the thread are collected until `finish` (cache.compiling;
-        # warnings are process-wide, so only this thread enters and leaves the collection).
-        self.warnings.enter_context(cache.compiling())
-        state = device_data.abstract(self.run.template, self.run.mesh)
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
-        self.early = (shapes, time.monotonic(), self.pool.submit(self._compile, state, data, shapes))
-
-    def _compile(self, state, data, shapes, epoch: int = 0):
-        run = self.run
-        return programs.compile_epoch(
-            self.call,
-            self.evaluate,
-            run.config,
-            state,
-            data,
-            run.data_key,
-            shapes,
-            threads=run.platform.compile_threads,
-            epoch=epoch,
-        )
-
-    def finish(self, state, data, progress: Progress):
-        """The compiled evaluation, once every train-call shape of the run is compiled too."""
-        shapes = batches.call_shapes(data.train_labels.shape[0], self.run.config, progress.step_in_epoch)
-        count = len({self.call.shape(*s) for s in shapes})
-        self.console.line(f"Compiling the train step ({plural(count, 'call shape')}) and the evaluation...")
-        began = time.monotonic()
-        with self.warnings, cache.compiling():
-            if self.early is None:
-                compiled = self._compile(state, data, shapes, progress.epoch)
-                self.console.line(f"Compiled in {time.monotonic() - began:.1f} s.")
-                return compiled
-            done, since, future = self.early
-            compiled = future.result()
-            if shapes - done:  # not for a new run, which starts at step 0
-                compiled = self._compile(state, data, shapes, progress.epoch)
-        waited = time.monotonic() - began
-        self.console.line(
-            f"Compiled in {time.monotonic() - since:.1f} s, begun with the state ({waited:.1f} s waited)."
-        )
-        return compiled

@@ -7,6 +7,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnet_jax import tuning
 from resnet_jax.errors import UserError
 
 AXIS = "data"
@@ -26,12 +27,43 @@ def make_mesh(devices=None, *, per_process: int | None = None) -> Mesh:
     return Mesh(np.asarray(list(devices)), (AXIS,))
 
 
+def step_flops(config, image_shape, model=None) -> float | None:
+    """A run's step's forward FLOPs (model.resnet.step_flops), None for a model that cannot be
+    traced abstractly (its size is then unknown)."""
+    from resnet_jax.model import resnet
+
+    try:
+        return resnet.step_flops(config, image_shape, model)
+    except Exception:  # noqa: BLE001 - a user's model that eval_shape cannot trace
+        return None
+
+
 def run_mesh(platform, config, image_shape, model=None) -> Mesh:
     """The mesh of a run (or an evaluation) of `config` on `image_shape` with `model` (None: the
     Config's ResNet): as many of each process's devices as the run decides (tuning.run_devices)."""
-    from resnet_jax import tuning
+    flops = step_flops(config, image_shape, model)
+    count = tuning.run_devices(platform, config.batch_size, flops, jax.local_device_count())
+    return make_mesh(per_process=count)
 
-    return make_mesh(per_process=tuning.run_devices(platform, config, image_shape, model))
+
+def advice(config, image_shape=(32, 32, 3), model=None) -> str | None:
+    """One line for a notebook whose JAX started before resnet_jax.process.setup: how to get the
+    command line's CPU speed for this run's model. None when nothing is to gain."""
+    if jax.default_backend() != "cpu" or jax.device_count() >= tuning.cores():
+        return None  # nothing to gain (and no model to trace)
+    flops = step_flops(config, image_shape, model)
+    if flops is None:
+        return None
+    want = tuning.auto_cpu_devices(tuning.cores(), config.batch_size, flops)
+    have = jax.device_count()
+    if want <= have:
+        return None
+    return (
+        f"note: JAX runs this CPU as {have} device(s); train.py would use {want} (one per core) "
+        f"for about 1.5x the speed: call resnet_jax.configure() before any other JAX work (e.g. "
+        f"first in the notebook), and start Jupyter with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
+        f"for huge-page malloc"
+    )
 
 
 def describe(mesh: Mesh) -> dict:

@@ -24,8 +24,8 @@ import zlib
 
 import numpy as np
 
-from resnet_jax import cache
-from resnet_jax.dataset import Dataset
+from resnet_jax.data import cache
+from resnet_jax.data.dataset import Dataset
 from resnet_jax.errors import UserError
 
 SPLITS = ("train", "test")

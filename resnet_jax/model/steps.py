@@ -17,9 +17,9 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from resnet_jax.cache import per_process
 from resnet_jax.config import Config
 from resnet_jax.errors import UserError
+from resnet_jax.model.memo import per_process
 
 DROPOUT = 0x64726F70  # fold_in constant deriving a step's dropout key from its data key
 

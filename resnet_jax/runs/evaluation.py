@@ -7,12 +7,14 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from resnet_jax import cache, device_data, parallel, programs, tuning
+from resnet_jax import process
 from resnet_jax.checkpoint import open_run, restore_with_meta
-from resnet_jax.data import load_dataset
-from resnet_jax.dataset import Dataset
+from resnet_jax.data.dataset import Dataset
+from resnet_jax.data.load import load_dataset
+from resnet_jax.device import data as device_data
+from resnet_jax.device import parallel, programs
+from resnet_jax.device.metrics import Sums
 from resnet_jax.errors import UserError
-from resnet_jax.metrics import Sums
 
 
 def evaluate_on(state, dataset: Dataset, config, mesh) -> Sums:
@@ -20,7 +22,7 @@ def evaluate_on(state, dataset: Dataset, config, mesh) -> Sums:
     state = parallel.replicate(jax.device_get(state), mesh)
     data = device_data.for_evaluation(dataset, np.asarray(state.pixel_mean), config, mesh)
     program = programs.evaluate_program(config, mesh, programs.make_evaluate(config, mesh), state, data)
-    with cache.compiling():  # a cache entry it cannot read: one warning line
+    with process.compiling():  # a cache entry it cannot read: one warning line
         (evaluate,) = programs.compile_all([program], threads=1)  # once per shape in this process
     return Sums().add(jax.device_get(programs.Evaluation(evaluate)(state, data)))
 
@@ -35,7 +37,7 @@ def evaluate(state, dataset: Dataset) -> tuple[float, float]:
 
 def _mesh(state, dataset: Dataset):
     """The devices the state's run would use (resnet_jax.tuning.run_devices): the same sums."""
-    return parallel.run_mesh(tuning.current(), state.config, dataset.image_shape, state.model)
+    return parallel.run_mesh(process.current(), state.config, dataset.image_shape, state.model)
 
 
 def evaluate_checkpoint(

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 
-from resnet_jax import cifar_archive, image_folder, tfds_data
-from resnet_jax.console import DecodeProgress
-from resnet_jax.dataset import Dataset
+from resnet_jax.data import cifar_archive, image_folder, tfds_data
+from resnet_jax.data.cache import DecodeProgress
+from resnet_jax.data.dataset import Dataset
 from resnet_jax.errors import UserError
 
 
@@ -65,6 +65,6 @@ def _archive_hint(folder: str) -> str | None:
 
 def check_host_memory(nbytes: int, what: str):
     """Refuse data that cannot fit in this machine's available memory, before reading it."""
-    from resnet_jax import faults
+    from resnet_jax import errors
 
-    faults.check_fits(nbytes, what, faults.host_memory(), "this machine's available memory")
+    errors.check_fits(nbytes, what, errors.host_memory(), "this machine's available memory")
