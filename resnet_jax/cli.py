@@ -10,7 +10,7 @@ import sys
 import threading
 
 from resnet_jax import process
-from resnet_jax.errors import Interrupted, UserError
+from resnet_jax.errors import Interrupted, UserError, say
 from resnet_jax.flags import build_parser, config_from_args, parse, parse_grid, parse_seeds, parse_shard
 from resnet_jax.runs import sweeps
 
@@ -103,10 +103,10 @@ def _main(argv) -> int:
                 sweeps.sweep(config, args.workdir, grid, seeds, shard=shard, **run)
         return 0
     except UserError as e:  # bad input (2), or a fault of the machine: disk or memory (3)
-        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
+        say("error: " + " ".join(line.strip() for line in str(e).splitlines()))
         return getattr(e, "exit_status", 2)
     except Interrupted as e:
-        print(f"stopped {e.where}; state saved in {e.path}. Run the same command to resume.", file=sys.stderr)
+        say(f"stopped {e.where}; state saved in {e.path}. Run the same command to resume.")
         return 130
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 
 
 class UserError(ValueError):
@@ -36,6 +37,18 @@ class Interrupted(Exception):
 
     def _render_traceback_(self):  # what IPython and Jupyter show instead of a traceback
         return [f"Interrupted: {self}"]
+
+
+def say(text: str) -> None:
+    """One line on stderr about this process's own machine or files (a cache it cannot write, a
+    damaged checkpoint it skips, a Ctrl-C it saw, a setting it could not make): the one way
+    resnet_jax prints outside a run's console (resnet_jax.runs.writer's gate), said by whichever
+    process meets it."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def warn(text: str) -> None:
+    say(f"warning: {text}")
 
 
 EXIT_STATUS = 3  # train.py's exit status for these faults (bad input: 2, interrupted: 130)

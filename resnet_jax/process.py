@@ -16,10 +16,10 @@ import contextlib
 import ctypes
 import os
 import platform as host
-import sys
 import tempfile
 import warnings
 
+from resnet_jax.errors import say, warn
 from resnet_jax.tuning import Platform, cores, decide, detect_platform
 
 # glibc malloc (mallopt(3)): XLA:CPU mallocs a step's temporaries afresh on every call; with
@@ -140,12 +140,10 @@ def _malloc(name: str, enabled: bool, started: bool) -> str:
     if not settings:
         return "off"
     if started:
-        print(
+        say(
             "note: JAX started before resnet_jax could set malloc up for XLA:CPU (about 1.2x faster "
             "steps); import resnet_jax and call resnet_jax.configure() or train_and_evaluate before "
-            "any other JAX work, or start Python with GLIBC_TUNABLES=glibc.malloc.hugetlb=1",
-            file=sys.stderr,
-            flush=True,
+            "any other JAX work, or start Python with GLIBC_TUNABLES=glibc.malloc.hugetlb=1"
         )
         return "late"
     libc = ctypes.CDLL(None)
@@ -224,10 +222,6 @@ def cache_home(environ=None) -> str:
     environ = os.environ if environ is None else environ
     base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "resnet_jax")
-
-
-def warn(text: str):
-    print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 def compilation_cache_dir(environ=None, enabled: bool = True) -> str | None:

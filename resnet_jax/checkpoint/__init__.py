@@ -6,6 +6,7 @@
     layout.py    the state template a checkpoint is restored into, and the shape of every array
                  it holds (run.json's `state_tree`, checked before a checkpoint is touched)
     reading.py   a saved run's state from its workdir alone (`resnet_jax.restore`)
+    workarounds.py  orbax's save thread, a pre-read of every array, quiet loggers: each with its reason
     run_files.py the run's own files beside them: run.json (what ran, changes, the test result),
                  metrics.jsonl, holdout.json, the workdir's lock, and the checks on resume
 
@@ -25,7 +26,7 @@ _NAMES = {
     "Checkpoints": "manager",
     "exists": "manager",
     "last_complete_line": "manager",
-    "quiet": "manager",
+    "quiet": "workarounds",
     "resumable_on_full_disk": "manager",
     "Progress": "progress",
     "open_run": "reading",

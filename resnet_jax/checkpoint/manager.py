@@ -12,23 +12,18 @@ except through that policy.
 from __future__ import annotations
 
 import contextlib
-import gc
-import logging
 import os
 import re
 import shutil
-import sys
-import threading
 import time
-from concurrent import futures
-from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from resnet_jax.checkpoint.progress import Progress
-from resnet_jax.errors import DiskFull, MachineFault, UserError, is_disk_full, writing
+from resnet_jax.checkpoint.workarounds import SaveThread, quiet, verify_arrays
+from resnet_jax.errors import DiskFull, MachineFault, UserError, is_disk_full, warn, writing
 
 FOLDER = "checkpoints"
 
@@ -68,9 +63,7 @@ class Checkpoints:
         # and returns once it is on disk and its callbacks ran: the cores a background write
         # would use are the ones training, and a disk that fills up is then met by the next
         # save's room check rather than in the middle of orbax's write (see `_check_room`).
-        threaded = save_thread and not read_only
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if threaded else None
-        self._pending = None  # the save handed to the worker, until it has reached orbax
+        self._thread = SaveThread() if save_thread and not read_only else None
 
     def steps(self):
         self._settled(raising=False)
@@ -91,14 +84,13 @@ class Checkpoints:
         step = int(jax.device_get(state.step))
         if step not in self.steps():
             self._check_room(state, step)
-            if self._worker is None:
+            if self._thread is None:
                 self._write(step, state, meta, rank)  # returns once orbax has the arrays off the devices
             else:
-                copy = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state), may_alias=False)
-                self._pending = self._worker.submit(self._write, step, copy, meta, rank)
+                self._thread.submit(self._write, step, state, meta, rank)
         if then is not None:
             self._after_save.append(then)
-        if self._worker is None:
+        if self._thread is None:
             self.wait()
 
     def _check_room(self, state, step: int):
@@ -124,17 +116,13 @@ class Checkpoints:
             )
 
     def _settled(self, raising: bool = True):
-        """Wait until the save handed to the worker has reached orbax; re-raise its error
-        (`raising=False`: kept for the next `wait`, never dropped)."""
-        if self._pending is not None:
-            futures.wait([self._pending])
-            if raising:
-                pending, self._pending = self._pending, None
-                pending.result()
+        """The save handed to the save thread (if any) has reached orbax (`SaveThread.settled`)."""
+        if self._thread is not None:
+            self._thread.settled(raising)
 
     def poll(self):
         """Run the callbacks of saves that have reached the disk (cheap; call it often)."""
-        if not self._after_save or (self._pending is not None and not self._pending.done()):
+        if not self._after_save or (self._thread is not None and not self._thread.done()):
             return
         saving = getattr(self.manager, "is_saving_in_progress", lambda: True)  # orbax >= 0.11
         if not saving():
@@ -181,11 +169,8 @@ class Checkpoints:
                 continue
             if errors:
                 moved = self._set_aside([s for s, _ in errors]) if set_aside_damaged else ""
-                print(
-                    f"warning: unreadable checkpoint(s) in {self.path} ({_listing(errors)}); "
-                    f"using step {step}{moved}",
-                    file=sys.stderr,
-                    flush=True,
+                warn(
+                    f"unreadable checkpoint(s) in {self.path} ({_listing(errors)}); using step {step}{moved}"
                 )
             return restored["state"], dict(restored["meta"]), step
         if errors:
@@ -238,8 +223,8 @@ class Checkpoints:
                 self.wait()
         finally:
             self._settled(raising=False)
-            if self._worker is not None:
-                self._worker.shutdown(wait=True)
+            if self._thread is not None:
+                self._thread.shutdown()
             try:
                 if not wait:  # let a write in flight end (it may fail too) before orbax closes
                     with contextlib.suppress(Exception), quiet():
@@ -310,68 +295,6 @@ def _reason(e: Exception) -> str:
 
 def _listing(errors) -> str:
     return "; ".join(f"step {step}: {reason}" for step, reason in errors)
-
-
-class _Threads(logging.Filter):
-    """Drops the records logged by the threads inside `quiet`; other threads' pass."""
-
-    def __init__(self):
-        super().__init__()
-        self.threads = set()
-
-    def filter(self, record):
-        return record.thread not in self.threads
-
-
-_QUIET = _Threads()
-_LOGGERS = ("absl", "asyncio", "orbax", "jax", "tensorstore")  # orbax logs through absl's
-
-
-@contextlib.contextmanager
-def quiet():
-    """While a checkpoint is read, the loggers orbax, tensorstore and asyncio use drop what this
-    thread logs (a damaged checkpoint makes them print hundreds of lines; resnet_jax says what
-    matters in one). A filter on those loggers, added once, does it: no logger's level changes,
-    and the records of other threads (a save in flight, the user's own) pass."""
-    for name in _LOGGERS:
-        logger = logging.getLogger(name)
-        if _QUIET not in logger.filters:
-            logger.addFilter(_QUIET)
-    me = threading.get_ident()
-    _QUIET.threads.add(me)
-    try:
-        yield
-    except BaseException:
-        gc.collect()  # the failed read's leftover tasks log their errors when collected: now
-        raise
-    finally:
-        _QUIET.threads.discard(me)
-
-
-def verify_arrays(folder: str):
-    """Read every array of an orbax OCDBT checkpoint once, one after another, with tensorstore's
-    synchronous calls; raises on the first unreadable one (a truncated, deleted or overwritten
-    data file).
-
-    Done before orbax reads the checkpoint: orbax reads all arrays at once on an asyncio loop
-    and, when one read fails, closes its loop with the other reads still in flight; their
-    completions then print "Event loop is closed" and "Exception ignored in <coroutine>"
-    tracebacks from tensorstore's threads and the garbage collector, long after the one line
-    that reports the damage. Found here first, a damaged checkpoint never reaches orbax. (About
-    60 ms for the tiny model's 120 arrays.) Checkpoints in another format are left to orbax."""
-    import tensorstore as ts
-
-    if not os.path.exists(os.path.join(folder, "manifest.ocdbt")):
-        return
-    base = {"driver": "ocdbt", "base": {"driver": "file", "path": folder + "/"}}
-    keys = ts.KvStore.open(base).result().list().result()
-    arrays = sorted({k.decode().rsplit("/", 1)[0] for k in keys if k.endswith(b"/.zarray")})
-    for name in arrays:
-        spec = {"driver": "zarr", "kvstore": {**base, "path": name + "/"}}
-        try:
-            ts.open(spec, open=True).result().read().result()
-        except ValueError as e:  # tensorstore's status, e.g. "OUT_OF_RANGE: Error reading ..."
-            raise ValueError(f"array {name} is unreadable ({str(e).split(':')[0]})") from None
 
 
 def _abstract(tree):

@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
+from resnet_jax.errors import warn
 from resnet_jax.process import cache_home as home
-from resnet_jax.process import warn
 
 
 def key(*parts) -> str:

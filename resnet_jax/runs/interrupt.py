@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import threading
 
-from resnet_jax.errors import Interrupted
+from resnet_jax.errors import Interrupted, say
 
 __all__ = ["Interrupted", "saving_on"]
 
@@ -38,11 +37,9 @@ def saving_on(stop: threading.Event, signals=(signal.SIGINT,), end_bar: bool = F
         if stop.is_set():  # a second request: give up at once (checkpoints stay intact)
             raise KeyboardInterrupt
         stop.set()
-        print(
+        say(
             f"{chr(10) if end_bar else ''}{signal.Signals(signum).name}: saving the latest state after this "
-            "device call... (again to stop at once)",
-            file=sys.stderr,
-            flush=True,
+            "device call... (again to stop at once)"
         )
 
     request_stop.stop = stop

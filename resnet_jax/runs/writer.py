@@ -3,13 +3,21 @@ does it, the other processes of a multi-host run do nothing (as the Flax example
 writers, which only log on process 0). Orbax's checkpoints are not here: every process writes
 its part of those.
 
-    Writer.console    the seed log's lines, a sweep's table (silent off process 0)
+    Writer.console    the seed log's lines, a sweep's table (stdout; silent off process 0)
     claim()           the workdir made, locked (one run at a time), holding only resnet_jax's files
     run_json()        run.json (what ran, changes, the test result)
     holdout()         holdout.json (the held-out validation images)
     history()         metrics.jsonl rewritten to the checkpointed history
     start_epochs()    then epoch(): one epoch's metrics.jsonl line, TensorBoard, curves.png
     json(), figure()  a sweep's runs.json, summary.json and curves.png
+
+What passes outside the gate, all on stderr through resnet_jax.errors.say (one line each, from
+whichever process meets it, at any verbosity): warnings about the process's own machine and
+files (a cache it cannot write or read, a damaged checkpoint it skips, TensorBoard on a full
+disk, malloc set too late), the notice that a Ctrl-C or SIGTERM was seen, and the command line's
+last line (an error, or where a stopped run was saved). The decoding of an image folder into
+the cache is said on stdout by the data loader (resnet_jax.data.cache.DecodeProgress), which a
+notebook calls without a run: `verbose=False` silences it.
 """
 
 from __future__ import annotations
@@ -18,7 +26,6 @@ import contextlib
 import importlib
 import json
 import os
-import sys
 import time
 
 from resnet_jax.atomic import write_text
@@ -134,15 +141,13 @@ class TensorBoard:
             self._give_up(e)
 
     def _give_up(self, e):
-        from resnet_jax.errors import is_disk_full
+        from resnet_jax.errors import is_disk_full, warn
 
         if not is_disk_full(e):
             raise e
-        print(
-            f"warning: TensorBoard events cannot be written in {self.folder} (no space left on device); "
-            "the run goes on without them",
-            file=sys.stderr,
-            flush=True,
+        warn(
+            f"TensorBoard events cannot be written in {self.folder} (no space left on device); "
+            "the run goes on without them"
         )
         self.writer = None
 
