@@ -21,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from resnet_jax.checkpoint import packing
 from resnet_jax.checkpoint.progress import Progress
 from resnet_jax.checkpoint.workarounds import SaveThread, quiet, verify_arrays
 from resnet_jax.errors import DiskFull, MachineFault, UserError, is_disk_full, warn, writing
@@ -55,7 +56,9 @@ class Checkpoints:
                 read_only=read_only,
                 cleanup_tmp_directories=not read_only,
             )
-            self.manager = ocp.CheckpointManager(self.path, options=options, item_names=("state", "meta"))
+            self.manager = ocp.CheckpointManager(
+                self.path, options=options, item_names=("state", "meta", "layout")
+            )
         self._after_save = []  # callbacks of saves still being written
         # `save_thread`: orbax's own synchronous part of a save (~0.1 s for the seed state's 260
         # arrays) runs on this thread, so the devices train on meanwhile; one thread keeps the
@@ -107,10 +110,13 @@ class Checkpoints:
             raise DiskFull(f"the checkpoint of step {step}", self.path)
 
     def _write(self, step: int, state, meta: dict, rank: int | None):
-        with writing(f"the checkpoint of step {step}", self.path):
+        """The state's arrays packed (checkpoint.packing: one array per dtype) and its meta."""
+        packed, layout = packing.pack(state)
+        items = dict(state=ocp.args.StandardSave(packed), meta=ocp.args.JsonSave(meta))
+        with writing(f"the checkpoint of step {step}", self.path), quiet():  # orbax's log lines
             self.manager.save(
                 step,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                args=ocp.args.Composite(**items, layout=ocp.args.JsonSave(layout)),
                 metrics=None if rank is None else {"rank": rank},
                 force=True,
             )
@@ -191,14 +197,24 @@ class Checkpoints:
 
     def _read(self, step, template):
         """The checkpoint restored into `template` (shapes, dtypes, placements), or as saved
-        (plain nested dicts of arrays on the default device) when the template is None."""
+        (plain nested dicts of arrays on the default device) when the template is None. A
+        checkpoint written before packing holds one orbax array per state array."""
+        folder = os.path.join(self.path, str(step))
+        verify_arrays(os.path.join(folder, "state"))
+        like = None if template is None else _abstract(template)
+        if os.path.isdir(os.path.join(folder, "layout")):
+            args = dict(state=ocp.args.StandardRestore(), layout=ocp.args.JsonRestore())
+            with quiet():
+                read = self.manager.restore(
+                    step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore())
+                )
+            return {"state": packing.unpack(read["state"], read["layout"], like), "meta": read["meta"]}
         default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         item = (
             ocp.args.StandardRestore(fallback_sharding=default)
-            if template is None
-            else ocp.args.StandardRestore(_abstract(template))
+            if like is None
+            else ocp.args.StandardRestore(like)
         )
-        verify_arrays(os.path.join(self.path, str(step), "state"))
         with quiet():
             return self.manager.restore(
                 step, args=ocp.args.Composite(state=item, meta=ocp.args.JsonRestore())

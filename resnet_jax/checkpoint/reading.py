@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from resnet_jax import process
 from resnet_jax.checkpoint import run_files
 from resnet_jax.checkpoint.layout import check_tree, state_tree, template
@@ -63,8 +65,11 @@ def restore_with_meta(workdir: str, which: str = "best", *, model=None, optimize
             )
         raise UserError(f"{path} has no {which} checkpoint yet; train at least one epoch first")
     state = restored[0]
-    if as_saved:
-        state = steps.TrainState(**state, apply_fn=chosen.model.apply, tx=None, config=config)
+    if as_saved:  # the fields that hold no array (a model without batch norm) are the template's
+        empty = {
+            k: getattr(like, k) for k in ("params", "batch_stats") if not jax.tree.leaves(getattr(like, k))
+        }
+        state = steps.TrainState(**{**empty, **state}, apply_fn=chosen.model.apply, tx=None, config=config)
     return state, Progress.from_meta(restored[1]), restored[2]
 
 
