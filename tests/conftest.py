@@ -190,8 +190,17 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(CACHE_HOME, ignore_errors=True)
 
 
+# Fixtures that train a run (or build a wheel): a test using one is end-to-end, in the slow tier.
+TRAINING_FIXTURES = {"full_run", "two_epochs", "two_seeds", "swept", "one_device", "built", "gpu_archive"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` run only where JAX's default backend is a GPU (benchmarks/gpu.sh)."""
+    """Tests marked `gpu` run only where JAX's default backend is a GPU (benchmarks/gpu.sh); a
+    test that uses a training fixture is marked `slow` (the fast tier, -m "not slow", skips
+    end-to-end stories)."""
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
     if gpu_tests and jax.default_backend() != "gpu":
         skip = pytest.mark.skip(reason=f"needs a GPU (JAX default backend is {jax.default_backend()})")

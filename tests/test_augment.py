@@ -24,6 +24,7 @@ def shifted(img, dr, dc):
     return img[r][:, c]
 
 
+@pytest.mark.slow
 def test_zero_shift_no_flip_is_identity(images):
     z = jnp.zeros(3)
     np.testing.assert_array_equal(transform(images, z, z, jnp.zeros(3, bool)), images)
@@ -60,6 +61,7 @@ def test_flip_after_shift(images):
     np.testing.assert_array_equal(out[2], x[2])
 
 
+@pytest.mark.slow
 def test_flips_happen_half_the_time():
     config = rj.Config(shift_range=0.0)
     x = jax.random.normal(jax.random.key(1), (4000, 4, 4, 1))
@@ -72,6 +74,7 @@ def test_flips_happen_half_the_time():
     np.testing.assert_array_equal(no_flip, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis", [0, 1])
 def test_shifts_are_uniform_over_the_range(axis):
     """On a ramp image the centre pixel reads centre + shift, so the shifts can be read back."""

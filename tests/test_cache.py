@@ -4,9 +4,12 @@ numbers; JAX_COMPILATION_CACHE_DIR wins; --no-compilation_cache keeps nothing.""
 
 import os
 
+import pytest
 from conftest import ENV, TINY, metrics, stderr_lines, train, without_seconds
 
 from resnet_jax import process
+
+pytestmark = pytest.mark.slow  # end-to-end: the whole file
 
 
 def entries(folder, programs=("jit__train_chunk", "jit__evaluate", "jit_init")):

@@ -8,9 +8,12 @@ import io
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 from conftest import random_dataset
 
 import resnet_jax as rj
+
+pytestmark = pytest.mark.slow  # end-to-end: the whole file
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # every XLA compile, cached or not
 

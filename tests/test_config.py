@@ -92,6 +92,7 @@ def lowered():
     return base, text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_the_programs_read_exactly_the_program_fields(lowered, name):
     """Change one field of the state's Config: the lowered train step or evaluation changes if

@@ -44,6 +44,7 @@ def test_cifar100_archive_and_folder(tmp_path, tar):
     assert ds.num_classes == 100
 
 
+@pytest.mark.slow
 def test_tfds_path_under_mock_data():
     with tfds.testing.mock_data(num_examples=12):
         ds = rj.load_dataset("cifar10")

@@ -12,6 +12,8 @@ import resnet_jax as rj
 from resnet_jax.device import batches, parallel, programs
 from resnet_jax.device import data as device_data
 
+pytestmark = pytest.mark.slow  # end-to-end: the whole file
+
 
 def test_seed_epoch_is_1563_steps_with_the_partial_batch_kept():
     plan = batches.epoch_plan(50_000, 32, 100)

@@ -45,6 +45,7 @@ DISK = [  # (site, writes that succeed first, flags, what the line names, last c
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("site, after, flags, what, last", DISK, ids=[d[0] for d in DISK])
 def test_a_full_disk_at_each_write_is_one_line_and_loses_nothing(
     site, after, flags, what, last, archive, tmp_path
@@ -62,6 +63,7 @@ def test_a_full_disk_at_each_write_is_one_line_and_loses_nothing(
         rj.restore(str(workdir), "latest")  # every complete checkpoint reads on the full disk
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("site", ["disk:checkpoint", "disk:metrics.jsonl"])
 def test_after_a_full_disk_the_same_command_resumes_bit_for_bit(site, full_run, archive, tmp_path):
     _, reference = full_run
@@ -72,6 +74,7 @@ def test_after_a_full_disk_the_same_command_resumes_bit_for_bit(site, full_run, 
     assert_same_run(str(workdir), reference)
 
 
+@pytest.mark.slow
 def test_tensorboard_and_the_compilation_cache_on_a_full_disk_warn_once_and_the_run_goes_on(
     archive, tmp_path
 ):
@@ -142,6 +145,7 @@ def _tmpfs(size_mb):
     return where if proc.returncode == 0 else None
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_during_a_run(archive, tmp_path):
     """A real full disk (a tmpfs, filled by another file once epoch 1 is saved): the run ends in
     one line, every complete checkpoint reads on the full disk, and once space is freed the same

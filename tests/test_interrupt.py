@@ -16,6 +16,8 @@ from conftest import ENV, ROOT, Lines, assert_same_run, metrics, wait_for
 import resnet_jax as rj
 from resnet_jax.runs import interrupt
 
+pytestmark = pytest.mark.slow  # end-to-end: the whole file
+
 
 def test_sigint_saves_raises_interrupted_and_calling_again_resumes_exactly(full_run, archive, tmp_path):
     _, reference = full_run

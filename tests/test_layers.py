@@ -46,6 +46,7 @@ def setup():
     return x, v
 
 
+@pytest.mark.slow
 def test_same_variables_as_flax(setup):
     x, v = setup
     mine = Folded(train=False).init(jax.random.key(1), x)
@@ -65,6 +66,7 @@ def test_outputs_and_statistics_match_flax(setup, train):
         )
 
 
+@pytest.mark.slow
 def test_folded_bias_gets_exactly_zero_gradient(setup):
     x, v = setup
 
@@ -115,6 +117,7 @@ def normalize_inputs():
         yield x, scale, bias
 
 
+@pytest.mark.slow
 def test_normalize_derivatives_equal_autodiff_of_the_plain_formula(normalize_inputs):
     """Forward and reverse mode, every output (the statistics feed the moving averages), in float64."""
     args = normalize_inputs
@@ -140,6 +143,7 @@ def test_normalize_of_a_constant_channel_has_finite_derivatives(normalize_inputs
     assert np.isfinite(g).all()
 
 
+@pytest.mark.slow
 def test_forward_mode_runs_through_a_training_mode_model(setup):
     """A custom JVP (not a custom VJP) keeps jax.jvp, jacfwd and hessians available in train mode."""
     x, v = setup

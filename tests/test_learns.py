@@ -8,6 +8,8 @@ from digits import DIGITS, digits_dataset
 
 import resnet_jax as rj
 
+pytestmark = pytest.mark.slow  # end-to-end: the whole file
+
 pytest.importorskip("sklearn")
 
 

@@ -11,6 +11,8 @@ import pytest
 
 from resnet_jax import process, tuning
 
+pytestmark = pytest.mark.slow  # end-to-end: the whole file
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 GLIBC = ("glibc", "2.36")
 

@@ -33,6 +33,7 @@ def two_seeds(archive, tmp_path_factory):
     return many, str(root / "many"), str(root / "single")
 
 
+@pytest.mark.slow
 def test_each_seed_is_the_single_run_of_that_seed_bit_for_bit(two_seeds):
     _, workdir, single = two_seeds
     seed_1 = os.path.join(workdir, "seed_1")
@@ -70,6 +71,7 @@ def test_the_same_command_again_trains_nothing(two_seeds, archive):
     assert sorted(os.listdir(os.path.join(workdir, "seed_0", "checkpoints"))) == before
 
 
+@pytest.mark.slow
 def test_a_sigkill_then_the_same_command_ends_as_an_uninterrupted_multi_run(two_seeds, archive, tmp_path):
     _, reference, _ = two_seeds
     workdir = str(tmp_path / "many")

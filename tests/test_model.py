@@ -47,6 +47,7 @@ def seed_model():
     return variables, inter["intermediates"]
 
 
+@pytest.mark.slow
 def test_parameter_counts_match_seed(seed_model):
     variables, _ = seed_model
     assert set(variables) == {"params", "batch_stats"}
@@ -113,6 +114,7 @@ def test_kernels_are_he_normal():
     assert np.abs(k).max() <= 2 * std / 0.87962566 + 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(20, 28, 1), (32, 32, 3), (9, 9, 5)])
 def test_any_input_size_and_channels(shape):
     model = rj.ResNet(stage_sizes=(1, 1), num_filters=4, num_classes=7)
@@ -121,6 +123,7 @@ def test_any_input_size_and_channels(shape):
     assert model.apply(v, x, train=False).shape == (2, 7)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_variables():
     model = rj.ResNet(stage_sizes=(1, 1), num_filters=4, dtype=jnp.bfloat16)
     x = jnp.ones((2, 16, 16, 3))
@@ -165,6 +168,7 @@ def test_forward_flops_counts_every_conv_and_the_head(fields, shape):
         assert traced == 286_984_704  # the seed model: 0.287 GFLOP an image
 
 
+@pytest.mark.slow
 def test_materialize_is_an_exact_identity_that_xla_keeps():
     """models.materialize must not change a value or a gradient, and must survive compilation
     (a division XLA does not fold), else the residual stream is recomputed again (README "Speed")."""

@@ -21,6 +21,7 @@ def stderr_lines(proc):
     return [line for line in proc.stderr.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cifar-10", "CIFAR10", "cifar_10"])
 def test_a_dataset_name_tfds_cannot_parse_is_one_line_with_the_closest_name(name, tmp_path):
     workdir = tmp_path / "w"
@@ -47,6 +48,7 @@ def cpu_flags() -> str:
     return f"{model[1] if model else 'CPU'}; AVX-512 flags: {' '.join(avx512) or 'none'}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("onednn", [None, "1"])
 def test_the_tfds_path_prints_nothing_and_leaves_the_environment_as_it_was(onednn):
     """TensorFlow's start-up notices stay quiet in Python too, and TF_CPP_MIN_LOG_LEVEL (JAX's 1
@@ -146,6 +148,7 @@ def test_help_shows_every_default():
     assert "the CPU's python loop paces its calls to about 0.5 s" in out
 
 
+@pytest.mark.slow
 def test_resume_and_finish_lines_say_where_the_run_stands(full_run, archive, tmp_path, capsys):
     _, workdir = full_run
     out = train("--workdir", workdir, "--data_dir", archive, "--epochs", "3", *TINY).stdout
@@ -161,6 +164,7 @@ def test_resume_and_finish_lines_say_where_the_run_stands(full_run, archive, tmp
     assert "no epoch finished yet" in resumed[0] and "-inf" not in resumed[0]
 
 
+@pytest.mark.slow
 def test_recovery_messages_name_the_fix(archive, tmp_path, monkeypatch):
     # a misspelt flag
     proc = train("--workdir", str(tmp_path / "a"), "--epcohs", "1", check=False)

@@ -36,6 +36,7 @@ def run_json(workdir):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_own_model_and_optimizer_resume_bit_for_bit_and_restore_with_the_model(tmp_path):
     reference, workdir = tmp_path / "reference", tmp_path / "killed"
     out = own_run(reference, 3).stdout
@@ -80,6 +81,7 @@ def test_own_model_and_optimizer_resume_bit_for_bit_and_restore_with_the_model(t
     np.testing.assert_array_equal(rj.predict(a, images), rj.predict(c, images))
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_model_is_refused_naming_the_first_difference(tmp_path):
     ds = random_dataset(n_train=32, n_test=16, shape=(16, 16, 1))
     config = rj.config.tiny(batch_size=8, epochs=1)
@@ -101,6 +103,7 @@ def test_a_resume_with_another_model_is_refused_naming_the_first_difference(tmp_
     assert not os.path.exists(os.path.join(workdir, "checkpoints.damaged"))
 
 
+@pytest.mark.slow
 def test_an_augmentation_that_blanks_the_images_leaves_nothing_to_learn(tmp_path):
     ds = digits_dataset()
     config = rj.Config(epochs=3, batch_size=32, learning_rate=3e-3, lr_epochs=(), lr_factors=())
@@ -117,6 +120,7 @@ def test_an_augmentation_that_blanks_the_images_leaves_nothing_to_learn(tmp_path
     assert accuracy["blank"] < 0.2 and accuracy["identity"] > 0.9, accuracy
 
 
+@pytest.mark.slow
 def test_a_model_with_dropout_trains_with_a_key_per_step(tmp_path):
     ds = random_dataset(n_train=32, n_test=16, shape=(16, 16, 1))
     config = rj.config.tiny(batch_size=8, epochs=1)
@@ -128,6 +132,7 @@ def test_a_model_with_dropout_trains_with_a_key_per_step(tmp_path):
     assert losses[0] == losses[1] != losses[2]  # the key reaches the dropout: same key, same mask
 
 
+@pytest.mark.slow
 def test_a_callback_stops_the_run_and_the_same_call_trains_nothing(tmp_path, capsys):
     ds = random_dataset(n_train=32, n_test=16, shape=(16, 16, 1))
     config = rj.config.tiny(batch_size=8, epochs=5)
@@ -214,6 +219,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 @pytest.mark.parametrize(
     "name, shape", [("mnist", (28, 28, 1)), ("fashion_mnist", (28, 28, 1)), ("svhn_cropped", (32, 32, 3))]
 )
+@pytest.mark.slow
 def test_tfds_image_datasets_load_and_train(name, shape, tmp_path):
     with tfds.testing.mock_data(num_examples=24):
         ds = rj.load_dataset(name)
@@ -236,6 +242,7 @@ def test_datasets_that_are_not_image_classification_are_refused():
         rj.load_dataset("cifar11")
 
 
+@pytest.mark.slow
 def test_in_memory_arrays_are_recorded_as_arrays_not_a_dataset_name(tmp_path):
     ds = random_dataset(n_train=16, n_test=8, shape=(8, 8, 3))
     rj.train_and_evaluate(rj.config.tiny(batch_size=8, epochs=1), str(tmp_path / "w"), ds, verbosity=0)
@@ -302,6 +309,7 @@ def test_bad_image_folders_and_archives_are_one_line(tmp_path):
     assert not (tmp_path / "outside").exists()
 
 
+@pytest.mark.slow
 def test_the_command_line_trains_on_an_image_archive_and_refuses_other_data(tmp_path):
     import tarfile
 
@@ -325,6 +333,7 @@ def test_the_command_line_trains_on_an_image_archive_and_refuses_other_data(tmp_
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
 
 
+@pytest.mark.slow
 def test_readme_snippets_for_your_own_parts_run(tmp_path):
     """The README's "Your own model, optimizer, augmentation and data" snippets, in order, with
     their data and workdirs pointed at small local files."""

@@ -17,6 +17,8 @@ from conftest import ENV, ROOT
 
 import resnet_jax as rj
 
+pytestmark = pytest.mark.slow  # end-to-end: the whole file
+
 ANYWHERE = shutil.ignore_patterns(".git", ".venv", ".ci", "__pycache__", "*.egg-info", "build", "dist")
 AT_THE_TOP = {"ckpt", "runs", "data"}  # a clone's work folders (resnet_jax/data and runs are the package's)
 

@@ -13,6 +13,8 @@ import pytest
 import resnet_jax as rj
 from resnet_jax.device import parallel
 
+pytestmark = pytest.mark.slow  # end-to-end: the whole file
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

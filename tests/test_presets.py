@@ -68,6 +68,7 @@ def sizes(config):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [p for p in PRESETS if p != "seed"])
 def test_every_preset_has_the_examples_size(name):
     config = preset(name)
@@ -147,6 +148,7 @@ def reference_v2(params, stats, x, n, eps=1e-3):
     return x @ params["head"]["kernel"] + params["head"]["bias"]
 
 
+@pytest.mark.slow
 def test_v2_forward_pass_equals_a_hand_written_reference():
     config = preset("resnet20v2")
     model = rj.model.resnet.from_config(config)
@@ -175,6 +177,7 @@ def test_v2_forward_pass_equals_a_hand_written_reference():
     assert float(penalty) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_resnet20v2_learns_digits(tmp_path, dtype, compiled_as_users_compile):
     """resnet20v2's blocks (v2, n = 2) at half width, 8 epochs: a short run on CPU. BatchNorm's
@@ -195,6 +198,7 @@ def test_resnet20v2_learns_digits(tmp_path, dtype, compiled_as_users_compile):
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
 
 
+@pytest.mark.slow
 def test_preset_through_the_command_line(archive, tmp_path):
     workdir = str(tmp_path / "w")
     out = train_on(
@@ -231,6 +235,7 @@ def test_holdout_is_disjoint_stratified_and_deterministic():
     np.testing.assert_array_equal(train_part.test_images, ds.train_images[idx])
 
 
+@pytest.mark.slow
 def test_the_test_set_never_enters_training_or_checkpoint_choice(tmp_path):
     config = rj.config.tiny(batch_size=8, eval_batch_size=16, epochs=3, val_split=16)
     ds = random_dataset(n_train=64, n_test=24)
@@ -251,6 +256,7 @@ def test_the_test_set_never_enters_training_or_checkpoint_choice(tmp_path):
     assert acc == pytest.approx(history_a[-1]["val_acc"]) and loss == pytest.approx(history_a[-1]["val_loss"])
 
 
+@pytest.mark.slow
 def test_a_split_run_resumes_with_its_split_and_refuses_another(archive, tmp_path):
     workdir = str(tmp_path / "w")
     out = train(

@@ -30,6 +30,7 @@ def copy_run(src, tmp_path, name="w"):
 # 1. Settings that change on resume -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nan_advice_without_a_checkpoint_can_be_followed(archive, tmp_path):
     workdir = str(tmp_path / "w")
     proc = train("--workdir", workdir, "--data_dir", archive, "--learning_rate", "1e30", *TINY, check=False)
@@ -42,6 +43,7 @@ def test_nan_advice_without_a_checkpoint_can_be_followed(archive, tmp_path):
     assert "Test accuracy" in rerun.stdout
 
 
+@pytest.mark.slow
 def test_changed_learning_rate_on_resume_equals_a_fresh_run_from_that_state(two_epochs, archive, tmp_path):
     resumed = copy_run(two_epochs, tmp_path, "resumed")
     reference = copy_run(two_epochs, tmp_path, "reference")
@@ -65,6 +67,7 @@ def test_changed_learning_rate_on_resume_equals_a_fresh_run_from_that_state(two_
     assert_same_run(resumed, reference)
 
 
+@pytest.mark.slow
 def test_augmentation_and_adam_settings_may_change_but_not_the_model_or_seed(two_epochs, archive, tmp_path):
     workdir = copy_run(two_epochs, tmp_path)
     out = train_on(
@@ -109,6 +112,7 @@ def best_and_latest(workdir):
     return best, steps_of(workdir)[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "deleted", "garbage"])
 def test_a_damaged_best_names_the_readable_latest(two_epochs, archive, tmp_path, how):
     workdir = copy_run(two_epochs, tmp_path)
@@ -136,6 +140,7 @@ def test_every_checkpoint_damaged_is_a_few_lines(two_epochs, archive, tmp_path, 
     assert checkpoint_bytes(workdir) == before  # nothing deleted or rewritten
 
 
+@pytest.mark.slow
 def test_a_damaged_latest_is_set_aside_and_replaced(full_run, archive, tmp_path):
     _, reference = full_run
     workdir = copy_run(reference, tmp_path)

@@ -31,6 +31,7 @@ def conv_l2(params):
     return 1e-4 * total
 
 
+@pytest.mark.slow
 def test_train_loss_is_cross_entropy_plus_conv_l2(state):
     x, y = random_batch()
     logits, _ = state.model.apply(
@@ -54,6 +55,7 @@ def test_l2_layers_and_weight_come_from_config(state):
     assert got == pytest.approx(2 * conv_l2(state.params) + 2e-4 * dense, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_metrics_and_masking(state):
     x, y = random_batch(seed=3)
     logits = state.model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
@@ -105,6 +107,7 @@ def test_train_and_eval_modes_differ(state):
     assert np.max(np.abs(np.asarray(train_logits) - np.asarray(eval_logits))) > 1e-3
 
 
+@pytest.mark.slow
 def test_steps_lower_loss_and_are_deterministic(tiny_config):
     x, y = random_batch(n=16, seed=4)
 
@@ -159,6 +162,7 @@ def test_config_round_trips_and_defaults_are_the_seed():
         c.epochs = 3
 
 
+@pytest.mark.slow
 def test_moving_statistics_are_the_exponential_average_of_the_batch_statistics(tiny_config):
     """After many steps each BatchNorm's moving mean and variance equal an exponential average
     (momentum 0.99, from 0 and 1) of the batch statistics of its input, computed here in float64

@@ -28,6 +28,7 @@ from conftest import (
 import resnet_jax as rj
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(full_run, archive, tmp_path):
     _, reference = full_run
     workdir = str(tmp_path / "w")
@@ -73,6 +74,7 @@ def test_a_save_keeps_its_arrays_when_the_next_step_donates_them(tmp_path, save_
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), expected)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_checkpoints(archive, tmp_path):
     workdir = str(tmp_path / "w")
     # epoch 1 is sane; from epoch 2 the rate is absurd
@@ -87,6 +89,7 @@ def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_checkpoints(archive,
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.slow
 def test_one_run_per_workdir_and_no_stuck_lock(archive, tmp_path):
     workdir = str(tmp_path / "w")
     first = start(workdir, archive, "--epochs", "50")
@@ -100,6 +103,7 @@ def test_one_run_per_workdir_and_no_stuck_lock(archive, tmp_path):
     assert third.returncode == 0, third.stderr
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_and_keeps_best(full_run, archive, tmp_path):
     import shutil
 
@@ -134,6 +138,7 @@ PHASES = {
 }
 
 
+@pytest.mark.slow
 def test_sigkill_at_each_phase_never_loses_the_run(archive, tmp_path):
     """A SIGKILL while starting, compiling, mid-epoch, inside a checkpoint save and right after
     one, a restart after each; the finished run equals an uninterrupted one bit for bit
@@ -240,6 +245,7 @@ def test_bad_data_through_the_command_line(kind, tmp_path):
     assert not (workdir / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_offline_tfds_through_the_command_line(tmp_path):
     """train.py's main with the network cut (socket patched in the child, no traffic sent)."""
     code = (

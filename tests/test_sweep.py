@@ -49,6 +49,7 @@ def read(workdir, name="summary.json"):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_a_run_of_the_grid_is_its_single_run_bit_for_bit(swept):
     _, workdir, single = swept
     assert set(os.listdir(workdir)) >= {*SETTINGS, "runs.json", "summary.json", "curves.png"}
@@ -93,6 +94,7 @@ def test_the_summary_holds_the_runs_statistics_and_a_choice_made_on_validation(s
     assert re.search(r"^setting\s+n\s+val_acc\s+test_acc\s+vs first", tail[-4])
 
 
+@pytest.mark.slow
 def test_rerun_trains_nothing_and_a_new_value_trains_only_its_runs(swept, archive, tmp_path):
     _, reference, _ = swept
     workdir = str(tmp_path / "w")
@@ -111,6 +113,7 @@ def test_rerun_trains_nothing_and_a_new_value_trains_only_its_runs(swept, archiv
     assert read(workdir, "runs.json")["grid"] == [["learning_rate", [0.001, 0.003, 0.01]]]
 
 
+@pytest.mark.slow
 def test_a_sigkill_then_the_same_command_ends_as_an_uninterrupted_sweep(swept, archive, tmp_path):
     _, reference, _ = swept
     workdir = str(tmp_path / "w")
@@ -127,6 +130,7 @@ def test_a_sigkill_then_the_same_command_ends_as_an_uninterrupted_sweep(swept, a
     assert read(workdir)["complete"]
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_sweep_each_run_trained_once(swept, archive, tmp_path):
     _, reference, _ = swept
     workdir = str(tmp_path / "w")
@@ -143,6 +147,7 @@ def test_two_processes_share_one_sweep_each_run_trained_once(swept, archive, tmp
     assert read(workdir)["complete"]  # whichever process finished last wrote it whole
 
 
+@pytest.mark.slow
 def test_static_shards_split_the_runs(swept, archive, tmp_path):
     _, reference, _ = swept
     workdir = str(tmp_path / "w")
@@ -184,6 +189,7 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(swept, archive, tmp_path
         assert_refused(workdir, ["--data_dir", archive, "--epochs", "2", *TINY, *extra], message)
 
 
+@pytest.mark.slow
 def test_the_notebook_sweep_and_train_many_with_your_own_parts(tmp_path):
     ds = random_dataset(n_train=32, n_test=16, shape=(16, 16, 1))
     seen = []
@@ -229,6 +235,7 @@ for filters, folder in ((16, "a"), (4, "b")):  # the larger first: it decides no
 """
 
 
+@pytest.mark.slow
 def test_runs_of_other_model_sizes_each_use_their_own_devices_in_any_process(archive, tmp_path):
     """The devices a run uses are its own decision: a sweep's small-model run, a notebook's second
     model and the same flags alone train on as many devices (recorded in run.json) and equal

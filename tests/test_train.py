@@ -47,6 +47,7 @@ def test_metrics_checkpoints_and_pictures(full_run):
     assert best_epoch * 7 in steps  # best kept
 
 
+@pytest.mark.slow
 def test_eval_only_reproduces_the_best_epoch(full_run, archive):
     _, workdir = full_run
     rows = metrics(workdir)

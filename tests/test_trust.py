@@ -30,6 +30,7 @@ from resnet_jax.runs import console
 # 3-5. Data ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_in_memory_arrays_are_recorded_and_the_command_line_says_what_to_do(tmp_path):
     ds = random_dataset(n_train=40, n_test=16, shape=(28, 28, 1))
     workdir = str(tmp_path / "w")
@@ -97,6 +98,7 @@ def test_start_up_says_what_will_run_before_epoch_1(full_run):
         assert expected in head, head
 
 
+@pytest.mark.slow
 def test_summary_prints_a_layer_table(archive, tmp_path):
     out = train(
         "--workdir", str(tmp_path / "w"), "--data_dir", archive, "--epochs", "1", "--summary", *TINY
@@ -105,6 +107,7 @@ def test_summary_prints_a_layer_table(archive, tmp_path):
     assert "stage3_block1" in head and "conv_init" in head and "Total Parameters" in head
 
 
+@pytest.mark.slow
 def test_a_stop_request_acts_within_seconds_on_the_cpu(archive, tmp_path):
     workdir = str(tmp_path / "w")
     proc = start(
@@ -175,6 +178,7 @@ def test_tensorboard_event_files_load(full_run):
     )
 
 
+@pytest.mark.slow
 def test_eval_only_names_the_checkpoint(full_run, archive):
     _, workdir = full_run
     out = train("--workdir", workdir, "--data_dir", archive, "--eval_only").stdout
@@ -183,6 +187,7 @@ def test_eval_only_names_the_checkpoint(full_run, archive):
     assert f"Evaluating the latest checkpoint of {workdir}: epoch 3 (step 21)" in out
 
 
+@pytest.mark.slow
 def test_eval_only_says_when_a_state_is_mid_epoch(archive, tmp_path):
     workdir = str(tmp_path / "w")
     proc = start(workdir, archive, "--epochs", "3", "--steps_per_call", "1", "--batch_size", "2")

@@ -73,6 +73,7 @@ def test_the_cpu_choice():
         tuning.decide("cpu", cpu_devices="many")
 
 
+@pytest.mark.slow
 def test_programs_compile_as_many_at_once_as_the_platform_says(monkeypatch):
     # compile_all's threads follow tuning.Platform.compile_threads: on this CPU one program at a
     # time; with the GPU's decision, several at once.
@@ -139,6 +140,7 @@ def test_materialize_is_an_exact_identity_for_inf_and_nan_too():
     assert y[6] == x[6] and np.isnan(y[5]) and np.isposinf(y[3]) and np.isneginf(y[4])
 
 
+@pytest.mark.slow
 def test_materialize_is_a_model_setting_the_cpu_decision_turns_on():
     config = rj.config.tiny()
     on = rj.create_train_state(config, jax.random.key(0), (32, 32, 3), 5, materialize=True)
@@ -161,6 +163,7 @@ def test_materialize_is_a_model_setting_the_cpu_decision_turns_on():
     assert default.model.materialize == (jax.default_backend() == "cpu")
 
 
+@pytest.mark.slow
 def test_help_and_argument_errors_start_once():
     """No huge-page restart for --help or a bad flag (the restart would print the marker twice)."""
     code = (
@@ -194,6 +197,7 @@ print(json.dumps([jax.device_count(), tuning.auto_cpu_devices(tuning.cores(), 32
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(tuning.cores() < 2, reason="needs 2 cores to split")
 def test_a_notebooks_first_run_splits_the_cpu_as_train_py_would(tmp_path):
     """No configure call: a fresh process's train_and_evaluate sizes the CPU split as train.py

@@ -115,7 +115,7 @@ def start_lines(config, data: dict, parts, mesh, steps_per_epoch: int, path: str
     lines.append(
         f"Devices: {mesh.size} x {device.device_kind} ({device.platform}), batch "
         f"{config.batch_size} ({config.batch_size // mesh.size} per device), {config.dtype}"
-        + _cpu_split(config, mesh, data["image_shape"], parts.model)
+        + _cpu_split(config, mesh, data["image_shape"], parts.model if model["own"] else None)
     )
     lines.append(f"Steps per epoch: {steps_per_epoch:,}; workdir {path}")
     return lines
@@ -126,15 +126,13 @@ def _cpu_split(config, mesh, image_shape, model) -> str:
     import jax
 
     from resnet_jax import tuning
-    from resnet_jax.model import resnet
+    from resnet_jax.device import parallel
 
     cores = tuning.cores()
     if mesh.devices.flat[0].platform != "cpu" or jax.process_count() > 1 or mesh.size >= cores:
         return ""
-    try:
-        small = resnet.step_flops(config, image_shape, model) < tuning.SPLIT_MIN_FLOPS
-    except Exception:  # noqa: BLE001 - a model that cannot be traced abstractly
-        small = False
+    flops = parallel.step_flops(config, image_shape, model)  # as the run's mesh traced it (once)
+    small = flops is not None and flops < tuning.SPLIT_MIN_FLOPS
     why = "the model is small: one device runs it faster" if small else "as JAX was started"
     return f"; {mesh.size} of {cores} cores as devices ({why}; --cpu_devices N to choose)"
 
