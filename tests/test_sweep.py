@@ -226,12 +226,17 @@ def test_the_notebook_sweep_and_train_many_with_your_own_parts(tmp_path):
 
 
 TWO_MODELS = """
-import sys, resnet_jax as rj
+import json, sys, jax, resnet_jax as rj
+from resnet_jax import tuning
+from resnet_jax.model import resnet
 data = rj.load_dataset(data_dir=sys.argv[1])
 for filters, folder in ((16, "a"), (4, "b")):  # the larger first: it decides nothing for the next
     config = rj.Config(num_filters=filters, stage_sizes=(1, 1, 1), batch_size=16, steps_per_call=4,
                        epochs=1, seed=1)
     rj.train_and_evaluate(config, sys.argv[2] + "/" + folder, data, verbosity=0)
+    if filters == 16:  # no configure call: the devices train.py would give the process and the run
+        want = tuning.auto_cpu_devices(tuning.cores(), 16, resnet.step_flops(config))
+        print(json.dumps([jax.device_count(), want]))
 """
 
 
@@ -239,7 +244,9 @@ for filters, folder in ((16, "a"), (4, "b")):  # the larger first: it decides no
 def test_runs_of_other_model_sizes_each_use_their_own_devices_in_any_process(archive, tmp_path):
     """The devices a run uses are its own decision: a sweep's small-model run, a notebook's second
     model and the same flags alone train on as many devices (recorded in run.json) and equal
-    each other bit for bit; the larger model is split where the CPU has cores for it."""
+    each other bit for bit; the larger model is split where the CPU has cores for it. A
+    notebook's first run sets the process up as train.py does, without configure; a device
+    count the user chose (JAX_NUM_CPU_DEVICES) wins."""
     flags = ["--stage_sizes", "1,1,1", "--batch_size", "16", "--steps_per_call", "4", "--epochs", "1"]
     sweep = str(tmp_path / "sweep")
     train(
@@ -255,17 +262,20 @@ def test_runs_of_other_model_sizes_each_use_their_own_devices_in_any_process(arc
         env=ENV,
     )
     single = str(tmp_path / "single")
-    train("--workdir", single, "--data_dir", archive, *flags, "--num_filters", "4", "--seed", "1", env=ENV)
+    chosen = dict(ENV, JAX_NUM_CPU_DEVICES="1")
+    train("--workdir", single, "--data_dir", archive, *flags, "--num_filters", "4", "--seed", "1", env=chosen)
     notebook = tmp_path / "notebook"
     proc = subprocess.run(
         [sys.executable, "-c", TWO_MODELS, archive, str(notebook)], env=ENV, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
+    split = min(tuning.cores(), 2)  # the 16-filter model is worth a device per core; 16 images split in 2
+    have, want = json.loads(proc.stdout.splitlines()[-1])
+    assert have == want == split  # train.py's split, without configure
     small, large = (os.path.join(sweep, f"num_filters={n}", "seed_1") for n in (4, 16))
     assert_same_run(small, single)
     assert_same_run(str(notebook / "b"), single)
     assert_same_run(large, str(notebook / "a"))
-    split = min(tuning.cores(), 2)  # the 16-filter model is worth a device per core; 16 images split in 2
     for workdir, count in (
         (small, 1),
         (single, 1),
@@ -275,3 +285,4 @@ def test_runs_of_other_model_sizes_each_use_their_own_devices_in_any_process(arc
     ):
         devices = read(workdir, "run.json")["devices"]
         assert devices["count"] == count and devices["platform"] == "cpu", (workdir, devices)
+    assert read(single, "run.json")["devices"]["of"] == 1  # the user's count wins

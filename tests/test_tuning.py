@@ -1,6 +1,5 @@
 """Platform decisions (resnet_jax.tuning): what each platform switches on, made before JAX starts."""
 
-import json
 import os
 import subprocess
 import sys
@@ -181,36 +180,3 @@ def test_help_and_argument_errors_start_once():
             timeout=120,
         )
         assert proc.stdout.count("PROCESS-START") == 1, (args, proc.stdout, proc.stderr)
-
-
-NOTEBOOK_SPLIT = """
-import json, sys, numpy as np
-import jax, resnet_jax as rj
-from resnet_jax import tuning
-from resnet_jax.model import resnet
-rng = np.random.default_rng(0)
-x, y = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), np.arange(64) % 10
-config = rj.Config(num_filters=16, stage_sizes=(1, 1, 1), batch_size=32, epochs=1)
-rj.train_and_evaluate(config, sys.argv[1], rj.Dataset(x, y, x[:32], y[:32]), verbosity=0)
-flops = config.batch_size * resnet.forward_flops(config)
-print(json.dumps([jax.device_count(), tuning.auto_cpu_devices(tuning.cores(), 32, flops)]))
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(tuning.cores() < 2, reason="needs 2 cores to split")
-def test_a_notebooks_first_run_splits_the_cpu_as_train_py_would(tmp_path):
-    """No configure call: a fresh process's train_and_evaluate sizes the CPU split as train.py
-    does (a model worth splitting gets one device per core); a count the user chose wins."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    run = lambda env, w: subprocess.run(
-        [sys.executable, "-c", NOTEBOOK_SPLIT, str(tmp_path / w)], env=env, capture_output=True, text=True
-    )
-    proc = run(env, "a")
-    assert proc.returncode == 0, proc.stderr
-    have, want = json.loads(proc.stdout.splitlines()[-1])
-    assert want > 1 and have == want  # train.py's split, without configure
-    proc = run(dict(env, JAX_NUM_CPU_DEVICES="1"), "b")
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.splitlines()[-1])[0] == 1  # the user's count wins
