@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
+import numbers
+import os
 
 from resnet_jax.errors import UserError
 
@@ -125,6 +129,8 @@ class Config:
     )
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # a value of the field's type, as its flag reads it
+            object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name)))
         positive = ("epochs", "batch_size", "steps_per_call", "eval_batch_size", "num_filters", "num_classes")
         for name in positive:
             value = getattr(self, name)
@@ -299,3 +305,92 @@ def parse_value(name: str, text: str, separator: str = ","):
         else:
             what = KIND_NAMES.get(kind, f"a {kind.__name__}")
         raise ValueError(f"{name} takes {what}, got {text!r}") from None
+
+
+def _one(name: str, kind, value):
+    """`value` as `kind` (int, float, bool, str): text read as the flag reads it; ints for floats;
+    a UserError naming the field for anything else (a bool is not a number here)."""
+    if isinstance(value, str) and kind is not str:
+        try:
+            return _parse_one(name, kind, value)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if kind is bool and isinstance(value, (bool, np_bool())):
+        return bool(value)
+    if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, (bool, np_bool())):
+        return int(value)
+    if kind is float and isinstance(value, numbers.Real) and not isinstance(value, (bool, np_bool())):
+        return float(value)
+    if kind is str and isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    what = "true or false" if kind is bool else KIND_NAMES.get(kind, kind.__name__)
+    raise UserError(f"{name} takes {what}, got {value!r}")
+
+
+def _parse_one(name: str, kind, text: str):
+    """A scalar of `kind` from text (a tuple field's item, or the field itself)."""
+    if kind is bool:
+        if text.strip().lower() not in BOOLS:
+            raise ValueError(f"{name} takes true or false, got {text!r}")
+        return BOOLS[text.strip().lower()]
+    try:
+        return kind(text.strip())
+    except ValueError:
+        raise ValueError(f"{name} takes {KIND_NAMES.get(kind, kind.__name__)}, got {text!r}") from None
+
+
+def np_bool():
+    import numpy as np
+
+    return np.bool_
+
+
+def coerce(name: str, value):
+    """A Config field's value as its type: text parsed as its flag parses it ("0.01", "3,3,2"),
+    a list or a single item for a tuple, numpy scalars as Python ones; else one UserError line."""
+    kind, item = field_types()[name]
+    if value is None and name in OPTIONAL:
+        return None
+    if kind is not tuple:
+        return _one(name, kind, value)
+    if isinstance(value, str):
+        try:
+            return parse_value(name, value)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    items = value if isinstance(value, (list, tuple)) else (value,)
+    try:
+        return tuple(_one(name, item, v) for v in items)
+    except UserError:
+        example = ",".join(str(v) for v in getattr(Config, name, ()) or ()) or "A,B"
+        items_of = {int: "ints", float: "numbers", str: "names"}.get(item, item.__name__)
+        raise UserError(f"{name} takes {items_of} like ({example}), got {value!r}") from None
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
+OPTIONAL = ("data_dir",)
+
+
+def unknown_field(name: str, where: str = "resnet_jax.Config") -> UserError:
+    """One line for a setting that is not a Config field, with the closest one."""
+    close = difflib.get_close_matches(str(name), FIELD_NAMES, n=1)
+    hint = f"; did you mean {close[0]}?" if close else " (its fields are train.py's flags: --help lists them)"
+    return UserError(f"{name!r} is not a setting of {where}{hint}")
+
+
+def _checked_init(init):
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        for name in kwargs:
+            if name not in FIELD_NAMES:
+                raise unknown_field(name)
+        if len(args) > len(FIELD_NAMES):
+            raise UserError(
+                f"resnet_jax.Config takes at most {len(FIELD_NAMES)} values; name them: Config(epochs=3)"
+            )
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+Config.__init__ = _checked_init(Config.__init__)

@@ -101,3 +101,54 @@ def test_the_programs_read_exactly_the_program_fields(lowered, name):
     other = dataclasses.replace(base, **{name: OTHER[name]})
     changed = text(other) != text(base)
     assert changed == (name in config.PROGRAM_FIELDS), (name, "read by a program" if changed else "not read")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: rj.Config(learnign_rate=0.01),
+            "'learnign_rate' is not a setting of resnet_jax.Config; did you mean learning_rate?",
+        ),
+        (
+            lambda: rj.preset("tiny", epochz=3),
+            "'epochz' is not a setting of resnet_jax.Config; did you mean epochs?",
+        ),
+        (lambda: rj.Config(learning_rate="fast"), "learning_rate takes a float, got 'fast'"),
+        (lambda: rj.Config(epochs=2.5), "epochs takes an int, got 2.5"),
+        (lambda: rj.Config(epochs=True), "epochs takes an int, got True"),
+        (lambda: rj.Config(flip="maybe"), "flip takes true or false, got 'maybe'"),
+        (lambda: rj.Config(stage_sizes=[1, 2.5]), "stage_sizes takes ints like (3,3,2), got [1, 2.5]"),
+        (
+            lambda: rj.sweep(rj.Config(), "unused", grid={"learnign_rate": [1e-3]}),
+            "did you mean learning_rate?",
+        ),
+        (lambda: rj.sweep(rj.Config(), "unused", grid={"flip": ["maybe"]}), "flip takes true or false"),
+    ],
+)
+def test_the_python_apis_mistakes_are_one_user_error_naming_the_field(make, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(rj.UserError) as e:
+        make()
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert e.value._render_traceback_() == [f"UserError: {e.value}"]  # what Jupyter shows: one line
+    assert not (tmp_path / "unused").exists()
+
+
+def test_text_and_single_items_are_read_as_the_command_line_reads_them():
+    config = rj.Config(learning_rate="0.01", stage_sizes="1,1,1", flip="no", lr_factors=[1, 2, 3], epochs="4")
+    assert (config.learning_rate, config.stage_sizes, config.flip, config.epochs) == (
+        0.01,
+        (1, 1, 1),
+        False,
+        4,
+    )
+    assert config.lr_factors == (1.0, 2.0, 3.0) and rj.Config(l2_layers="conv").l2_layers == ("conv",)
+    assert rj.Config(stage_sizes=3).stage_sizes == (3,) and rj.Config(epochs=np.int64(3)).epochs == 3
+    from resnet_jax.runs import sweeps
+
+    assert sweeps.check_grid({"learning_rate": 1e-3}) == (("learning_rate", (1e-3,)),)  # a list of one
+    assert sweeps.check_grid({"stage_sizes": (1, 1, 1)}) == (("stage_sizes", ((1, 1, 1),)),)
+    assert sweeps.check_grid({"stage_sizes": [(1, 1, 1), "3,3,2"]}) == (
+        ("stage_sizes", ((1, 1, 1), (3, 3, 2))),
+    )

@@ -29,7 +29,7 @@ import threading
 
 from resnet_jax import process
 from resnet_jax.checkpoint import run_files
-from resnet_jax.config import NO_NUMBER, NOT_SWEPT, Config
+from resnet_jax.config import FIELD_NAMES, NO_NUMBER, NOT_SWEPT, Config, coerce, field_types, unknown_field
 from resnet_jax.errors import UserError
 from resnet_jax.runs import interrupt
 from resnet_jax.runs import summary as summaries
@@ -49,21 +49,38 @@ def check_seeds(seeds):
 
 
 def check_grid(grid) -> tuple:
-    """The grid as ((field, values), ...): each field sweepable and swept once, each value once."""
-    grid = tuple((name, tuple(values)) for name, values in (grid.items() if isinstance(grid, dict) else grid))
-    seen = set()
+    """The grid as ((field, values), ...): each field a Config field (a misspelling gets "did you
+    mean"), sweepable and swept once, each value once, each value of the field's type (text read
+    as its flag reads it). A single value where a list goes is a list of one; for a tuple field
+    (stage_sizes), a tuple of items is one value and a list of tuples is several."""
+    if isinstance(grid, dict):
+        grid = grid.items()
+    out, seen = [], set()
     for name, values in grid:
+        if name not in FIELD_NAMES:
+            raise unknown_field(name, "resnet_jax.Config (a sweep's grid)")
         if name in NOT_SWEPT:
             raise UserError(f"{name} cannot be swept: {NOT_SWEPT[name]}")
         if name in seen:
             raise UserError(f"{name} is swept twice; give all its values in one --sweep {name}=V1,V2")
         seen.add(name)
-        if not values:
+        out.append((name, tuple(coerce(name, v) for v in _values(name, values))))
+        if not out[-1][1]:
             raise UserError(f"{name} is swept over no value; give one or more")
+        values = out[-1][1]
         twice = [v for i, v in enumerate(values) if v in values[:i]]
         if twice:
             raise UserError(f"{name}={render(twice[0])} is given twice in the sweep; name each value once")
-    return grid
+    return tuple(out)
+
+
+def _values(name: str, values) -> list:
+    """The values a grid gives a field: a list or tuple of them, or a single one."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple, range)):
+        return [values]
+    if field_types()[name][0] is tuple and not any(isinstance(v, (list, tuple)) for v in values):
+        return [values]  # (1, 1, 1) for stage_sizes: one value
+    return list(values)
 
 
 def settings(config: Config, grid) -> list[tuple[dict, Config]]:
@@ -194,7 +211,9 @@ def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs
     from resnet_jax.runs.loop import train
 
     path = os.path.abspath(os.path.expanduser(workdir))
-    seeds = (config.seed,) if seeds is None else tuple(int(s) for s in seeds)
+    if seeds is None:
+        seeds = (config.seed,)
+    seeds = tuple(coerce("seed", s) for s in (seeds if isinstance(seeds, (list, tuple, range)) else [seeds]))
     check_seeds(seeds)
     grid = check_grid(grid or ())
     every = settings(config, grid)  # each setting's Config checked before anything is written
