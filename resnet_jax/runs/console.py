@@ -25,41 +25,72 @@ def table(header, rows) -> list[str]:
     return ["  ".join(align(i, c) for i, c in enumerate(row)).rstrip() for row in cells]
 
 
+def live_display(stream) -> str | None:
+    """Where a line can be redrawn in place: "terminal" (a tty), "kernel" (a Jupyter kernel's
+    output, which renders a carriage return as a redraw: Keras's bar does the same), else None."""
+    if getattr(stream, "isatty", lambda: False)():
+        return "terminal"
+    if type(stream).__module__.startswith("ipykernel"):
+        return "kernel"
+    return None
+
+
 class Console:
-    """Prints the seed log's story. verbosity 0: nothing; 1: epoch lines; 2: plus a progress bar.
+    """Prints the seed log's story. verbosity 0: nothing; 1: epoch lines; 2: plus the progress of
+    an epoch (step, loss, accuracy, images/s, time left): a line redrawn in place on a terminal
+    or in a Jupyter kernel at each device call (at most every `redraw` seconds in a kernel), and
+    elsewhere (a piped log) a line every `log_every` seconds."""
 
-    The bar is drawn only on a terminal, updated once per device call.
-    """
-
-    def __init__(self, verbosity: int = 1, stream=None):
+    def __init__(self, verbosity: int = 1, stream=None, log_every: float = 30.0, redraw: float = 0.25):
         self.stream = stream or sys.stdout
         self.verbosity = verbosity
-        self.bar = verbosity >= 2 and getattr(self.stream, "isatty", lambda: False)()
+        self.live = live_display(self.stream) if verbosity >= 2 else None
+        self.bar = self.live is not None  # a line drawn in place, to end before another line
+        self.log_every, self.redraw = log_every, redraw
+        self._width, self._last = 0, None
 
     def line(self, text: str, level: int = 1):
         if self.verbosity >= level:
             print(text, file=self.stream, flush=True)
 
     def epoch_start(self, epoch: int, epochs: int, lr: float | None):
+        self._last = time.monotonic()
         self.line(f"Epoch {epoch}/{epochs}")
         if lr is not None:  # an optimizer that does not say its rate (see parts.py) shows none
             self.line(f"Learning rate: {lr:g}")
 
-    def progress(self, done: int, total: int, sums, start: float):
-        if not self.bar:
+    def progress(self, done: int, total: int, sums, start: float, first: int = 0, batch_size: int = 0):
+        """Steps `done` of `total` (`first` of them done before `start`, by a run resumed
+        mid-epoch), the epoch's summed metrics so far, `batch_size` images a step."""
+        if self.verbosity < 2:
             return
-        eta = (time.monotonic() - start) / max(done, 1) * (total - done)
-        print(
-            f"\r{done}/{total} {bar(done, total)} - ETA: {eta:.0f}s - loss: {sums.mean_loss:.4f} - "
-            f"acc: {sums.accuracy:.4f}\x1b[K",
-            end="",
-            file=self.stream,
-            flush=True,
-        )  # \x1b[K: clear the rest
+        now = time.monotonic()
+        last = self._last if self._last is not None else start
+        due = self.redraw if self.live == "kernel" else (self.log_every if self.live is None else 0.0)
+        if now - last < due and done < total:
+            return
+        self._last = now
+        elapsed = max(now - start, 1e-9)
+        rate = (done - first) / elapsed  # steps a second, this process's
+        eta = (total - done) / rate if rate > 0 else 0.0
+        text = (
+            f"{done}/{total} {bar(done, total)} - ETA: {_duration(eta)} - "
+            f"{rate * batch_size:,.0f} img/s - loss: {sums.mean_loss:.4f} - acc: {sums.accuracy:.4f}"
+        )
+        if self.live == "terminal":
+            print(f"\r{text}\x1b[K", end="", file=self.stream, flush=True)  # \x1b[K: clear the rest
+        elif self.live == "kernel":  # no escape codes: the rest of a longer line is overwritten
+            print(f"\r{text.ljust(self._width)}", end="", file=self.stream, flush=True)
+            self._width = len(text)
+        elif done < total:  # a log: a line now and then
+            print(text, file=self.stream, flush=True)
 
     def end_bar(self):
-        if self.bar:
+        if self.live == "terminal":
             print("\r\x1b[K", end="", file=self.stream)
+        elif self.live == "kernel" and self._width:
+            print("\r" + " " * self._width + "\r", end="", file=self.stream)
+        self._width = 0
 
     def epoch_end(
         self, steps: int, record: dict, best_before, improved: bool, where: str, steps_run: int | None = None
@@ -188,6 +219,15 @@ def finished_line(path: str, progress, test: dict | None) -> str:
             f". Test loss {test['loss']:.4f}, Test accuracy {test['accuracy']:.4f} (epoch {test['epoch']})"
         )
     return text + "."
+
+
+def _duration(seconds: float) -> str:
+    """12s, 3:07, 1:02:05."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}:{seconds:02d}" if minutes < 60 else f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 
 def epoch_line(steps: int, record: dict, steps_run: int | None = None) -> str:

@@ -54,7 +54,7 @@ def train_and_evaluate(
     optimizer=None,
     augment=None,
     callbacks=(),
-    verbosity: int = 1,
+    verbosity: int = 2,
     stop: threading.Event | None = None,
     summary: bool = False,
 ):
@@ -68,8 +68,11 @@ def train_and_evaluate(
     epoch as fn(epoch, metrics, state); one returning True ends the run there, saved and recorded
     as finished. Ctrl-C (SIGINT), or `stop` when set, ends the run after the current device call
     with the state saved and raises Interrupted; calling again resumes. `summary` prints a
-    per-layer table of the model first. The first run of a process sets the process up
-    (resnet_jax.tuning.setup: the README's "What resnet_jax changes in your process").
+    per-layer table of the model first. `verbosity` 0: silent; 1: the epoch lines; 2 (the
+    default): also each epoch's progress (step, loss, accuracy, images/s, time left), redrawn in
+    place in a terminal or a Jupyter notebook, a line every 30 s in a log. The first run of a
+    process sets the process up (resnet_jax.process.setup: the README's "What resnet_jax changes
+    in your process").
     """
     process.setup()
     kwargs = dict(model=model, optimizer=optimizer, augment=augment, callbacks=callbacks, summary=summary)
@@ -98,7 +101,7 @@ class Run:
 
 
 def train(
-    config: Config, workdir: str, dataset=None, *, platform, verbosity=1, stop=None, locked=False, **kw
+    config: Config, workdir: str, dataset=None, *, platform, verbosity=2, stop=None, locked=False, **kw
 ):
     """`train_and_evaluate` for the `platform` decided by the caller; `locked`: the caller holds
     the workdir's lock (a sweep's run). `kw`: model, optimizer, augment, callbacks, summary."""
@@ -280,7 +283,9 @@ class Epochs:
             self.ckpts.poll()  # the last epoch's outputs, once its checkpoint is on disk
             check_finite(metrics, epoch, step, total, self.ckpts)
             sums = sums.add(metrics)
-            self.writer.console.progress(step + length, total, sums, began)
+            self.writer.console.progress(
+                step + length, total, sums, began, progress.step_in_epoch, self.run.config.batch_size
+            )
 
         plan = lambda step, k: batches.next_call(n, batch_size, k, step)
         state, step = calls.run(

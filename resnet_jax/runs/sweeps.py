@@ -185,7 +185,7 @@ def sweep(
     dataset=None,
     *,
     shard=None,
-    verbosity: int = 1,
+    verbosity: int = 2,
     stop=None,
     **kwargs,
 ) -> dict:
@@ -197,7 +197,7 @@ def sweep(
     return _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs, states=False)[0]
 
 
-def train_many(config: Config, workdir: str, seeds, dataset=None, *, verbosity: int = 1, **kwargs):
+def train_many(config: Config, workdir: str, seeds, dataset=None, *, verbosity: int = 2, **kwargs):
     """Train `seeds` of one recipe in `workdir`, each a complete run in `workdir/seed_<s>` (a
     sweep of one setting); returns one (state, history) per seed. `kwargs` are
     train_and_evaluate's."""
