@@ -116,6 +116,12 @@ class Config:
         resume="model",
         unswept="it is set from the dataset",
     )
+    class_names: tuple[str, ...] = _f(
+        (),
+        "train_and_evaluate sets them from the dataset (its classes by label, when it names them)",
+        resume="free",
+        unswept="they are set from the dataset",
+    )
     bn_momentum: float = _f(0.99, "moving = momentum * moving + (1 - momentum) * batch", resume="model")
     bn_epsilon: float = _f(1e-3, "added to the variance; Keras's value (Flax's is 1e-5)", resume="model")
     dtype: str = _f(

@@ -40,6 +40,7 @@ OTHER = {
     "num_filters": 8,
     "stage_sizes": (2, 2, 2),
     "num_classes": 11,
+    "class_names": ("cat", "dog"),
     "bn_momentum": 0.9,
     "bn_epsilon": 1e-5,
     "dtype": "bfloat16",

@@ -4,6 +4,7 @@ one-line errors)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,16 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import ENV, ROOT, kill_after_first_epoch, metrics, random_dataset, without_seconds
+from conftest import (
+    ENV,
+    ROOT,
+    kill_after_first_epoch,
+    metrics,
+    random_dataset,
+    stderr_lines,
+    train,
+    without_seconds,
+)
 from digits import digits_dataset
 from image_files import write_folder
 from own_parts import CNN, DropoutCNN, blank, identity, sgd_cosine
@@ -357,3 +367,38 @@ def test_readme_snippets_for_your_own_parts_run(tmp_path):
         assert run_json(tmp_path / run)["test"] is not None, run  # each ran to its test result
     assert run_json(tmp_path / "sgd")["parts"]["optimizer"]["learning_rate"] == "inject_hyperparams"
     assert scope["state"].model.__class__.__name__ == "ResNet"  # the fashion run's (the default model)
+
+
+@pytest.mark.slow
+def test_evaluation_refuses_data_of_other_classes_or_shapes_in_one_line(tmp_path):
+    """A 3-class model evaluated on a 2-class folder returned an accuracy without a word: now
+    evaluate, evaluate_checkpoint and --eval_only refuse other classes, other class names and
+    other image shapes in one line; a restored run knows its class names."""
+    rng = np.random.default_rng(0)
+    write_folder(tmp_path / "pets", rng)
+    pets = rj.load_dataset(data_dir=str(tmp_path / "pets"), verbose=False)
+    workdir = str(tmp_path / "w")
+    rj.train_and_evaluate(rj.preset("tiny", batch_size=5, epochs=1), workdir, pets, verbosity=0)
+    state = rj.restore(workdir)
+    assert state.config.class_names == ("cat", "dog", "emu")  # kept with the run
+    arrays = (pets.train_images, pets.train_labels, pets.test_images, pets.test_labels)
+    two = rj.Dataset(arrays[0], arrays[1] % 2, arrays[2], arrays[3] % 2)  # 2 classes
+    renamed = rj.Dataset(*arrays, num_classes=3, class_names=("ant", "bee", "cow"))
+    small = rj.Dataset(arrays[0][:, :8], arrays[1], arrays[2][:, :8], arrays[3], 3)
+    cases = (
+        (two, "has 3 classes, the data 2"),
+        (renamed, "class 0 is 'cat', the data's is 'ant'"),
+        (small, "images of shape"),
+    )
+    for data, words in cases:
+        for call in (rj.evaluate, rj.evaluate_checkpoint):
+            with pytest.raises(rj.UserError, match=re.escape(words)) as e:
+                call(state, data) if call is rj.evaluate else call(workdir, dataset=data)
+            assert "\n" not in str(e.value)
+    assert rj.evaluate(state, pets)[1] >= 0  # its own data still evaluates
+    write_folder(tmp_path / "other", rng)
+    os.rename(tmp_path / "other" / "train" / "emu", tmp_path / "other" / "train" / "yak")
+    proc = train("--workdir", workdir, "--eval_only", "--data_dir", str(tmp_path / "other"), check=False)
+    assert proc.returncode == 2 and len(stderr_lines(proc)) == 1 and "class 2 is 'emu'" in proc.stderr, (
+        proc.stderr
+    )

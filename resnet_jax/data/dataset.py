@@ -116,6 +116,38 @@ class Dataset:
         }
 
 
+def dataset_fields(dataset: Dataset) -> dict:
+    """The Config fields a run takes from its data: the dataset's name, its classes and their names."""
+    names = tuple(str(n) for n in dataset.class_names) if dataset.class_names else ()
+    return {"dataset": dataset.name, "num_classes": dataset.num_classes, "class_names": names}
+
+
+def check_fits_model(dataset: Dataset, config, image_shape, what: str = "the model"):
+    """Refuse data a model cannot be evaluated on without a wrong answer: other image shapes,
+    another number of classes, or (when both name them) other class names."""
+    image_shape = tuple(int(d) for d in image_shape)
+    if tuple(dataset.image_shape) != image_shape:
+        raise UserError(
+            f"{what} takes images of shape {image_shape}, the data's are {tuple(dataset.image_shape)}; "
+            "evaluate it on images of its shape"
+        )
+    if dataset.num_classes != config.num_classes:
+        names = f" ({', '.join(map(str, dataset.class_names[:5]))})" if dataset.class_names else ""
+        raise UserError(
+            f"{what} has {config.num_classes} classes, the data {dataset.num_classes}{names}: its answers "
+            f"would be wrong; evaluate it on data of its classes (rj.Dataset(..., num_classes="
+            f"{config.num_classes}) when a split lacks some)"
+        )
+    ours = tuple(config.class_names or ())
+    theirs = tuple(str(n) for n in dataset.class_names) if dataset.class_names else ()
+    if ours and theirs and ours != theirs:
+        first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        raise UserError(
+            f"{what}'s class {first} is {ours[first]!r}, the data's is {theirs[first]!r}: the labels "
+            "do not mean the same classes; evaluate it on data of its classes"
+        )
+
+
 def holdout_indices(labels: np.ndarray, val_split: float, seed: int) -> np.ndarray:
     """Sorted indices of a seeded, class-stratified held-out set of `val_split` images (a count,
     or a fraction < 1 of the labels): each class gives its share, largest remainders round."""

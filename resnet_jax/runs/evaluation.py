@@ -9,7 +9,7 @@ import numpy as np
 
 from resnet_jax import process
 from resnet_jax.checkpoint import open_run, restore_with_meta
-from resnet_jax.data.dataset import Dataset
+from resnet_jax.data.dataset import Dataset, check_fits_model
 from resnet_jax.data.load import load_dataset
 from resnet_jax.device import data as device_data
 from resnet_jax.device import parallel, programs
@@ -30,7 +30,8 @@ def evaluate_on(state, dataset: Dataset, config, mesh) -> Sums:
 def evaluate(state, dataset: Dataset) -> tuple[float, float]:
     """(test loss, test accuracy) of a state (from train_and_evaluate or restore) on `dataset`'s
     test split, exact over every image, on every device. The loss includes the L2 term, as Keras
-    reports it."""
+    reports it. Data of another image shape, number of classes or class names is refused."""
+    check_fits_model(dataset, state.config, np.shape(state.pixel_mean))
     test = evaluate_on(state, dataset, state.config, _mesh(state, dataset))
     return test.mean_loss, test.accuracy
 
@@ -49,7 +50,8 @@ def evaluate_checkpoint(
     *,
     model=None,
 ):
-    """(test loss, test accuracy) of a saved state on the run's test set (or `dataset`'s)."""
+    """(test loss, test accuracy) of a saved state on the run's test set (or `dataset`'s, refused
+    when its image shape, number of classes or class names are not the run's)."""
     path, config, info = open_run(workdir)
     if dataset is None:
         trained_on = (info.get("data") or {}).get("source", "")
@@ -67,6 +69,7 @@ def evaluate_checkpoint(
             f"the run in {path} trained on images of shape {tuple(info['image_shape'])}, the data "
             f"given has {tuple(dataset.image_shape)}; evaluate it on data of the run's shape"
         )
+    check_fits_model(dataset, config, info["image_shape"], f"the run in {path}")
     state, progress, step = restore_with_meta(path, which, model=model)
     if console is not None:
         if progress.step_in_epoch:  # "epoch 2, step 10/1563, mid-epoch (step 1573)"

@@ -30,6 +30,7 @@ import threading
 from resnet_jax import process
 from resnet_jax.checkpoint import run_files
 from resnet_jax.config import FIELD_NAMES, NO_NUMBER, NOT_SWEPT, Config, coerce, field_types, unknown_field
+from resnet_jax.data.dataset import dataset_fields
 from resnet_jax.errors import UserError
 from resnet_jax.runs import interrupt
 from resnet_jax.runs import summary as summaries
@@ -221,11 +222,8 @@ def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs
         raise UserError(f"shard must be (I, N) with 0 <= I < N, got {shard}")
     if dataset is None:
         dataset = load_dataset(config.dataset, config.data_dir, verbose=verbosity > 0)
-    config = dataclasses.replace(config, dataset=dataset.name, num_classes=dataset.num_classes)
-    every = [
-        (fields, dataclasses.replace(c, dataset=dataset.name, num_classes=dataset.num_classes))
-        for fields, c in every
-    ]
+    config = dataclasses.replace(config, **dataset_fields(dataset))
+    every = [(fields, dataclasses.replace(c, **dataset_fields(dataset))) for fields, c in every]
     data = dataset.describe()
     check_workdir(path, config, grid, data)
     process.setup()
