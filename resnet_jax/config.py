@@ -57,6 +57,20 @@ class Config:
         resume="free",
         unswept=SAME_DATA,
     )
+    test_split: float = _f(
+        0.2,
+        "a folder of class subfolders without train/ and test/: the images held out as its test set "
+        "(a fraction < 1, or a count; seeded with 0 whatever --seed, stratified by class)",
+        resume="run",
+        unswept=SAME_DATA,
+    )
+    image_size: tuple[int, ...] = _f(
+        (),
+        "an image folder's images resized to H,W on load (bilinear, as Keras's image_size); "
+        "empty: as they are, all of one size",
+        resume="run",
+        unswept=SAME_DATA,
+    )
     val_split: float = _f(
         0.0,
         "training images held out for validation: a count, or a fraction < 1; "
@@ -148,6 +162,12 @@ class Config:
             raise UserError(f"device_loop must be auto, scan or python, got {self.device_loop!r}")
         if self.resnet_version not in (1, 2):
             raise UserError(f"resnet_version must be 1 or 2, got {self.resnet_version!r}")
+        if not 0 < self.test_split and (self.test_split < 1 or self.test_split == int(self.test_split)):
+            raise UserError(
+                f"test_split must be a count of images or a fraction in (0, 1), got {self.test_split!r}"
+            )
+        if self.image_size and (len(self.image_size) != 2 or min(self.image_size) <= 0):
+            raise UserError(f"image_size takes a height and a width like 32,32, got {self.image_size!r}")
         if self.val_split < 0 or (self.val_split >= 1 and self.val_split != int(self.val_split)):
             raise UserError(
                 f"val_split must be a count of images or a fraction in [0, 1), got {self.val_split!r}"

@@ -20,6 +20,8 @@ OTHER = {
     "dataset": "mnist",
     "data_dir": "/data/elsewhere",
     "val_split": 0.1,
+    "test_split": 0.3,
+    "image_size": (16, 16),
     "epochs": 3,
     "batch_size": 16,
     "seed": 5,

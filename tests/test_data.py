@@ -137,3 +137,55 @@ def test_bad_arrays():
         rj.Dataset(x, y, x, y[:3])
     with pytest.raises(rj.UserError, match=r"labels must be in \[0, 3\)"):
         rj.Dataset(x, y + 3, x, y, num_classes=3)
+
+
+def write_flat(root, sizes=None, per_class=10, classes=("ant", "bee", "cow")):
+    """<class>/*.png with no train/ or test/ (Keras's image_dataset_from_directory layout);
+    `sizes` {(class, index): (width, height)} for images of another size (8x8 otherwise)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in classes:
+        os.makedirs(os.path.join(root, cls))
+        for i in range(per_class):
+            w, h = (sizes or {}).get((cls, i), (8, 8))
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                os.path.join(root, cls, f"{i}.png")
+            )
+    return root
+
+
+def test_a_folder_of_class_subfolders_alone_gets_a_seeded_stratified_test_split(tmp_path):
+    flat = write_flat(str(tmp_path / "flat"))
+    ds = rj.load_dataset(data_dir=flat, verbose=False)
+    assert (len(ds.train_images), len(ds.test_images)) == (24, 6) and ds.class_names == ("ant", "bee", "cow")
+    assert np.bincount(ds.test_labels).tolist() == [2, 2, 2]  # stratified: each class its share
+    again = rj.load_dataset(data_dir=flat, verbose=False)
+    np.testing.assert_array_equal(again.test_images, ds.test_images)  # seeded: the same test set
+    assert ds.describe()["test_split"] == {"test_split": 0.2, "held_out": 6, "of": 30, "seed": 0}
+    count = rj.load_dataset(data_dir=flat, verbose=False, test_split=9)
+    assert len(count.test_images) == 9 and len(count.train_images) == 21
+    with tarfile.open(tmp_path / "flat.tar.gz", "w:gz") as tar:  # its archive too
+        tar.add(flat, arcname="flat")
+    packed = rj.load_dataset(data_dir=str(tmp_path / "flat.tar.gz"), verbose=False)
+    np.testing.assert_array_equal(packed.test_images, ds.test_images)
+    with pytest.raises(rj.UserError, match="test_split 40 asks for 40 of the 30 images"):
+        rj.load_dataset(data_dir=flat, verbose=False, test_split=40)
+
+
+def test_images_of_other_sizes_are_refused_naming_them_or_resized_when_asked(tmp_path):
+    mixed = write_flat(
+        str(tmp_path / "mixed"), sizes={("bee", 3): (12, 6), ("cow", 1): (12, 6), ("ant", 0): (5, 5)}
+    )
+    with pytest.raises(rj.UserError) as e:
+        rj.load_dataset(data_dir=mixed, verbose=False)
+    message = str(e.value)
+    assert "3 sizes: 8x8 (27" in message and "12x6 (2" in message and "5x5 (1" in message
+    assert "image_size=(H, W) (--image_size H,W)" in message and "\n" not in message
+    ds = rj.load_dataset(data_dir=mixed, verbose=False, image_size=(8, 8))
+    assert ds.image_shape == (8, 8, 3) and len(ds.train_images) + len(ds.test_images) == 30
+    small = rj.load_dataset(data_dir=mixed, verbose=False, image_size=(4, 6))
+    assert small.image_shape == (4, 6, 3)
+    assert rj.Config(image_size="4,6").image_size == (4, 6)
+    with pytest.raises(rj.UserError, match="image_size takes a height and a width"):
+        rj.Config(image_size=(4, 6, 3))

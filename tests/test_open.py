@@ -402,3 +402,20 @@ def test_evaluation_refuses_data_of_other_classes_or_shapes_in_one_line(tmp_path
     assert proc.returncode == 2 and len(stderr_lines(proc)) == 1 and "class 2 is 'emu'" in proc.stderr, (
         proc.stderr
     )
+
+
+@pytest.mark.slow
+def test_the_command_line_trains_on_class_folders_alone_and_resizes_mixed_sizes(tmp_path):
+    from test_data import write_flat
+
+    mixed = write_flat(str(tmp_path / "mixed"), sizes={("bee", 3): (12, 6)})
+    workdir = str(tmp_path / "w")
+    flags = ["--preset", "tiny", "--batch_size", "8", "--epochs", "1"]
+    refused = train("--workdir", workdir, "--data_dir", mixed, *flags, check=False)
+    assert refused.returncode == 2 and "--image_size H,W" in refused.stderr and not os.path.exists(workdir)
+    out = train("--workdir", workdir, "--data_dir", mixed, *flags, "--image_size", "8,8").stdout
+    assert "24 train / 6 test images of 8x8x3, 3 classes; the test set held out of the folder's 30" in out
+    info = json.load(open(os.path.join(workdir, "run.json")))
+    assert info["data"]["test_split"] == {"test_split": 0.2, "held_out": 6, "of": 30, "seed": 0}
+    assert info["config"]["image_size"] == [8, 8] and info["config"]["class_names"] == ["ant", "bee", "cow"]
+    assert "Test accuracy" in train("--workdir", workdir, "--eval_only").stdout  # its own data again

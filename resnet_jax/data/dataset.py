@@ -20,7 +20,8 @@ class Dataset:
 
     Fields: `train_images` / `test_images` (uint8, N x H x W x C), `train_labels` / `test_labels`
     (int, N), `num_classes`, `source` (arrays, tfds:<name>, archive:<path> or folder:<path>),
-    `name` (what a run records as its dataset) and `class_names` (by label, when known).
+    `name` (what a run records as its dataset), `class_names` (by label, when known) and
+    `test_split` (how a folder without a test split got one: its fraction, count and seed).
     `subset(train, test)` takes a seeded random sample of each split, in random order."""
 
     train_images: np.ndarray
@@ -31,6 +32,7 @@ class Dataset:
     source: str = "arrays"  # where the data came from: arrays, tfds:<name>, archive:<path>, folder:<path>
     name: str = "arrays"  # what a run records as its dataset: a tfds name, `folder` or `arrays`
     class_names: tuple[str, ...] | None = None  # by label, when the source names them
+    test_split: dict | None = None  # how the test split was held out of a folder without one
 
     def __post_init__(self):
         for split in ("train", "test"):
@@ -94,7 +96,7 @@ class Dataset:
 
         xtr, ytr = pick(self.train_images, self.train_labels, train, "train")
         xte, yte = pick(self.test_images, self.test_labels, test, "test")
-        return Dataset(xtr, ytr, xte, yte, self.num_classes, self.source, self.name, self.class_names)
+        return dataclasses.replace(self, train_images=xtr, train_labels=ytr, test_images=xte, test_labels=yte)
 
     def fingerprint(self) -> str:
         """A short hash of every image and label (blake2b): the same data, the same string."""
@@ -106,7 +108,7 @@ class Dataset:
 
     def describe(self) -> dict:
         """What run.json records of the data a run trained on."""
-        return {
+        described = {
             "source": self.source,
             "train": len(self.train_images),
             "test": len(self.test_images),
@@ -114,6 +116,9 @@ class Dataset:
             "classes": self.num_classes,
             "fingerprint": self.fingerprint(),
         }
+        if self.test_split is not None:
+            described["test_split"] = dict(self.test_split)
+        return described
 
 
 def dataset_fields(dataset: Dataset) -> dict:
@@ -148,14 +153,14 @@ def check_fits_model(dataset: Dataset, config, image_shape, what: str = "the mod
         )
 
 
-def holdout_indices(labels: np.ndarray, val_split: float, seed: int) -> np.ndarray:
+def holdout_indices(labels: np.ndarray, val_split: float, seed: int, what: str = "val_split") -> np.ndarray:
     """Sorted indices of a seeded, class-stratified held-out set of `val_split` images (a count,
     or a fraction < 1 of the labels): each class gives its share, largest remainders round."""
     n = len(labels)
     count = int(round(val_split * n)) if val_split < 1 else int(val_split)
     if not 0 < count < n:
         raise UserError(
-            f"val_split {val_split:g} asks for {count} of the {n} training images; "
+            f"{what} {val_split:g} asks for {count} of the {n} images; "
             f"hold out between 1 and {n - 1} (a count, or a fraction < 1)"
         )
     classes, sizes = np.unique(labels, return_counts=True)
@@ -172,15 +177,12 @@ def split_holdout(dataset: Dataset, val_split: float, seed: int) -> tuple[Datase
     idx = holdout_indices(dataset.train_labels, val_split, seed)
     keep = np.ones(len(dataset.train_labels), bool)
     keep[idx] = False
-    return Dataset(
-        dataset.train_images[keep],
-        dataset.train_labels[keep],
-        dataset.train_images[idx],
-        dataset.train_labels[idx],
-        dataset.num_classes,
-        dataset.source,
-        dataset.name,
-        dataset.class_names,
+    return dataclasses.replace(
+        dataset,
+        train_images=dataset.train_images[keep],
+        train_labels=dataset.train_labels[keep],
+        test_images=dataset.train_images[idx],
+        test_labels=dataset.train_labels[idx],
     ), idx
 
 

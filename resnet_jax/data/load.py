@@ -16,7 +16,14 @@ from resnet_jax.data.dataset import Dataset
 from resnet_jax.errors import UserError
 
 
-def load_dataset(name: str = "cifar10", data_dir: str | None = None, *, verbose: bool = True) -> Dataset:
+def load_dataset(
+    name: str = "cifar10",
+    data_dir: str | None = None,
+    *,
+    verbose: bool = True,
+    test_split: float = 0.2,
+    image_size=None,
+) -> Dataset:
     """A dataset as host arrays, from what `data_dir` holds, else from tensorflow-datasets.
 
     `data_dir` may be a folder of images in class subfolders (train/<class>/*, test/<class>/*)
@@ -24,7 +31,9 @@ def load_dataset(name: str = "cifar10", data_dir: str | None = None, *, verbose:
     folder (for cifar10 / cifar100), or a tfds data directory. `name` is any tfds
     image-classification dataset that fits in memory (cifar10, mnist, fashion_mnist, svhn_cropped,
     ...). `verbose`: say so (with a progress bar on a terminal) while images are decoded into
-    the cache, which happens once per folder or archive."""
+    the cache, which happens once per folder or archive. A folder of class subfolders without
+    train/ and test/ gets `test_split` of its images held out as the test set (a fraction, or
+    a count; seeded, stratified); `image_size` (H, W) resizes an image folder's images."""
     hint = None
     if data_dir is not None:
         data_dir = os.path.expanduser(str(data_dir))
@@ -33,11 +42,12 @@ def load_dataset(name: str = "cifar10", data_dir: str | None = None, *, verbose:
             where = f"{archives[name][0]}, {archives[name][1]}/, " if name in archives else ""
             raise UserError(
                 f"data_dir {data_dir} does not exist; point data_dir (--data_dir) at {where}a folder "
-                "of images in class subfolders (train/<class>/, test/<class>/), its .tar.gz, or a "
-                "tfds data directory"
+                "of images in class subfolders (train/<class>/, test/<class>/, or <class>/ alone), its "
+                ".tar.gz, or a tfds data directory"
             )
         if image_folder.looks_like(data_dir):
-            return image_folder.load(data_dir, DecodeProgress(data_dir) if verbose else None)
+            progress = DecodeProgress(data_dir) if verbose else None
+            return image_folder.load(data_dir, progress, test_split=test_split, image_size=image_size)
         found = cifar_archive.find_archive(name, data_dir) if name in cifar_archive.ARCHIVES else None
         if found is not None:
             return cifar_archive.read_archive(name, found)
@@ -60,6 +70,17 @@ def _archive_hint(folder: str) -> str | None:
     return (
         f"{folder} is a folder holding the image archive {found[0]}: pass the archive itself as "
         f"data_dir (--data_dir {found[0]})"
+    )
+
+
+def for_config(config, data_dir=None, verbose: bool = True) -> Dataset:
+    """The dataset a Config names (its dataset, data_dir, test_split and image_size)."""
+    return load_dataset(
+        config.dataset,
+        config.data_dir if data_dir is None else data_dir,
+        verbose=verbose,
+        test_split=config.test_split,
+        image_size=config.image_size or None,
     )
 
 

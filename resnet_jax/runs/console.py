@@ -122,6 +122,12 @@ def start_lines(config, data: dict, parts, mesh, steps_per_epoch: int, path: str
         f"Data: {source} ({data['source']}): {data['train']:,} train / {data['test']:,} test images of "
         f"{shape}, {data['classes']} classes"
     ]
+    split = data.get("test_split")
+    if split:  # a folder without a test split: one held out
+        lines[0] += (
+            f"; the test set held out of the folder's {split['of']:,} images ({split['held_out']:,}, "
+            f"test_split {split['test_split']:g}, seeded, stratified)"
+        )
     model, optimizer, augment = record["model"], record["optimizer"], record["augment"]
     preset = f" (preset {config.preset})" if config.preset and not model["own"] else ""
     stats = (

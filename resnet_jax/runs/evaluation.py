@@ -9,8 +9,8 @@ import numpy as np
 
 from resnet_jax import process
 from resnet_jax.checkpoint import open_run, restore_with_meta
+from resnet_jax.data import load
 from resnet_jax.data.dataset import Dataset, check_fits_model
-from resnet_jax.data.load import load_dataset
 from resnet_jax.device import data as device_data
 from resnet_jax.device import parallel, programs
 from resnet_jax.device.metrics import Sums
@@ -63,7 +63,7 @@ def evaluate_checkpoint(
             )
         if data_dir is None and config.data_dir is None and trained_on.startswith("folder:"):
             data_dir = trained_on.split(":", 1)[1]
-        dataset = load_dataset(config.dataset, data_dir if data_dir is not None else config.data_dir)
+        dataset = load.for_config(config, data_dir)
     if tuple(dataset.image_shape) != tuple(info["image_shape"]):
         raise UserError(
             f"the run in {path} trained on images of shape {tuple(info['image_shape'])}, the data "

@@ -24,8 +24,8 @@ import numpy as np
 from resnet_jax import checkpoint, errors, process, tuning
 from resnet_jax.checkpoint import Progress, run_files
 from resnet_jax.config import Config
+from resnet_jax.data import load
 from resnet_jax.data.dataset import Dataset, dataset_fields, pixel_mean, split_holdout
-from resnet_jax.data.load import load_dataset
 from resnet_jax.device import batches, calls, parallel, programs
 from resnet_jax.device import data as device_data
 from resnet_jax.device.metrics import Sums, check_finite, epoch_record
@@ -116,7 +116,7 @@ def train(
 
         # -- Data: the test set validates (the seed's way), or a held-out part of the training set.
         if dataset is None:
-            dataset = load_dataset(config.dataset, config.data_dir, verbose=console.verbosity > 0)
+            dataset = load.for_config(config, verbose=console.verbosity > 0)
         config = dataclasses.replace(config, **dataset_fields(dataset))
         train_set, held_out = dataset, None
         if config.val_split:

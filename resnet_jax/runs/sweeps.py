@@ -208,7 +208,7 @@ def train_many(config: Config, workdir: str, seeds, dataset=None, *, verbosity: 
 
 def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs, states: bool):
     """(summary, [(state, history)] of the runs this process trained, or restored when `states`)."""
-    from resnet_jax.data.load import load_dataset
+    from resnet_jax.data import load
     from resnet_jax.runs.loop import train
 
     path = os.path.abspath(os.path.expanduser(workdir))
@@ -221,7 +221,7 @@ def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
         raise UserError(f"shard must be (I, N) with 0 <= I < N, got {shard}")
     if dataset is None:
-        dataset = load_dataset(config.dataset, config.data_dir, verbose=verbosity > 0)
+        dataset = load.for_config(config, verbose=verbosity > 0)
     config = dataclasses.replace(config, **dataset_fields(dataset))
     every = [(fields, dataclasses.replace(c, **dataset_fields(dataset))) for fields, c in every]
     data = dataset.describe()
