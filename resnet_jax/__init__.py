@@ -5,8 +5,8 @@ create_train_state, train_step, eval_step, predict; train_and_evaluate (with you
 optimizer, augmentation, callbacks), sweep (settings x seeds) and train_many (seeds); restore,
 evaluate, evaluate_checkpoint; configure; the errors UserError, MachineFault and Interrupted.
 Everything else lives in its room (docs/layout.md): `data`, `model`, `device`, `checkpoint`,
-`runs`, and the top-level modules `cli`, `flags`, `config`, `errors`, `tuning`, `process`,
-`atomic`.
+`runs`, and the top-level modules `cli`, `flags`, `config`, `presets`, `errors`, `tuning`,
+`process`, `atomic`.
 
 Names load on first use: `import resnet_jax` starts no JAX backend, loads no Flax, optax or
 orbax and changes no process-wide setting, so the command line can make its platform decisions
@@ -23,7 +23,7 @@ except importlib.metadata.PackageNotFoundError:  # run from a source tree that w
 
 _NAMES = {
     "Config": "config",
-    "preset": "config",
+    "preset": "presets",
     "Dataset": "data.dataset",
     "load_dataset": "data.load",
     "UserError": "errors",
@@ -54,6 +54,7 @@ _MODULES = {
     "errors",
     "flags",
     "model",
+    "presets",
     "process",
     "runs",
     "tuning",

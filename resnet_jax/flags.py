@@ -13,8 +13,9 @@ import sys
 import typing
 
 from resnet_jax import __version__
-from resnet_jax.config import NAMES, Config, parse_value, preset
+from resnet_jax.config import Config, parse_value
 from resnet_jax.errors import UserError
+from resnet_jax.presets import NAMES, preset
 from resnet_jax.runs import sweeps
 
 

@@ -225,7 +225,7 @@ def compiled_as_users_compile(monkeypatch):
 
 @pytest.fixture
 def tiny_config():
-    return rj.config.tiny(batch_size=8, eval_batch_size=16)
+    return rj.presets.tiny(batch_size=8, eval_batch_size=16)
 
 
 def random_dataset(n_train=64, n_test=24, shape=(32, 32, 3), classes=10, seed=0):

@@ -14,7 +14,7 @@ import resnet_jax as rj
 workdir, archive = sys.argv[1], sys.argv[2]
 dataset = rj.load_dataset(data_dir=archive)
 # TINY's recipe (tests/conftest.py), one step a device call so that a stop lands mid-epoch
-config = rj.config.tiny(batch_size=16, epochs=3, steps_per_call=1)
+config = rj.presets.tiny(batch_size=16, epochs=3, steps_per_call=1)
 before = signal.getsignal(signal.SIGINT)
 for call in range(1, 6):
     print(f"CALL {call}", flush=True)

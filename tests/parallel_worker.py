@@ -33,7 +33,7 @@ def audit(event, arguments):
         writes.append(("rename", os.path.abspath(os.fsdecode(arguments[1]))))
 
 
-config = rj.config.tiny(batch_size=8, eval_batch_size=8, steps_per_call=3, dtype=dtype)
+config = rj.presets.tiny(batch_size=8, eval_batch_size=8, steps_per_call=3, dtype=dtype)
 ds = random_dataset(n_train=62, n_test=20)  # 7 full batches + a partial batch of 6
 if seeds:
     sys.addaudithook(audit)

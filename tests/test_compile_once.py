@@ -36,7 +36,7 @@ def compiles():
 
 def test_a_second_run_evaluation_and_prediction_compile_nothing(tmp_path):
     ds = random_dataset(n_train=40, n_test=16, shape=(12, 12, 3))
-    config = rj.config.tiny(batch_size=8, epochs=1, num_filters=6)  # shapes no other test uses
+    config = rj.presets.tiny(batch_size=8, epochs=1, num_filters=6)  # shapes no other test uses
     with compiles() as first:
         _, history_a = rj.train_and_evaluate(config, str(tmp_path / "a"), ds, verbosity=0)
     assert any("train_chunk" in n for n in first) and any("evaluate" in n for n in first), first
@@ -79,7 +79,7 @@ def test_a_new_run_compiled_while_its_state_initialises_trains_the_same(tmp_path
     from resnet_jax.device import programs
 
     ds = random_dataset(n_train=44, n_test=12, shape=(8, 8, 3))  # calls of 2, 2, 1 steps, partial 4
-    config = rj.config.tiny(batch_size=8, eval_batch_size=12, epochs=1, device_loop="scan", steps_per_call=2)
+    config = rj.presets.tiny(batch_size=8, eval_batch_size=12, epochs=1, device_loop="scan", steps_per_call=2)
     model = BatchNormCNN()  # a ResNet's compiles take seconds each on this CPU
     current = process.current
     early = lambda: dataclasses.replace(current(), compile_early=True)

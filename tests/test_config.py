@@ -71,7 +71,7 @@ def test_every_field_has_its_roles_and_the_lists_come_from_them():
 def lowered():
     """The text of the lowered train step and evaluation for a state whose Config is `config`
     (the full Config, not reduced to its program fields as the run's programs take it)."""
-    base = rj.config.tiny(batch_size=8, eval_batch_size=8)
+    base = rj.presets.tiny(batch_size=8, eval_batch_size=8)
     model = rj.model.resnet.from_config(base)
     tx = rj.model.optim.make_optimizer(base, 10)
     mesh = parallel.make_mesh(jax.devices()[:1])

@@ -129,7 +129,7 @@ def test_the_notebook_gets_the_same_line_as_an_exception(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(rj.MachineFault, match="no space left on device while writing run.json") as e:
         rj.train_and_evaluate(
-            rj.config.tiny(batch_size=8, epochs=1), str(tmp_path / "w"), random_dataset(), verbosity=0
+            rj.presets.tiny(batch_size=8, epochs=1), str(tmp_path / "w"), random_dataset(), verbosity=0
         )
     assert isinstance(e.value, rj.UserError) and e.value.exit_status == 3 and "\n" not in str(e.value)
 

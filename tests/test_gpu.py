@@ -73,7 +73,7 @@ def test_bfloat16_learns_digits_on_the_gpu(tmp_path):
 
 def test_a_gpu_checkpoint_restores_on_the_cpu(tmp_path):
     workdir = str(tmp_path / "w")
-    config = rj.config.tiny(batch_size=8, eval_batch_size=16, epochs=1)
+    config = rj.presets.tiny(batch_size=8, eval_batch_size=16, epochs=1)
     state, _ = rj.train_and_evaluate(config, workdir, random_dataset(), verbosity=0)
     assert jax.tree.leaves(state.params)[0].devices().pop().platform == jax.default_backend()
     out = str(tmp_path / "cpu.npz")

@@ -9,7 +9,7 @@ import resnet_jax as rj
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "resnet_jax")
 # Lowest first: a module may import from its own layer and the layers before it, never after.
 LAYERS = (
-    ("errors", "config", "atomic", "tuning", "process", "_rooms"),
+    ("errors", "config", "presets", "atomic", "tuning", "process", "_rooms"),
     ("data",),
     ("model",),
     ("device",),

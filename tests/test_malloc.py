@@ -38,11 +38,11 @@ CHILD = textwrap.dedent("""
     import resnet_jax as rj
     from resnet_jax import process
     if sys.argv[1] == "configure":
-        print("configure:", rj.configure(rj.config.tiny()).malloc, process.setup())
+        print("configure:", rj.configure(rj.presets.tiny()).malloc, process.setup())
     rng = np.random.default_rng(0)
     ds = rj.Dataset(rng.integers(0, 256, (32, 8, 8, 1), dtype=np.uint8), rng.integers(0, 3, 32),
                     rng.integers(0, 256, (8, 8, 8, 1), dtype=np.uint8), rng.integers(0, 3, 8))
-    state, _ = rj.train_and_evaluate(rj.config.tiny(batch_size=8, epochs=1), sys.argv[2], ds, verbosity=0)
+    state, _ = rj.train_and_evaluate(rj.presets.tiny(batch_size=8, epochs=1), sys.argv[2], ds, verbosity=0)
     print("done:", process.applied()["malloc"])
     libc = ctypes.CDLL(None)
     libc.open_memstream.restype = ctypes.c_void_p

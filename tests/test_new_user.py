@@ -153,7 +153,7 @@ def test_resume_and_finish_lines_say_where_the_run_stands(full_run, archive, tmp
     _, workdir = full_run
     out = train("--workdir", workdir, "--data_dir", archive, "--epochs", "3", *TINY).stdout
     assert "is finished" in out and "Resuming" not in out  # a finished run does not resume
-    config = rj.config.tiny(batch_size=8, epochs=2, device_loop="scan", steps_per_call=2)
+    config = rj.presets.tiny(batch_size=8, epochs=2, device_loop="scan", steps_per_call=2)
     ds = random_dataset(n_train=56)
 
     with pytest.raises(rj.errors.Interrupted):
@@ -183,7 +183,7 @@ def test_recovery_messages_name_the_fix(archive, tmp_path, monkeypatch):
     # --eval_only (the best checkpoint) before an epoch has finished: the mid-epoch one is named
     ds = random_dataset(n_train=56)
 
-    config = rj.config.tiny(batch_size=8, epochs=2, device_loop="scan", steps_per_call=2)
+    config = rj.presets.tiny(batch_size=8, epochs=2, device_loop="scan", steps_per_call=2)
     with pytest.raises(rj.Interrupted):
         rj.train_and_evaluate(config, str(tmp_path / "mid"), ds, verbosity=0, stop=StopSoon())
     with pytest.raises(

@@ -51,7 +51,7 @@ def test_a_layout_that_does_not_fit_the_state_is_refused():
 
 
 def test_a_checkpoint_of_one_array_per_state_array_still_reads(tmp_path):
-    state = rj.create_train_state(rj.config.tiny(), jax.random.key(0), (8, 8, 3), 4)
+    state = rj.create_train_state(rj.presets.tiny(), jax.random.key(0), (8, 8, 3), 4)
     folder = tmp_path / "checkpoints"
     manager = ocp.CheckpointManager(str(folder), item_names=("state", "meta"))
     manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({})))

@@ -12,7 +12,7 @@ from conftest import TINY, random_dataset, train, train_on
 from digits import DIGITS, digits_dataset
 
 import resnet_jax as rj
-from resnet_jax.config import PRESETS, preset
+from resnet_jax.presets import PRESETS, preset
 
 KERAS_N = {  # the example's table: depth -> n, per version
     1: {20: 3, 32: 5, 44: 7, 56: 9, 110: 18, 164: 27},
@@ -237,7 +237,7 @@ def test_holdout_is_disjoint_stratified_and_deterministic():
 
 @pytest.mark.slow
 def test_the_test_set_never_enters_training_or_checkpoint_choice(tmp_path):
-    config = rj.config.tiny(batch_size=8, eval_batch_size=16, epochs=3, val_split=16)
+    config = rj.presets.tiny(batch_size=8, eval_batch_size=16, epochs=3, val_split=16)
     ds = random_dataset(n_train=64, n_test=24)
     other = rj.Dataset(
         ds.train_images, ds.train_labels, ds.test_images[::-1] // 2 + 7, (ds.test_labels + 3) % 10, 10

@@ -144,7 +144,7 @@ def test_bad_inputs_are_clear(state):
     with pytest.raises(rj.UserError, match="dtype must be one of"):
         rj.Config(dtype="float16")
     with pytest.raises(rj.UserError, match="image_shape"):
-        rj.create_train_state(rj.config.tiny(), jax.random.key(0), (32, 32), 1)
+        rj.create_train_state(rj.presets.tiny(), jax.random.key(0), (32, 32), 1)
 
 
 def test_config_round_trips_and_defaults_are_the_seed():

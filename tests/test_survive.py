@@ -59,7 +59,7 @@ def test_a_save_keeps_its_arrays_when_the_next_step_donates_them(tmp_path, save_
     from resnet_jax import checkpoint
     from resnet_jax.checkpoint import Progress
 
-    state = rj.create_train_state(rj.config.tiny(), jax.random.key(0), (32, 32, 3), 5)
+    state = rj.create_train_state(rj.presets.tiny(), jax.random.key(0), (32, 32, 3), 5)
     state = state.replace(step=jax.numpy.asarray(7, jax.numpy.int32))
     expected = jax.device_get(state)
     with checkpoint.Checkpoints(str(tmp_path), save_thread=save_thread) as ckpts:

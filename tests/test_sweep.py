@@ -202,7 +202,7 @@ def test_the_notebook_sweep_and_train_many_with_your_own_parts(tmp_path):
     )
     # train_many: the seeds of one recipe, each run's (state, history)
     results = rj.train_many(
-        rj.config.tiny(batch_size=8, epochs=2), str(tmp_path / "many"), seeds=[3, 5], **own
+        rj.presets.tiny(batch_size=8, epochs=2), str(tmp_path / "many"), seeds=[3, 5], **own
     )
     assert len(results) == 2 and seen == [1, 2, 1, 2]
     (state_3, history_3), (state_5, _) = results
@@ -213,7 +213,7 @@ def test_the_notebook_sweep_and_train_many_with_your_own_parts(tmp_path):
 
     # sweep: settings x seeds, the summary returned
     seen.clear()
-    config = rj.config.tiny(batch_size=8, epochs=1)
+    config = rj.presets.tiny(batch_size=8, epochs=1)
     summary = rj.sweep(config, str(tmp_path / "w"), grid={"shift_range": [0.0, 0.1]}, seeds=[3, 5], **own)
     assert [s["dir"] for s in summary["settings"]] == ["shift_range=0.0", "shift_range=0.1"]
     assert all(s["seeds"] == [3, 5] for s in summary["settings"]) and len(seen) == 4

@@ -34,7 +34,7 @@ from resnet_jax.runs import console
 def test_in_memory_arrays_are_recorded_and_the_command_line_says_what_to_do(tmp_path):
     ds = random_dataset(n_train=40, n_test=16, shape=(28, 28, 1))
     workdir = str(tmp_path / "w")
-    rj.train_and_evaluate(rj.config.tiny(batch_size=8, epochs=1), workdir, ds, verbosity=0)
+    rj.train_and_evaluate(rj.presets.tiny(batch_size=8, epochs=1), workdir, ds, verbosity=0)
     data = run_json(workdir)["data"]
     assert (data["source"], data["train"], data["test"], data["image_shape"]) == (
         "arrays",
@@ -49,7 +49,7 @@ def test_in_memory_arrays_are_recorded_and_the_command_line_says_what_to_do(tmp_
         rj.evaluate_checkpoint(workdir, dataset=random_dataset())
     other = rj.Dataset(ds.train_images[::-1].copy(), ds.train_labels, ds.test_images, ds.test_labels)
     with pytest.raises(rj.UserError, match="other data"):
-        rj.train_and_evaluate(rj.config.tiny(batch_size=8, epochs=2), workdir, other, verbosity=0)
+        rj.train_and_evaluate(rj.presets.tiny(batch_size=8, epochs=2), workdir, other, verbosity=0)
 
 
 def test_channels_first_arrays_are_refused_with_the_fix():

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_auto_cpu_devices_splits_only_models_worth_splitting():
-    tiny, seed = rj.config.tiny(), rj.Config()
+    tiny, seed = rj.presets.tiny(), rj.Config()
     flops = {c: 32 * rj.model.resnet.forward_flops(c) for c in (tiny, seed)}
     assert tuning.auto_cpu_devices(2, 32, flops[tiny]) == 1  # overhead-bound: one device
     assert tuning.auto_cpu_devices(2, 32, flops[seed]) == 2  # one device per core
@@ -54,7 +54,7 @@ def test_a_gpu_start_creates_the_library_handles_outside_command_buffers(monkeyp
 
 def test_the_cpu_choice():
     t = tuning.decide("cpu")  # each run decides its devices: the seed model one per core, tiny one
-    seed, tiny = (resnet.step_flops(c) for c in (rj.Config(), rj.config.tiny()))
+    seed, tiny = (resnet.step_flops(c) for c in (rj.Config(), rj.presets.tiny()))
     n = tuning.run_devices(t, 32, seed, available=2, cores_=2)
     assert tuning.run_devices(t, 32, tiny, available=2, cores_=2) == 1 and t.cpu_devices is None
     assert tuning.run_devices(t, 32, seed, available=1, cores_=2) == 1  # what the process has
@@ -141,7 +141,7 @@ def test_materialize_is_an_exact_identity_for_inf_and_nan_too():
 
 @pytest.mark.slow
 def test_materialize_is_a_model_setting_the_cpu_decision_turns_on():
-    config = rj.config.tiny()
+    config = rj.presets.tiny()
     on = rj.create_train_state(config, jax.random.key(0), (32, 32, 3), 5, materialize=True)
     off = rj.create_train_state(config, jax.random.key(0), (32, 32, 3), 5, materialize=False)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
