@@ -42,6 +42,8 @@ _NAMES = {
     "sweep": "runs.sweeps",
     "train_many": "runs.sweeps",
     "configure": "process",
+    "caches": "process",
+    "clear_caches": "process",
 }
 # The rooms and top-level modules, loaded on first use as attributes (rj.model.resnet, ...).
 _MODULES = {

@@ -61,6 +61,8 @@ def _main(argv) -> int:
     parser = build_parser(prog=program_name())
     args = parse(parser, argv)
     argv = sys.argv[1:] if argv is None else argv
+    if args.cache is not None:
+        return _caches(args.cache)
     many = args.seeds is not None or args.sweep is not None
     if args.which is not None and not args.eval_only:
         parser.error("--which applies only with --eval_only")
@@ -108,6 +110,24 @@ def _main(argv) -> int:
     except Interrupted as e:
         say(f"stopped {e.where}; state saved in {e.path}. Run the same command to resume.")
         return 130
+
+
+def _caches(what: str) -> int:
+    """--cache: where resnet_jax's caches are and how large (or, with clear, remove them)."""
+    found = process.caches()
+    if what == "clear":
+        freed = process.clear_caches()
+        print(f"Cleared resnet_jax's caches in {found['folder']}: {process.megabytes(freed)} freed")
+        return 0
+    print(f"resnet_jax's caches in {found['folder']}:")
+    for what, label in (("images", "decoded images"), ("compiled", "compiled programs")):
+        entry = found[what]
+        size = process.megabytes(entry["bytes"])
+        print(f"  {label:<17} {size:>10} in {entry['files']:,} files ({entry['path']})")
+    print(
+        f"Remove them with {program_name()} --cache clear (a run decodes and compiles again what it needs)."
+    )
+    return 0
 
 
 def _evaluate(args) -> int:

@@ -149,6 +149,16 @@ class Flags:
     num_processes: int | None = _flag(None, "how many processes in all", "hosts")
     process_id: int | None = _flag(None, "this process's number, 0..N-1", "hosts")
     init_timeout: int = _flag(120, "seconds to wait for all processes to join", "hosts")
+    cache: str | None = _flag(
+        None,
+        "show resnet_jax's caches (decoded images, compiled programs: where, how large) and exit; "
+        "--cache clear removes them (runs decode and compile again what they need)",
+        "machine",
+        nargs="?",
+        const="show",
+        choices=("show", "clear"),
+        metavar="show|clear",
+    )
     compilation_cache: bool = _flag(
         True,
         "keep compiled train steps in the user's cache directory (resnet_jax.cache), so the next "

@@ -6,6 +6,8 @@ import re
 import pytest
 from conftest import TINY, metrics, train
 
+import resnet_jax as rj
+
 
 def test_console_story_like_the_seed_log(full_run):
     proc, _ = full_run
@@ -114,3 +116,24 @@ def test_workdir_that_is_a_file(tmp_path, archive):
     proc = train("--workdir", str(f), "--data_dir", archive, *TINY, check=False)
     assert proc.returncode == 2 and "is a file" in proc.stderr
     assert f.read_text() == "precious"
+
+
+def test_the_caches_are_shown_and_cleared_from_the_command_line_and_python(tmp_path, monkeypatch):
+    from conftest import run_main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    for folder, name, size in (("images", "a.npz", 3000), ("xla", "jit_f-1", 1000), ("xla", "jit_g-2", 500)):
+        os.makedirs(tmp_path / "resnet_jax" / folder, exist_ok=True)
+        (tmp_path / "resnet_jax" / folder / name).write_bytes(b"x" * size)
+    found = rj.caches()
+    assert (found["images"]["bytes"], found["images"]["files"]) == (3000, 1)
+    assert (found["compiled"]["bytes"], found["compiled"]["files"]) == (1500, 2)
+    shown = run_main(["--cache"])
+    assert shown.returncode == 0 and str(tmp_path / "resnet_jax") in shown.stdout
+    assert "decoded images" in shown.stdout and "in 1 files" in shown.stdout and "in 2 files" in shown.stdout
+    cleared = run_main(["--cache", "clear"])
+    assert cleared.returncode == 0 and "0.0 MB freed" in cleared.stdout  # 4,500 bytes
+    assert rj.caches()["images"]["files"] == 0 == rj.caches()["compiled"]["files"]
+    assert rj.clear_caches() == 0
+    assert run_main(["--cache", "bogus"]).returncode == 2
