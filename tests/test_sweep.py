@@ -183,7 +183,11 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(swept, archive, tmp_path
         (fresh, ["--sweep", "learning_rate=0.1", "--shard", "2/2"], "must be 0 to 1 of 2"),
         (fresh, ["--shard", "0/2"], "--shard splits the runs of --seeds or --sweep"),
         (existing, [*SWEEP[2:], "--sweep", "num_filters=4,8"], "holds a sweep of learning_rate"),
-        (existing, [*SWEEP[:4], "--epochs", "3"], "a sweep of another recipe: epochs 2 (now 3)"),
+        (
+            existing,
+            [*SWEEP[:4], "--bn_momentum", "0.9"],
+            "a sweep of another recipe: bn_momentum 0.99 (now 0.9)",
+        ),
     ]
     for workdir, extra, message in cases:
         assert_refused(workdir, ["--data_dir", archive, "--epochs", "2", *TINY, *extra], message)
@@ -286,3 +290,27 @@ def test_runs_of_other_model_sizes_each_use_their_own_devices_in_any_process(arc
         devices = read(workdir, "run.json")["devices"]
         assert devices["count"] == count and devices["platform"] == "cpu", (workdir, devices)
     assert read(single, "run.json")["devices"]["of"] == 1  # the user's count wins
+
+
+@pytest.mark.slow
+def test_a_finished_sweep_grows_as_a_run_does(swept, archive, tmp_path):
+    """--epochs 3 on a sweep of 2 epochs: accepted as a run accepts it on resume; every run trains
+    its third epoch and records the change, runs.json and the summary follow."""
+    _, reference, _ = swept
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference, workdir)
+    grown = [a if a != "2" else "3" for a in SWEEP]  # --epochs 3
+    out = train("--workdir", workdir, "--data_dir", archive, *TINY, *grown).stdout
+    assert out.count("Epoch 3/3") == 4 and "Epoch 2/3" not in out
+    for setting in SETTINGS:
+        for seed in (0, 1):
+            run = os.path.join(workdir, setting, f"seed_{seed}")
+            assert [m["epoch"] for m in metrics(run)] == [1, 2, 3]
+            change = read(run, "run.json")["changes"][-1]
+            assert change["settings"] == {"epochs": [2, 3]} and change["epoch"] == 2, change
+    sweep = read(workdir, "runs.json")
+    assert sweep["config"]["epochs"] == 3 and sweep["changes"] == [{"settings": {"epochs": [2, 3]}}]
+    summary = read(workdir)
+    assert summary["complete"] and all(r["epochs"] == 3 for e in summary["settings"] for r in e["runs"])
+    again = train("--workdir", workdir, "--data_dir", archive, *TINY, *grown).stdout
+    assert again.count("is finished") == 4 and "Epoch" not in again.replace("epoch", "")

@@ -29,7 +29,16 @@ import threading
 
 from resnet_jax import process
 from resnet_jax.checkpoint import run_files
-from resnet_jax.config import FIELD_NAMES, NO_NUMBER, NOT_SWEPT, Config, coerce, field_types, unknown_field
+from resnet_jax.config import (
+    CHANGEABLE_FIELDS,
+    FIELD_NAMES,
+    FIXED_FIELDS,
+    NOT_SWEPT,
+    Config,
+    coerce,
+    field_types,
+    unknown_field,
+)
 from resnet_jax.data.dataset import dataset_fields
 from resnet_jax.errors import UserError
 from resnet_jax.runs import interrupt
@@ -114,7 +123,9 @@ def _recipe(config: Config, swept) -> dict:
 
 def check_workdir(workdir: str, config: Config, grid, data: dict) -> dict | None:
     """Before anything is written: refuse a workdir holding a single run or other files, and a
-    sweep of another recipe, other swept fields or other data; return its runs.json, if any."""
+    sweep of another recipe (the fields a resume refuses: model, data, seed, batch, split), other
+    swept fields or other data; return its runs.json, if any. What a resume applies (epochs, the
+    rate, augmentation, ...) may change, as for a single run: every run applies it."""
     if os.path.exists(os.path.join(workdir, run_files.RUN_FILE)):
         raise UserError(
             f"workdir {workdir} holds a single run (run.json); --seeds and --sweep need a workdir of "
@@ -137,7 +148,7 @@ def check_workdir(workdir: str, config: Config, grid, data: dict) -> dict | None
             "pass another --workdir (nothing was touched)"
         )
     saved_config = Config.from_json(json.dumps({**saved["config"], "seed": 0}))
-    compared = [f for f in _recipe(config, swept) if f not in NO_NUMBER]
+    compared = [f for f in _recipe(config, swept) if f in FIXED_FIELDS]
     what, kind = ("seeds", "another recipe") if not swept else ("a sweep", "another recipe")
     run_files.check_compatible(saved_config, config, workdir, fields=compared, what=what, kind=kind)
     run_files.check_data(saved, data, workdir)
@@ -241,12 +252,12 @@ def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs
     results, waiting = {}, []
     with interrupt.saving_on(stop, end_bar=console.bar):
         for attempt in range(2):  # the second pass: runs another process held and left unfinished
-            todo = runs if attempt == 0 else [r for r in waiting if not _agree(finished(r[2]))]
+            todo = runs if attempt == 0 else [r for r in waiting if not _agree(_up_to_date(r[2], r[1]))]
             waiting = []
             for i, (fields, run_config, folder) in enumerate(todo):
                 name = ", ".join(filter(None, (label(fields), f"seed {run_config.seed}")))
                 console.line(f"=== {name} ({i + 1} of {len(todo)}) -> {folder}")
-                if not states and _agree(finished(folder)):  # nothing to train: not even its state read
+                if not states and _agree(_up_to_date(folder, run_config)):  # nothing to train or read
                     console.line(f"Run in {folder} is finished.")
                     continue
                 with _claim(folder) as mine:
@@ -268,6 +279,15 @@ def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs
                 break
     summary = summaries.write(writer, plan, config)
     return summary, [results[folder] for _, _, folder in runs if folder in results]
+
+
+def _up_to_date(folder: str, config: Config) -> bool:
+    """Whether the run in `folder` is finished with `config`'s settings (a resume would change
+    none: a sweep rerun with more epochs trains them)."""
+    if not finished(folder):
+        return False
+    saved, _ = run_files.read_run(folder)
+    return not run_files.changed_settings(saved, config)
 
 
 def _agree(value: bool) -> bool:
@@ -315,11 +335,18 @@ def _record(writer: Writer, path: str, config: Config, grid, seeds, data: dict):
             have = [tuple(v) if isinstance(v, list) else v for v in known.get(name, [])]
             merged.append([name, have + [v for v in values if v not in have]])
         old = list(saved.get("seeds") or [])
+        recipe = _recipe(config, swept)
+        before = saved.get("config") or {}
+        changed = {k: [before[k], v] for k, v in recipe.items() if k in before and before[k] != v}
+        changes = list(saved.get("changes") or [])
+        if changed and [k for k in changed if k in CHANGEABLE_FIELDS]:  # applied to every run
+            changes.append({"settings": {k: v for k, v in changed.items() if k in CHANGEABLE_FIELDS}})
         record = {
             "grid": merged,
             "seeds": old + [s for s in seeds if s not in old],
-            "config": _recipe(config, swept),
+            "config": recipe,
             "data": data,
+            **({"changes": changes} if changes else {}),
         }
         if record != saved:
             writer.json(run_files.SWEEP_FILE, record)
