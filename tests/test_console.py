@@ -42,3 +42,19 @@ def test_a_terminal_redraws_the_line_and_verbosity_1_draws_nothing():
     Console(1, quiet).progress(5, 10, SUMS, start=0.0, batch_size=8)
     assert quiet.getvalue() == ""
     assert live_display(io.StringIO()) is None  # a pipe, a file
+
+
+def test_pictures_label_whole_epochs_and_a_one_epoch_sweep_shows_its_settings_side_by_side():
+    from resnet_jax.runs.plots import curves_figure, run_figure
+
+    record = lambda e, v: {"epoch": e, "loss": 1.0, "acc": v, "val_loss": 1.0, "val_acc": v, "lr": 1e-3}
+    fig = run_figure([record(1, 0.2), record(2, 0.3)])
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks  # no epoch 1.5
+    one = curves_figure(
+        [("lr=0.001", [[record(1, 0.2)], [record(1, 0.3)]]), ("lr=0.003", [[record(1, 0.4)]])], "t"
+    )
+    ax = one.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["lr=0.001 (n=2)", "lr=0.003 (n=1)"]
+    assert "after 1 epoch" in ax.get_ylabel()

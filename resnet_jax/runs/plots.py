@@ -10,11 +10,16 @@ from resnet_jax.atomic import replacing
 
 
 def plot_curves(history, path: str, lr_epochs=()):
-    """Loss and accuracy, train vs val, by epoch; dotted lines where the rate changes.
+    """curves.png of a run (`run_figure`), written whole. Uses matplotlib's object API (no
+    pyplot, no global figure state), so it can run on the `EpochWriter`'s background thread."""
+    save(run_figure(history, lr_epochs), path)
 
-    Uses matplotlib's object API (no pyplot, no global figure state), so it can run on the
-    `EpochWriter`'s background thread."""
+
+def run_figure(history, lr_epochs=()):
+    """Loss and accuracy, train vs val, by epoch (whole numbers on the axis); dotted lines where
+    the rate changes."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
     fig = Figure(figsize=(11, 4))
@@ -33,6 +38,7 @@ def plot_curves(history, path: str, lr_epochs=()):
                 boundary + 0.5, color="gray", ls=":", lw=1, label="learning rate drops" if i == 0 else None
             )
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -41,7 +47,7 @@ def plot_curves(history, path: str, lr_epochs=()):
         rate = "" if lr is None else f", lr {lr:g}"
         axes[1].set_title(f"accuracy (last val_acc {history[-1]['val_acc']:.4f}{rate})")
     fig.tight_layout()
-    save(fig, path)
+    return fig
 
 
 def curves_figure(groups, title: str):
@@ -55,6 +61,21 @@ def curves_figure(groups, title: str):
 
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
+    longest = max(len(h) for _, histories in groups for h in histories)
+    if longest == 1:  # one epoch: each setting's mean ± sd side by side, not a dot per line
+        means = [statistics.fmean(h[0]["val_acc"] for h in histories) for _, histories in groups]
+        sds = [statistics.stdev(h[0]["val_acc"] for h in hs) if len(hs) > 1 else 0.0 for _, hs in groups]
+        for k, (_, histories) in enumerate(groups):
+            ax.errorbar([k], [means[k]], yerr=[sds[k]], fmt="o", ms=7, capsize=5, color=f"C{k % 10}")
+            for h in histories:
+                ax.plot([k + 0.12], [h[0]["val_acc"]], ".", color=f"C{k % 10}", alpha=0.5)
+        ax.set_xticks(range(len(groups)), [f"{label} (n={len(h)})" for label, h in groups], fontsize="small")
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.set_ylabel("val_acc after 1 epoch (mean ± sd, and each run)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        return fig
     for k, (label, histories) in enumerate(groups):
         color = f"C{k % 10}"
         if len(groups) == 1:
@@ -74,7 +95,6 @@ def curves_figure(groups, title: str):
             sd = [statistics.stdev(v) for v in values]
             lo, hi = [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)]
             ax.fill_between(epochs, lo, hi, color="k" if len(groups) == 1 else color, alpha=0.15, lw=0)
-    longest = max(len(h) for _, histories in groups for h in histories)
     ax.set_xlim(0.5, longest + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlabel("epoch")
