@@ -262,6 +262,13 @@ def parse_grid(texts) -> tuple:
         texts_of = [v.strip() for v in values.split(",")]
         if not values.strip() or "" in texts_of:
             raise UserError(f"--sweep {text}: give {name} one or more values, like {name}=V1,V2")
+        is_tuple = typing.get_origin(typing.get_type_hints(Config)[name]) is tuple
+        if is_tuple and TUPLE_SEPARATOR not in values and len(set(texts_of)) < len(texts_of):
+            one = TUPLE_SEPARATOR.join(texts_of)
+            raise UserError(
+                f"--sweep {text}: a value of {name} has '{TUPLE_SEPARATOR}' between its items: "
+                f"--sweep {name}={one} (several values: {one},3:3:2)"
+            )
         try:
             parsed = tuple(parse_value(name, v, TUPLE_SEPARATOR) for v in texts_of)
         except ValueError as e:

@@ -8,7 +8,17 @@ import re
 import shutil
 
 import pytest
-from conftest import TINY, assert_same_run, checkpoint_bytes, metrics, run_json, stderr_lines, train, train_on
+from conftest import (
+    TINY,
+    assert_same_run,
+    checkpoint_bytes,
+    metrics,
+    random_dataset,
+    run_json,
+    stderr_lines,
+    train,
+    train_on,
+)
 
 import resnet_jax as rj
 
@@ -190,3 +200,27 @@ def test_every_bad_input_is_a_few_lines_exit_2_and_keeps_the_checkpoints(
     assert proc.returncode == 2, proc.stderr
     assert 1 <= len(lines) <= 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert checkpoint_bytes(workdir) == before
+
+
+@pytest.mark.slow
+def test_a_resumed_epoch_counts_the_seconds_of_both_its_parts(tmp_path):
+    """The seconds of an epoch stopped mid-way and resumed are the time of both parts, not of the
+    resumed part alone (metrics.jsonl, the epoch line)."""
+    import time
+
+    from conftest import StopSoon
+
+    from resnet_jax.checkpoint import Checkpoints
+
+    ds = random_dataset(n_train=64, n_test=16)
+    config = rj.presets.tiny(batch_size=8, epochs=1, steps_per_call=1)
+    workdir = str(tmp_path / "w")
+    with pytest.raises(rj.Interrupted):
+        rj.train_and_evaluate(config, workdir, ds, verbosity=0, stop=StopSoon())
+    with Checkpoints(workdir, read_only=True) as ckpts:
+        before = ckpts.read_meta(ckpts.steps()[-1])["partial_seconds"]
+    assert before > 0
+    began = time.monotonic()
+    _, history = rj.train_and_evaluate(config, workdir, ds, verbosity=0)
+    resumed = time.monotonic() - began  # the rest of the epoch, its evaluation, and the start
+    assert before <= history[0]["seconds"] <= before + resumed

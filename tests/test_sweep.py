@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import (
     ENV,
+    ROOT,
     TINY,
     assert_refused,
     assert_same_run,
@@ -182,6 +183,13 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(swept, archive, tmp_path
         (fresh, ["--sweep", "learning_rate=0.1", "--sweep", "learning_rate=0.2"], "swept twice"),
         (fresh, ["--sweep", "learning_rate=0.1", "--shard", "2/2"], "must be 0 to 1 of 2"),
         (fresh, ["--shard", "0/2"], "--shard splits the runs of --seeds or --sweep"),
+        (fresh, ["--sweep", "stage_sizes=1,1,1"], "has ':' between its items: --sweep stage_sizes=1:1:1"),
+        (fresh, ["--data_dir", os.path.join(ROOT, "README.md")], "is a file but not an archive"),
+        (
+            existing,
+            ["--eval_only"],
+            "holds a sweep (runs.json), not one run; name one of its runs, e.g. --workdir",
+        ),
         (existing, [*SWEEP[2:], "--sweep", "num_filters=4,8"], "holds a sweep of learning_rate"),
         (
             existing,

@@ -18,6 +18,7 @@ class Progress:
     history: tuple = ()  # one record per completed epoch (metrics.jsonl's lines)
     partial: Sums = Sums()  # running sums of the half-done epoch
     stopped: bool = False  # a callback ended the run after `epoch`: it is finished
+    partial_seconds: float = 0.0  # seconds spent on the half-done epoch before it stopped
 
     def to_meta(self) -> dict:
         return {
@@ -28,6 +29,7 @@ class Progress:
             "history": list(self.history),
             "partial": dataclasses.asdict(self.partial),
             "stopped": self.stopped,
+            "partial_seconds": self.partial_seconds,
         }
 
     @classmethod
@@ -40,10 +42,14 @@ class Progress:
             tuple(meta["history"]),
             Sums(**meta["partial"]),
             bool(meta.get("stopped", False)),
+            float(meta.get("partial_seconds", 0.0)),
         )
 
-    def stopped_mid_epoch(self, step: int, sums: Sums) -> Progress:
-        return dataclasses.replace(self, step_in_epoch=step, partial=sums)
+    def stopped_mid_epoch(self, step: int, sums: Sums, seconds: float) -> Progress:
+        """Stopped at `step` of the next epoch, `seconds` after this process resumed it."""
+        return dataclasses.replace(
+            self, step_in_epoch=step, partial=sums, partial_seconds=self.partial_seconds + seconds
+        )
 
     def epoch_done(self, rec: dict, stopped: bool = False) -> tuple[Progress, bool]:
         """The progress after an epoch with record `rec` (`stopped`: by a callback, the run's

@@ -20,6 +20,15 @@ def open_run(workdir: str):
     """(path, config, run.json info) of a saved run; clear errors when there is none."""
     path = os.path.abspath(os.path.expanduser(workdir))
     saved = run_files.read_run(path) if os.path.isdir(path) else None
+    if saved is None and run_files.is_sweep(path):
+        runs = sorted(
+            os.path.relpath(root, path) for root, _, files in os.walk(path) if run_files.RUN_FILE in files
+        )
+        some = ", ".join(runs[:3]) + (", ..." if len(runs) > 3 else "") if runs else "none finished yet"
+        raise UserError(
+            f"{path} holds a sweep ({run_files.SWEEP_FILE}), not one run; name one of its runs, e.g. "
+            f"--workdir {os.path.join(path, runs[0] if runs else 'seed_0')} (its runs: {some})"
+        )
     if saved is None:
         raise UserError(f"{path} holds no resnet_jax run (no {run_files.RUN_FILE}); train one first")
     if not os.path.isdir(os.path.join(path, FOLDER)):

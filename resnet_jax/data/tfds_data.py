@@ -116,11 +116,13 @@ def _offline_error(name: str, data_dir, hint: str | None = None) -> UserError:
         name, "a folder of images in class subfolders (train/<class>/, test/<class>/) or its .tar.gz"
     )
     if data_dir is not None and os.path.isdir(data_dir) and not os.listdir(data_dir):
-        there = f"data_dir {data_dir} is an empty folder"  # tfds would have downloaded into it
-    else:
-        there = f"no prepared copy in {data_dir or 'the tfds data dir'}"
+        # tfds would have downloaded into it: say what belongs there, briefly
+        return UserError(
+            f"data_dir {data_dir} is empty and {name} cannot be downloaded offline: put images in "
+            "class subfolders there, or pass an archive"
+        )
     return UserError(
-        f"cannot download {name}: no network and {there}. "
+        f"cannot download {name}: no network and no prepared copy in {data_dir or 'the tfds data dir'}. "
         f"Offline, point data_dir (--data_dir) at {local}, an image-folder archive, or a tfds data_dir "
         f"where {name} was prepared (TFDS_DATA_DIR)"
     )

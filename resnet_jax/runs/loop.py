@@ -189,12 +189,15 @@ def train(
             began, first = time.monotonic(), progress.step_in_epoch
             state, sums, step = epochs.train(state, epoch, progress)
             if step < steps_per_epoch:  # a stop request, mid-epoch: saved, to go on from this step
-                ckpts.save(state, progress.stopped_mid_epoch(step, sums).to_meta(), rank=None)
+                stopped = progress.stopped_mid_epoch(step, sums, time.monotonic() - began)
+                ckpts.save(state, stopped.to_meta(), rank=None)
                 console.end_bar()
                 raise Interrupted(f"at epoch {epoch}, step {step}/{steps_per_epoch}", ckpts.path)
-            record = epochs.record(state, epoch, lr, sums, began)  # the evaluation included
+            # the evaluation included, and the part of the epoch run before a resume
+            record = epochs.record(state, epoch, lr, sums, began - progress.partial_seconds)
             stopping = _callbacks_stop(kw.get("callbacks", ()), epoch, state, record)
-            progress = epochs.save(state, progress, record, stopping, steps_run=steps_per_epoch - first)
+            ran = steps_per_epoch if progress.partial_seconds else steps_per_epoch - first
+            progress = epochs.save(state, progress, record, stopping, steps_run=ran)
             if stopping:
                 console.line(f"Stopped by a callback after epoch {epoch}; the run is finished.")
                 break
