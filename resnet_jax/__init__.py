@@ -41,6 +41,7 @@ _NAMES = {
     "train_and_evaluate": "runs.loop",
     "sweep": "runs.sweeps",
     "train_many": "runs.sweeps",
+    "export": "runs.export",
     "configure": "process",
     "caches": "process",
     "clear_caches": "process",

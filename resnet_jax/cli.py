@@ -64,8 +64,10 @@ def _main(argv) -> int:
     if args.cache is not None:
         return _caches(args.cache)
     many = args.seeds is not None or args.sweep is not None
-    if args.which is not None and not args.eval_only:
-        parser.error("--which applies only with --eval_only")
+    if args.which is not None and not (args.eval_only or args.export):
+        parser.error("--which applies only with --eval_only or --export")
+    if args.export and args.eval_only:
+        parser.error("--export and --eval_only are two jobs; pass one")
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose contradict each other; pass one")
     if args.seeds is not None and any(a == "--seed" or a.startswith("--seed=") for a in argv):
@@ -94,6 +96,8 @@ def _main(argv) -> int:
             )
         if args.eval_only:
             return _evaluate(args)
+        if args.export:
+            return _export(args)
         from resnet_jax.runs import interrupt, loop
 
         run = dict(verbosity=verbosity, stop=stop, summary=args.summary)
@@ -126,6 +130,22 @@ def _caches(what: str) -> int:
         print(f"  {label:<17} {size:>10} in {entry['files']:,} files ({entry['path']})")
     print(
         f"Remove them with {program_name()} --cache clear (a run decodes and compiles again what it needs)."
+    )
+    return 0
+
+
+def _export(args) -> int:
+    """--export: the workdir's checkpoint for serving, in one line."""
+    from resnet_jax.runs import export
+
+    record = export.export(args.workdir, args.export, args.which or "best", args.export_format)
+    where, source = os.path.abspath(args.export), record["source"]
+    shape = "x".join(str(d) for d in record["input"]["shape"][1:])
+    size, classes = process.megabytes(record["bytes"]), record["output"]["shape"][1]
+    print(
+        f"Exported the {source['checkpoint']} checkpoint of {source['workdir']} (epoch {source['epoch']}, "
+        f"step {source['step']}) to {where}: {record['file']} + model.json, {size}, "
+        f"{args.export_format}; uint8 N x {shape} -> {classes} probabilities"
     )
     return 0
 

@@ -107,7 +107,21 @@ class Flags:
     )
     eval_only: bool = _flag(False, "evaluate a saved checkpoint on the test set instead of training")
     which: str | None = _flag(
-        None, "checkpoint for --eval_only: best (the default) or latest", choices=("best", "latest")
+        None,
+        "checkpoint for --eval_only or --export: best (the default) or latest",
+        choices=("best", "latest"),
+    )
+    export: str | None = _flag(
+        None,
+        "export the workdir's model to this folder for serving (raw uint8 images in, class "
+        "probabilities out; preprocessing and weights inside) instead of training",
+        metavar="PATH",
+    )
+    export_format: str = _flag(
+        "jax",
+        "--export's format: jax (jax.export, loads with jax alone) or saved_model (TensorFlow, for "
+        "TF Serving)",
+        choices=("jax", "saved_model"),
     )
     summary: bool = _flag(False, "print a per-layer table of the model (as Keras's model.summary()) first")
     quiet: bool = _flag(False, "print only errors and the result asked for (--eval_only's test accuracy)")

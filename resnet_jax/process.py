@@ -328,4 +328,5 @@ def clear_caches(environ=None) -> int:
 
 
 def megabytes(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
+    """A size for people: 31.8 kB, 4.2 MB."""
+    return f"{n / 1e3:,.1f} kB" if n < 1e6 else f"{n / 1e6:,.1f} MB"

@@ -31,11 +31,11 @@ OFFLINE_HINTS = {
 }
 
 
-def _tfds():
-    """tensorflow_datasets with TensorFlow kept off every GPU (JAX owns the accelerators), and
-    imported without TensorFlow's start-up notices (oneDNN, CPU features, CUDA): its C++ log level
-    is 2 for the import only, unless you chose one (JAX's import sets 1), and put back after; what
-    its libraries log while they load, before that level applies, is filtered (`_start_up_quiet`)."""
+def tensorflow():
+    """TensorFlow, kept off every GPU (JAX owns the accelerators) and imported without its
+    start-up notices (oneDNN, CPU features, CUDA): its C++ log level is 2 for the import only,
+    unless you chose one (JAX's import sets 1), and put back after; what its libraries log while
+    they load, before that level applies, is filtered (`_start_up_quiet`)."""
     saved = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
     if saved in (None, "1"):
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
@@ -48,6 +48,12 @@ def _tfds():
         else:
             os.environ["TF_CPP_MIN_LOG_LEVEL"] = saved
     tf.config.set_visible_devices([], "GPU")
+    return tf
+
+
+def _tfds():
+    """tensorflow_datasets, TensorFlow imported first as `tensorflow` does."""
+    tensorflow()
     import tensorflow_datasets as tfds
 
     return tfds
