@@ -78,6 +78,8 @@ def _main(argv) -> int:
         )
     if args.shard is not None and not many:
         parser.error("--shard splits the runs of --seeds or --sweep; pass one of them")
+    if args.workers != "auto" and not many:
+        parser.error("--workers trains the runs of --seeds or --sweep at once; pass one of them")
     verbosity = 0 if args.quiet else (2 if args.verbose is None else args.verbose)
     stop = threading.Event()
     try:
@@ -106,7 +108,19 @@ def _main(argv) -> int:
             if not many:
                 loop.train_and_evaluate(config, args.workdir, **run)
             else:
-                sweeps.sweep(config, args.workdir, grid, seeds, shard=shard, **run)
+                worker = [sys.executable, "-m", "resnet_jax", *_without_workers(argv)]
+                args_ = (
+                    config,
+                    args.workdir,
+                    grid,
+                    seeds,
+                    None,
+                    shard,
+                    verbosity,
+                    stop,
+                    {"summary": args.summary},
+                )
+                sweeps._sweep(*args_, states=False, workers=args.workers, argv=worker)
         return 0
     except UserError as e:  # bad input (2), or a fault of the machine: disk or memory (3)
         say("error: " + " ".join(line.strip() for line in str(e).splitlines()))
@@ -114,6 +128,19 @@ def _main(argv) -> int:
     except Interrupted as e:
         say(f"stopped {e.where}; state saved in {e.path}. Run the same command to resume.")
         return 130
+
+
+def _without_workers(argv) -> list:
+    """The command line's arguments but --workers (a worker runs the same command, --workers 1)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
 
 
 def _caches(what: str) -> int:

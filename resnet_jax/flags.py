@@ -145,6 +145,14 @@ class Flags:
         action="append",
         metavar="FIELD=V1,V2",
     )
+    workers: str = _flag(
+        "auto",
+        "runs of --seeds or --sweep trained at once, each in a process of its own sharing the machine "
+        "(auto: the cores divided by those a run uses, e.g. 2 for the tiny preset on 2 cores, 1 for "
+        "the seed model; 1: one after another)",
+        "many",
+        metavar="auto|N",
+    )
     shard: str | None = _flag(
         None,
         "take the I-th of every N runs of the sweep (0-based): a static split for a job array "

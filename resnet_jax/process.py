@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import platform as host
 import tempfile
@@ -67,7 +68,7 @@ _PROCESS: dict = {}
 
 def applied() -> dict:
     """What resnet_jax set in this process (empty before `setup`): see `setup`."""
-    return {k: v for k, v in _PROCESS.items() if k not in ("said", "per_run")}
+    return {k: v for k, v in _PROCESS.items() if k not in ("said", "per_run", "machine_cores")}
 
 
 def setup(*, cpu_devices="auto", malloc=True, compilation_cache=True):
@@ -91,7 +92,31 @@ def setup(*, cpu_devices="auto", malloc=True, compilation_cache=True):
     _PROCESS["compilation_cache"] = enable_compilation_cache(enabled=compilation_cache)
     if not started:
         _before_jax_starts(name, chosen)
+        _pin_a_worker(name)
     return applied()
+
+
+WORKER_CORES = "RESNET_JAX_WORKER_CORES"  # a sweep's worker: the cores it runs on (runs.workers)
+
+
+def _pin_a_worker(name: str, environ=None):
+    """A sweep's worker (WORKER_CORES set by its parent) starts JAX with every core, as a run
+    alone does, then keeps all its threads on its share of them. XLA:CPU sizes its thread pool,
+    and with it how a computation is split (and so its rounding), when the backend starts:
+    pinned afterwards, a worker's run is the run alone bit for bit (pinned before, not)."""
+    environ = os.environ if environ is None else environ
+    share = environ.get(WORKER_CORES)
+    if not share or name != "cpu" or not hasattr(os, "sched_setaffinity"):
+        return
+    import jax
+
+    _PROCESS["machine_cores"] = cores()
+    jax.devices()  # the backend and its thread pool, sized for the whole machine
+    mine = {int(c) for c in share.split(",")}
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), mine)
+    _PROCESS["pinned"] = sorted(mine)
 
 
 def _before_jax_starts(name: str, chosen):
@@ -186,6 +211,8 @@ def current() -> Platform:
     name = jax.default_backend()
     per_run = _PROCESS.get("per_run", False)
     platform = decide(name, cpu_devices="auto" if per_run or name != "cpu" else jax.local_device_count())
+    if _PROCESS.get("machine_cores"):  # a pinned worker decides as a run alone on the machine
+        platform = dataclasses.replace(platform, cores=_PROCESS["machine_cores"])
     if platform.name == "gpu":
         warm_gpu_libraries()
     return platform

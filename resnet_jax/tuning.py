@@ -58,6 +58,7 @@ class Platform:
     compile_threads: int = 8  # programs compiled at once
     compile_early: bool = True  # a new run compiles from the state's shapes while it initialises
     runs: str = "one after another"  # how the runs of a sweep (and --seeds) execute
+    cores: int | None = None  # the cores a run's decisions count (a pinned worker: the machine's)
 
     def loop(self, asked: str) -> str:
         """The device loop of a run whose Config says `asked` (auto, scan or python)."""
@@ -109,7 +110,8 @@ def run_devices(
         return available
     if platform.cpu_devices is not None:
         return min(platform.cpu_devices, available)
-    return auto_cpu_devices(min(cores() if cores_ is None else cores_, available), batch_size, flops_per_step)
+    cores_ = cores_ if cores_ is not None else (platform.cores or cores())
+    return auto_cpu_devices(min(cores_, available), batch_size, flops_per_step)
 
 
 GPU_PLUGINS = (

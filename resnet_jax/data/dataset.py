@@ -98,6 +98,30 @@ class Dataset:
         xte, yte = pick(self.test_images, self.test_labels, test, "test")
         return dataclasses.replace(self, train_images=xtr, train_labels=ytr, test_images=xte, test_labels=yte)
 
+    def save(self, path: str) -> None:
+        """The dataset as one .npz file (its arrays and what describes them), read back by
+        `Dataset.load` or load_dataset(data_dir=path)."""
+        import json
+
+        meta = {k: getattr(self, k) for k in ("num_classes", "source", "name", "class_names", "test_split")}
+        arrays = {k: getattr(self, k) for k in ("train_images", "train_labels", "test_images", "test_labels")}
+        np.savez(path, **arrays, meta=np.asarray(json.dumps(meta)))
+
+    @classmethod
+    def load(cls, path: str) -> Dataset:
+        """A dataset written by `save`."""
+        import json
+
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+            meta = json.loads(str(arrays.pop("meta")))
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{path} is not a dataset written by resnet_jax.Dataset.save ({e})") from None
+        if meta.get("class_names") is not None:
+            meta["class_names"] = tuple(meta["class_names"])
+        return cls(**arrays, **meta)
+
     def fingerprint(self) -> str:
         """A short hash of every image and label (blake2b): the same data, the same string."""
         h = hashlib.blake2b(digest_size=8)

@@ -28,7 +28,7 @@ def load_dataset(
 
     `data_dir` may be a folder of images in class subfolders (train/<class>/*, test/<class>/*)
     or a .tar.gz of one (then `name` is not used), the official CIFAR python archive or its
-    folder (for cifar10 / cifar100), or a tfds data directory. `name` is any tfds
+    folder (for cifar10 / cifar100), a tfds data directory, or a .npz of `Dataset.save`. `name` is any tfds
     image-classification dataset that fits in memory (cifar10, mnist, fashion_mnist, svhn_cropped,
     ...). `verbose`: say so (with a progress bar on a terminal) while images are decoded into
     the cache, which happens once per folder or archive. A folder of class subfolders without
@@ -45,6 +45,8 @@ def load_dataset(
                 "of images in class subfolders (train/<class>/, test/<class>/, or <class>/ alone), its "
                 ".tar.gz, or a tfds data directory"
             )
+        if data_dir.endswith(".npz") and os.path.isfile(data_dir):
+            return Dataset.load(data_dir)
         if image_folder.looks_like(data_dir):
             progress = DecodeProgress(data_dir) if verbose else None
             return image_folder.load(data_dir, progress, test_split=test_split, image_size=image_size)

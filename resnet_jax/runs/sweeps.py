@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import threading
 
 from resnet_jax import process
@@ -43,6 +44,7 @@ from resnet_jax.data.dataset import dataset_fields
 from resnet_jax.errors import UserError
 from resnet_jax.runs import interrupt
 from resnet_jax.runs import summary as summaries
+from resnet_jax.runs import workers as worker_processes
 from resnet_jax.runs.summary import finished, label, render
 from resnet_jax.runs.writer import Writer
 
@@ -197,27 +199,38 @@ def sweep(
     dataset=None,
     *,
     shard=None,
+    workers="auto",
     verbosity: int = 2,
     stop=None,
+    worker_command=None,
     **kwargs,
 ) -> dict:
     """Train every setting of `grid` ({field: [values]}: their product, in the order given) for
     every seed, each a complete run in `workdir`, and return the summary (summary.json). The same
     call again trains nothing that finished; more values or seeds train only the new runs.
-    `seeds` default to (config.seed,); `shard` (I, N) takes the I-th of every N runs; `kwargs`
-    are train_and_evaluate's (model, optimizer, augment, callbacks, summary)."""
-    return _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs, states=False)[0]
+    `seeds` default to (config.seed,); `shard` (I, N) takes the I-th of every N runs; `workers`:
+    how many runs train at once, each in a process of its own (auto: as many as the machine can
+    feed, resnet_jax.runs.workers; 1: one after another, in this process; `worker_command`: the
+    command they run, train.py's own for the command line); `kwargs` are train_and_evaluate's
+    (model, optimizer, augment, callbacks, summary)."""
+    args = (config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs)
+    return _sweep(*args, states=False, workers=workers, argv=worker_command)[0]
 
 
-def train_many(config: Config, workdir: str, seeds, dataset=None, *, verbosity: int = 2, **kwargs):
+def train_many(
+    config: Config, workdir: str, seeds, dataset=None, *, workers="auto", verbosity: int = 2, **kwargs
+):
     """Train `seeds` of one recipe in `workdir`, each a complete run in `workdir/seed_<s>` (a
-    sweep of one setting); returns one (state, history) per seed. `kwargs` are
-    train_and_evaluate's."""
+    sweep of one setting); returns one (state, history) per seed. `workers` as `sweep`'s;
+    `kwargs` are train_and_evaluate's."""
     stop = kwargs.pop("stop", None)
-    return _sweep(config, workdir, None, seeds, dataset, None, verbosity, stop, kwargs, states=True)[1]
+    args = (config, workdir, None, seeds, dataset, None, verbosity, stop, kwargs)
+    return _sweep(*args, states=True, workers=workers)[1]
 
 
-def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs, states: bool):
+def _sweep(
+    config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs, states: bool, workers, argv=None
+):
     """(summary, [(state, history)] of the runs this process trained, or restored when `states`)."""
     from resnet_jax.data import load
     from resnet_jax.runs.loop import train
@@ -244,14 +257,26 @@ def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs
     plan = Plan(path, grid, seeds, every)
     runs = plan.runs(shard)
     console = writer.console
+    count = _workers(workers, platform, [c for _, c in every], dataset.image_shape, kwargs, len(runs))
     what = f"Sweep of {len(every)} settings x " if grid else "Seeds of one recipe: "
     part = "" if shard is None else f" (shard {shard[0]} of {shard[1]})"
     seeds_text = ",".join(map(str, seeds))
-    console.line(f"{what}seeds {seeds_text}, {len(runs)} runs{part}, {platform.runs}, in {path}")
+    how = platform.runs if count == 1 else f"{count} at once (workers: processes sharing the machine)"
+    console.line(f"{what}seeds {seeds_text}, {len(runs)} runs{part}, {how}, in {path}")
     stop = stop if stop is not None else threading.Event()
+    if count > 1:  # the workers train; this process prints, then summarises
+        if argv is None:
+            data_file = worker_processes.dataset_file(dataset, path)
+            argv = worker_processes.command(config, path, grid, seeds, data_file, shard, verbosity)
+        with interrupt.saving_on(stop, end_bar=False):
+            worker_processes.run(argv, count, console, stop)
+        shutil.rmtree(os.path.join(path, ".workers"), ignore_errors=True)
+        if states:  # each run's state and history, read back (they are finished)
+            return _sweep(*(config, workdir, grid, seeds, dataset, shard, 0, stop, kwargs), True, 1)
     results, waiting = {}, []
     with interrupt.saving_on(stop, end_bar=console.bar):
-        for attempt in range(2):  # the second pass: runs another process held and left unfinished
+        # the second pass: runs another process held and left unfinished (none with workers)
+        for attempt in range(2 if count == 1 else 0):
             todo = runs if attempt == 0 else [r for r in waiting if not _agree(_up_to_date(r[2], r[1]))]
             waiting = []
             for i, (fields, run_config, folder) in enumerate(todo):
@@ -275,10 +300,35 @@ def _sweep(config, workdir, grid, seeds, dataset, shard, verbosity, stop, kwargs
                         locked=True,
                         **kwargs,
                     )
-            if not waiting:
+            if not waiting or count > 1:
                 break
     summary = summaries.write(writer, plan, config)
     return summary, [results[folder] for _, _, folder in runs if folder in results]
+
+
+def _workers(asked, platform, configs, image_shape, kwargs, runs: int) -> int:
+    """How many runs train at once: `asked` (a count, or auto: resnet_jax.runs.workers.decide),
+    never more than there are runs; one for your own parts (they stay in this process) and
+    for a multi-host run."""
+    import jax
+
+    own = [k for k in ("model", "optimizer", "augment", "callbacks") if kwargs.get(k)]
+    if asked in (None, "auto"):
+        if own or jax.process_count() > 1 or runs < 2:
+            return 1
+        return min(runs, worker_processes.decide(platform, configs, image_shape))
+    try:
+        count = int(asked)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        raise UserError(f"workers must be 'auto' or a positive integer, got {asked!r}")
+    if count > 1 and own:
+        raise UserError(
+            f"your own {', '.join(own)} cannot be sent to worker processes; pass workers=1 to train "
+            "the runs one after another in this process"
+        )
+    return 1 if jax.process_count() > 1 else min(count, max(runs, 1))
 
 
 def _up_to_date(folder: str, config: Config) -> bool:
