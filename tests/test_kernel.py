@@ -103,3 +103,29 @@ def test_the_python_apis_mistakes_show_in_one_line(kernel, call, words):
     for word in words:
         assert word in shown["traceback"][0], shown["traceback"]
     assert not os.path.exists(os.path.join(root, "sw"))  # nothing written
+
+
+def test_a_sweep_with_workers_shows_in_the_notebook_and_an_interrupt_stops_them_all(kernel):
+    k, root = kernel
+    call = (
+        f"summary = rj.sweep(rj.preset('tiny', batch_size=16, epochs=40), {str(root / 'sw')!r}, "
+        "grid={'learning_rate': [1e-3, 3e-3]}, dataset=data, workers=2)"
+    )
+    asked = []
+
+    def interrupt_once_both_train(seconds, kind, content):
+        shown = content.get("text", "") if kind == "stream" else ""
+        if shown.count("[worker") and not asked:
+            asked.append(shown)
+        elif shown.count("[worker") and len(asked) == 1:  # the second worker's run started too
+            asked.append(shown)
+            k.interrupt()
+
+    messages = k.run(call, on_message=interrupt_once_both_train)
+    shown = text(messages)
+    assert "2 at once (workers" in shown and shown.count("[worker") >= 2, shown
+    assert error(messages) is not None and error(messages)["ename"] == "Interrupted", error(messages)
+    assert len(error(messages)["traceback"]) == 1
+    pgrep = "subprocess.run(['pgrep', '-f', 'resnet_jax --workdir'], capture_output=True).stdout"
+    alive = k.run(f"import subprocess; print({pgrep})")
+    assert "b''" in text(alive)  # no worker left running
