@@ -262,6 +262,7 @@ BOOLS = {
 }
 
 
+TUPLE_SEPARATOR = ":"  # between a tuple's items in a sweep's value: --sweep stage_sizes=1:1:1,3:3:2
 KIND_NAMES = {int: "an int", float: "a float", str: "text"}
 
 

@@ -13,7 +13,7 @@ import sys
 import typing
 
 from resnet_jax import __version__
-from resnet_jax.config import Config, parse_value
+from resnet_jax.config import TUPLE_SEPARATOR, Config, parse_value
 from resnet_jax.errors import UserError
 from resnet_jax.presets import NAMES, preset
 from resnet_jax.runs import sweeps
@@ -263,9 +263,6 @@ def parse_seeds(text: str) -> tuple[int, ...]:
                 raise UserError(f"--seeds takes seeds like 0,1,2 or 0-3, got {text!r}") from None
     sweeps.check_seeds(seeds)
     return tuple(seeds)
-
-
-TUPLE_SEPARATOR = ":"  # --sweep stage_sizes=1:1:1,3:3:2
 
 
 def parse_grid(texts) -> tuple:

@@ -126,6 +126,8 @@ def test_a_sweep_with_workers_shows_in_the_notebook_and_an_interrupt_stops_them_
     assert "2 at once (workers" in shown and shown.count("[worker") >= 2, shown
     assert error(messages) is not None and error(messages)["ename"] == "Interrupted", error(messages)
     assert len(error(messages)["traceback"]) == 1
-    pgrep = "subprocess.run(['pgrep', '-f', 'resnet_jax --workdir'], capture_output=True).stdout"
+    pgrep = (
+        f"subprocess.run(['pgrep', '-f', 'resnet_jax --workdir {root / 'sw'}'], capture_output=True).stdout"
+    )
     alive = k.run(f"import subprocess; print({pgrep})")
     assert "b''" in text(alive)  # no worker left running

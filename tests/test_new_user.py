@@ -200,7 +200,7 @@ def test_recovery_messages_name_the_fix(archive, tmp_path, monkeypatch):
             rj.UserError, match=r"data_dir \S+ is empty and cifar10 cannot be downloaded offline"
         ) as e:
             rj.load_dataset("cifar10", data_dir=str(tmp_path / "empty"))
-        assert len(str(e.value)) - len(str(tmp_path / "empty")) < 130  # one short line (it was 330)
+        assert len(str(e.value)) - len(str(tmp_path / "empty")) < 160  # under 200 with a short path (330)
 
 
 def test_decoding_into_the_cache_says_so_once(tmp_path, capsys):

@@ -31,7 +31,9 @@ import resnet_jax as rj
 from resnet_jax import flags, tuning
 from resnet_jax.runs import summary as summaries
 
-SWEEP = ["--sweep", "learning_rate=0.001,0.003", "--seeds", "0,1", "--epochs", "2"]
+# One after another (--workers 1): these tests are about a sweep's runs, claims and files;
+# tests/test_workers.py trains them at once.
+SWEEP = ["--sweep", "learning_rate=0.001,0.003", "--seeds", "0,1", "--epochs", "2", "--workers", "1"]
 SETTINGS = ("learning_rate=0.001", "learning_rate=0.003")
 
 
@@ -118,7 +120,7 @@ def test_rerun_trains_nothing_and_a_new_value_trains_only_its_runs(swept, archiv
 def test_a_sigkill_then_the_same_command_ends_as_an_uninterrupted_sweep(swept, archive, tmp_path):
     _, reference, _ = swept
     workdir = str(tmp_path / "w")
-    args = ["--sweep", "learning_rate=0.001,0.003", "--seeds", "0", "--epochs", "2"]
+    args = ["--sweep", "learning_rate=0.001,0.003", "--seeds", "0", "--epochs", "2", "--workers", "1"]
     proc = start(workdir, archive, *args)
     second = os.path.join(workdir, SETTINGS[1], "seed_0", "metrics.jsonl")
     assert wait_for(lambda: os.path.exists(second))  # the first run done, the second started

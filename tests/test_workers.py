@@ -14,7 +14,7 @@ from own_parts import CNN
 
 import resnet_jax as rj
 from resnet_jax import tuning
-from resnet_jax.runs import sweeps, workers
+from resnet_jax.runs import workers
 
 SWEEP = ["--sweep", "learning_rate=0.001,0.003", "--seeds", "0", "--epochs", "2"]
 FOLDERS = [os.path.join("learning_rate=0.001", "seed_0"), os.path.join("learning_rate=0.003", "seed_0")]
@@ -36,10 +36,10 @@ def test_how_many_workers_the_machine_can_feed():
     with pytest.raises(
         rj.UserError, match="your own model cannot be sent to worker processes; pass workers=1"
     ):
-        sweeps._workers(2, cpu, [tiny], (32, 32, 3), kwargs, runs=4)
+        workers.count(2, cpu, [tiny], (32, 32, 3), kwargs, runs=4)
     with pytest.raises(rj.UserError, match="workers must be 'auto' or a positive integer"):
-        sweeps._workers("many", cpu, [tiny], (32, 32, 3), {}, runs=4)
-    assert sweeps._workers(5, cpu, [tiny], (32, 32, 3), {}, runs=2) == 2  # never more than the runs
+        workers.count("many", cpu, [tiny], (32, 32, 3), {}, runs=4)
+    assert workers.count(5, cpu, [tiny], (32, 32, 3), {}, runs=2) == 2  # never more than the runs
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def find_archive(name: str, path: str) -> str | None:
     if os.path.isfile(path):
         if any(os.path.basename(path) == a[0] for a in other):
             raise UserError(f"{path} is the archive of another dataset; pass --dataset to match it")
-        if not tarfile.is_tarfile(path):
+        if not path.endswith((".tar.gz", ".tgz", ".tar")) and not tarfile.is_tarfile(path):
             raise UserError(
                 f"{path} is a file but not an archive (tar or tar.gz); point data_dir (--data_dir) at "
                 "a folder of images in class subfolders, its .tar.gz, or the official CIFAR archive"

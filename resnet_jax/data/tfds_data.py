@@ -123,9 +123,11 @@ def _offline_error(name: str, data_dir, hint: str | None = None) -> UserError:
     )
     if data_dir is not None and os.path.isdir(data_dir) and not os.listdir(data_dir):
         # tfds would have downloaded into it: say what belongs there, briefly
+        archive = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}.get(name)
+        what = f"the official {archive}, " if archive else ""
         return UserError(
-            f"data_dir {data_dir} is empty and {name} cannot be downloaded offline: put images in "
-            "class subfolders there, or pass an archive"
+            f"data_dir {data_dir} is empty and {name} cannot be downloaded offline: put {what}images in "
+            "class subfolders, or a tfds data_dir there"
         )
     return UserError(
         f"cannot download {name}: no network and no prepared copy in {data_dir or 'the tfds data dir'}. "

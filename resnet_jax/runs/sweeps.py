@@ -257,7 +257,9 @@ def _sweep(
     plan = Plan(path, grid, seeds, every)
     runs = plan.runs(shard)
     console = writer.console
-    count = _workers(workers, platform, [c for _, c in every], dataset.image_shape, kwargs, len(runs))
+    count = worker_processes.count(
+        workers, platform, [c for _, c in every], dataset.image_shape, kwargs, len(runs)
+    )
     what = f"Sweep of {len(every)} settings x " if grid else "Seeds of one recipe: "
     part = "" if shard is None else f" (shard {shard[0]} of {shard[1]})"
     seeds_text = ",".join(map(str, seeds))
@@ -304,31 +306,6 @@ def _sweep(
                 break
     summary = summaries.write(writer, plan, config)
     return summary, [results[folder] for _, _, folder in runs if folder in results]
-
-
-def _workers(asked, platform, configs, image_shape, kwargs, runs: int) -> int:
-    """How many runs train at once: `asked` (a count, or auto: resnet_jax.runs.workers.decide),
-    never more than there are runs; one for your own parts (they stay in this process) and
-    for a multi-host run."""
-    import jax
-
-    own = [k for k in ("model", "optimizer", "augment", "callbacks") if kwargs.get(k)]
-    if asked in (None, "auto"):
-        if own or jax.process_count() > 1 or runs < 2:
-            return 1
-        return min(runs, worker_processes.decide(platform, configs, image_shape))
-    try:
-        count = int(asked)
-    except (TypeError, ValueError):
-        count = 0
-    if count < 1:
-        raise UserError(f"workers must be 'auto' or a positive integer, got {asked!r}")
-    if count > 1 and own:
-        raise UserError(
-            f"your own {', '.join(own)} cannot be sent to worker processes; pass workers=1 to train "
-            "the runs one after another in this process"
-        )
-    return 1 if jax.process_count() > 1 else min(count, max(runs, 1))
 
 
 def _up_to_date(folder: str, config: Config) -> bool:

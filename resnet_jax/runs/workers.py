@@ -26,7 +26,7 @@ import threading
 import time
 
 from resnet_jax import tuning
-from resnet_jax.config import Config
+from resnet_jax.config import TUPLE_SEPARATOR, Config
 from resnet_jax.errors import Interrupted, MachineFault, UserError
 
 RUN_START = re.compile(r"^=== (?P<name>.+) \((?P<i>\d+) of (?P<n>\d+)\) -> (?P<folder>.+)$")
@@ -49,11 +49,34 @@ def decide(platform, configs, image_shape, model=None, cores: int | None = None)
     return max(1, cores // devices)
 
 
+def count(asked, platform, configs, image_shape, kwargs, runs: int) -> int:
+    """How many runs train at once: `asked` (a count, or auto: resnet_jax.runs.workers.decide),
+    never more than there are runs; one for your own parts (they stay in this process) and
+    for a multi-host run."""
+    import jax
+
+    own = [k for k in ("model", "optimizer", "augment", "callbacks") if kwargs.get(k)]
+    if asked in (None, "auto"):
+        if own or jax.process_count() > 1 or runs < 2:
+            return 1
+        return min(runs, decide(platform, configs, image_shape))
+    try:
+        count = int(asked)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        raise UserError(f"workers must be 'auto' or a positive integer, got {asked!r}")
+    if count > 1 and own:
+        raise UserError(
+            f"your own {', '.join(own)} cannot be sent to worker processes; pass workers=1 to train "
+            "the runs one after another in this process"
+        )
+    return 1 if jax.process_count() > 1 else min(count, max(runs, 1))
+
+
 def command(config: Config, workdir: str, grid, seeds, data_dir: str, shard=None, verbosity: int = 1):
     """The worker's command line for a sweep given from Python: the Config's fields that differ
     from the defaults as flags, the grid, the seeds, the data."""
-    from resnet_jax.flags import TUPLE_SEPARATOR
-
     args = [sys.executable, "-m", "resnet_jax", "--workdir", workdir, "--data_dir", data_dir]
     skip = {"dataset", "data_dir", "num_classes", "class_names"} | {name for name, _ in grid}
     for f in dataclasses.fields(Config):
