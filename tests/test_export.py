@@ -141,3 +141,30 @@ def test_the_command_line_exports_in_one_line_and_refuses_what_would_lose_data(t
             proc.stderr,
         )
         assert folder_hash(tmp_path) == before and afile.read_text() == "mine"
+
+
+@pytest.mark.parametrize("format", ["jax", "saved_model"])
+def test_the_readmes_loading_lines_run_without_resnet_jax(trained, tmp_path, format):
+    """README, Export for serving: the few lines that load each format and predict."""
+    import re
+
+    root, workdir, images = trained
+    readme = open(
+        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    ).read()
+    code = re.search(rf"<!-- load-{format} -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    rj.export(workdir, str(tmp_path / "served"), format=format)
+    program = (
+        "import sys, numpy as np\nimages = np.load(sys.argv[1])[:7]\n"
+        + code
+        + "\nnp.save(sys.argv[2], probabilities)\n"
+        + "print(sorted(m for m in ('resnet_jax', 'flax', 'optax') if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in ENV.items() if k != "XLA_FLAGS"}
+    out = tmp_path / "p.npy"
+    proc = subprocess.run(
+        [sys.executable, "-c", program, str(root / "images.npy"), str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("[]"), proc.stderr
+    np.testing.assert_allclose(np.load(out), rj.predict(rj.restore(workdir), images[:7]), atol=1e-5, rtol=0)
