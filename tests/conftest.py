@@ -1,7 +1,6 @@
 import contextlib
 import hashlib
 import io
-import json
 import os
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from resnet_jax import process, tuning  # noqa: E402
 # XLA:CPU programs compiled at LLVM's optimization level 0 for the whole test session (the
 # subprocesses inherit it): the suite is mostly compiles of small models, ~40 % of its time in
 # XLA's backend, which this halves (a tiny train step: 3.6-4.5 -> 1.6-2.2 s to compile, 12.5 ->
-# 18-22 ms a step; AMD EPYC Zen 3, 2026-12-06). Numbers differ from level 2's by float rounding
+# 18-22 ms a step on an AMD EPYC, Zen 3: docs/performance.md). Numbers differ from level 2's by float rounding
 # (3.9e-7 in the parameters after 6 tiny steps); every test compares runs compiled alike. On a GPU
 # (benchmarks/gpu.sh runs the gpu tests) XLA's defaults stay.
 if tuning.detect_platform() == "cpu" and "xla_backend_optimization_level" not in os.environ.get(
@@ -160,8 +159,10 @@ def assert_same_run(workdir, reference, model=None):
 
 
 def metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    """metrics.jsonl's records (resnet_jax's own reader)."""
+    from resnet_jax.checkpoint import run_files
+
+    return run_files.read_metrics(str(workdir))
 
 
 def without_seconds(rows):
@@ -245,23 +246,28 @@ def random_batch(n=8, shape=(32, 32, 3), classes=10, seed=0):
 
 
 def run_json(workdir):
-    with open(os.path.join(workdir, "run.json")) as f:
-        return json.load(f)
+    """run.json's record (resnet_jax's own reader; None for a workdir without one)."""
+    from resnet_jax.checkpoint import run_files
+
+    saved = run_files.read_run(str(workdir))
+    return None if saved is None else saved[1]
 
 
 def stderr_lines(proc):
     return [line for line in proc.stderr.splitlines() if line.strip()]
 
 
-def folder_hash(folder):
-    """A hash of every file's path and bytes under `folder`."""
+def folder_hash(*folders):
+    """A hash of every file's path and bytes under `folders` (absent ones hash as empty)."""
     h = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(folder)):
-        dirs.sort()
-        for name in sorted(files):
-            h.update(os.path.join(root, name).encode())
-            with open(os.path.join(root, name), "rb") as f:
-                h.update(f.read())
+    for folder in folders:
+        for root, dirs, files in sorted(os.walk(folder)):
+            dirs.sort()
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                h.update(path.encode())
+                with open(path, "rb") as f:
+                    h.update(f.read())
     return h.hexdigest()
 
 
@@ -278,13 +284,4 @@ def assert_refused(workdir, args, message):
 
 def checkpoint_bytes(workdir):
     """A hash of every file under workdir/checkpoints (and its damaged-aside folder)."""
-    h = hashlib.sha256()
-    for folder in ("checkpoints", "checkpoints.damaged"):
-        for root, dirs, files in sorted(os.walk(os.path.join(workdir, folder))):
-            dirs.sort()
-            for name in sorted(files):
-                path = os.path.join(root, name)
-                h.update(path.encode())
-                with open(path, "rb") as f:
-                    h.update(f.read())
-    return h.hexdigest()
+    return folder_hash(os.path.join(workdir, "checkpoints"), os.path.join(workdir, "checkpoints.damaged"))

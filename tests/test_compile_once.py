@@ -1,4 +1,4 @@
-"""Compile once in a process (issue 32): a notebook's second run, evaluation or prediction of the
+"""Compile once in a process: a notebook's second run, evaluation or prediction of the
 same model, optimizer, settings and shapes compiles nothing, with no call to remember."""
 
 import contextlib

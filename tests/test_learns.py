@@ -44,5 +44,5 @@ def test_readme_notebook_snippet_runs(tmp_path):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["probs"].shape == (8, 10)
     assert len(scope["history"]) == scope["config"].epochs
-    # a mixed sample: the eight test images shown are not all of one class (issue 33)
+    # a mixed sample: the eight test images shown are not all of one class
     assert len(set(scope["small"].test_labels[:8].tolist())) > 1

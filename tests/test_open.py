@@ -18,6 +18,7 @@ from conftest import (
     kill_after_first_epoch,
     metrics,
     random_dataset,
+    run_json,
     stderr_lines,
     train,
     without_seconds,
@@ -39,11 +40,6 @@ def own_run(workdir, epochs, background=False):
     proc = subprocess.run(cmd, env=OWN_ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def run_json(workdir):
-    with open(os.path.join(workdir, "run.json")) as f:
-        return json.load(f)
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ def test_changed_learning_rate_on_resume_equals_a_fresh_run_from_that_state(two_
         "--workdir", resumed, "--data_dir", archive, "--epochs", "3", "--learning_rate", "5e-4", *TINY
     )
     assert "Resuming" in out.stdout
-    # the console says when in run.json's terms: after 2 epochs (issue 33)
+    # the console says when in run.json's terms: after 2 epochs
     assert re.search(r"Settings changed after epoch 2: .*learning_rate 0.001 -> 0.0005", out.stdout)
     assert "Learning rate: 0.0005" in out.stdout
     changes = run_json(resumed)["changes"]

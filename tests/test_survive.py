@@ -41,7 +41,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(full_run, archive, tmp_path
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert "Run the same command to resume" in err
-    assert err.startswith("SIGTERM: saving the latest state"), err  # no blank line first (issue 33)
+    assert err.startswith("SIGTERM: saving the latest state"), err  # no blank line first
     resumed = train(
         "--workdir", workdir, "--data_dir", archive, "--epochs", "3", *TINY, "--steps_per_call", "1"
     ).stdout
@@ -117,7 +117,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_keeps_best(full_run, archive, 
         for f in files:
             open(os.path.join(root, f), "wb").close()  # emptied: unreadable
     out = train("--workdir", workdir, "--data_dir", archive, "--eval_only", "--which", "latest")
-    # the fall-back is said once, in one line, on stderr (issue 12: warnings are not output)
+    # the fall-back is said once, in one line, on stderr (warnings are not output)
     warnings = [line for line in out.stderr.splitlines() if "unreadable checkpoint" in line]
     assert len(warnings) == 1 and "unreadable" not in out.stdout
     assert sorted(int(s) for s in os.listdir(ckdir) if s.isdigit()) == steps  # nothing deleted

@@ -21,6 +21,7 @@ from conftest import (
     folder_hash,
     metrics,
     random_dataset,
+    run_json,
     start,
     train,
     wait_for,
@@ -48,6 +49,9 @@ def swept(archive, tmp_path_factory):
 
 
 def read(workdir, name="summary.json"):
+    """A run's run.json (resnet_jax's reader), or a sweep's summary.json or runs.json."""
+    if name == "run.json":
+        return run_json(workdir)
     with open(os.path.join(workdir, name)) as f:
         return json.load(f)
 
@@ -63,9 +67,22 @@ def test_a_run_of_the_grid_is_its_single_run_bit_for_bit(swept):
     assert metrics(os.path.join(workdir, SETTINGS[0], "seed_1")) != metrics(run)
 
 
-def test_the_summary_holds_the_runs_statistics_and_a_choice_made_on_validation(swept):
+def test_welchs_interval_is_scipys_with_fixed_numbers():
     from scipy import stats
 
+    a, b = [0.41, 0.45, 0.43], [0.47, 0.52, 0.46, 0.50]
+    low, high = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    found = summaries.welch(a, b)
+    assert found["diff"] == pytest.approx(np.mean(b) - np.mean(a))
+    assert found["ci95"] == pytest.approx([low, high])
+    # Welch's formula by hand: se^2 = 0.0004/3 + 0.000758/4, df = 4.9965, t(0.975, df) = 2.5714
+    assert found["ci95"] == pytest.approx([0.01130, 0.10370], abs=1e-5)
+    assert found["df"] == pytest.approx(4.9965, abs=1e-4)
+    assert summaries.welch([0.5, 0.5], [0.6, 0.6])["ci95"] == pytest.approx([0.1, 0.1])  # no spread: a point
+    assert summaries.welch([0.5], [0.6, 0.7])["ci95"] is None  # one seed: no interval
+
+
+def test_the_summary_holds_the_runs_statistics_and_a_choice_made_on_validation(swept):
     proc, workdir, _ = swept
     summary = read(workdir)
     assert [s["dir"] for s in summary["settings"]] == list(SETTINGS) and summary["complete"]
@@ -82,9 +99,7 @@ def test_the_summary_holds_the_runs_statistics_and_a_choice_made_on_validation(s
         tests.append(test)
     versus = summary["settings"][1]["vs_first"]
     assert versus["diff"] == pytest.approx(np.mean(tests[1]) - np.mean(tests[0]))
-    if np.std(tests[0]) + np.std(tests[1]) > 0:
-        low, high = stats.ttest_ind(tests[1], tests[0], equal_var=False).confidence_interval(0.95)
-        assert versus["ci95"] == pytest.approx([low, high])
+    assert versus["ci95"] == pytest.approx(summaries.welch(tests[0], tests[1])["ci95"])  # its runs' interval
     assert "Welch" in summary["interval"] and "vs_first" not in summary["settings"][0]
     best = max(summary["settings"], key=lambda e: e["val_acc"]["mean"])
     chosen = summary["chosen"]
