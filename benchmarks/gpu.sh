@@ -108,7 +108,7 @@ import sys
 sys.path.insert(0, "benchmarks")
 import resnet_jax as rj
 from common import random_cifar
-print(rj.cifar_archive.write_archive(sys.argv[1], random_cifar(int(sys.argv[2]), int(sys.argv[3])), tar=False))
+print(rj.data.cifar_archive.write_archive(sys.argv[1], random_cifar(int(sys.argv[2]), int(sys.argv[3])), tar=False))
 EOF
 fi
 
@@ -189,11 +189,11 @@ tail -1 "$R"
 fi
 
 if want warmup_control; then
-part "control: a cached start without tuning.warm_gpu_libraries (cuDNN first reached in a CUDA graph)"
+part "control: a cached start without process.warm_gpu_libraries (cuDNN first reached in a CUDA graph)"
 WORK3=$(mktemp -d)/control
 t=$(limit 60) && timeout "$t" $PY -c 'import sys
-from resnet_jax import cli, tuning
-tuning.warm_gpu_libraries = lambda: None
+from resnet_jax import cli, process
+process.warm_gpu_libraries = lambda: None
 sys.argv[0] = "train.py"
 sys.exit(cli.main())' --workdir "$WORK3" --data_dir "$DATA" --verbose 1 $SEED --epochs 1 > "$OUT/warmup_control.log" 2>&1
 rc=$?
