@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -16,9 +17,8 @@ from conftest import ENV, ROOT, Lines, assert_same_run, metrics, wait_for
 import resnet_jax as rj
 from resnet_jax.runs import interrupt
 
-pytestmark = pytest.mark.slow  # end-to-end: the whole file
 
-
+@pytest.mark.slow  # end-to-end
 def test_sigint_saves_raises_interrupted_and_calling_again_resumes_exactly(full_run, archive, tmp_path):
     _, reference = full_run
     workdir = str(tmp_path / "w")
@@ -83,6 +83,39 @@ def test_off_the_main_thread_no_handler_is_set():
         with interrupt.saving_on(stop):  # nested (train_many's runs): the outer handler stays
             assert signal.getsignal(signal.SIGINT).stop is stop
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_second_request_dropped_by_python_is_delivered_again_and_not_printed(capfd):
+    """A handler's KeyboardInterrupt raised inside a gc callback (JAX has one) is dropped by
+    Python with an "Exception ignored in" traceback: the second request must still stop the
+    call, and print nothing of the kind."""
+    import gc
+    import time
+
+    stop = threading.Event()
+
+    def collecting(phase, info):  # the second request, arriving while gc runs its callbacks
+        if phase == "start" and stop.is_set():
+            gc.callbacks.remove(collecting)
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+
+    before = signal.getsignal(signal.SIGINT)
+    hook = sys.unraisablehook
+    try:
+        with pytest.raises(KeyboardInterrupt), interrupt.saving_on(stop):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the first: stop after the call
+            assert stop.is_set()
+            gc.callbacks.append(collecting)
+            gc.collect()  # the KeyboardInterrupt is dropped here...
+            for _ in range(100):  # ...and raised again at the next point that can raise it
+                time.sleep(0.01)
+    finally:
+        if collecting in gc.callbacks:
+            gc.callbacks.remove(collecting)
+    assert signal.getsignal(signal.SIGINT) is before and sys.unraisablehook is hook
+    err = capfd.readouterr().err
+    assert "Exception ignored" not in err and "Traceback" not in err, err
+    assert "SIGINT: saving the latest state" in err
 
 
 def test_interrupted_is_exported_and_shows_one_line_in_ipython():

@@ -10,12 +10,20 @@ handlers the process had before are put back when the call returns or raises. Py
 the main thread set signal handlers: a run started on another thread installs none, and Ctrl-C
 there raises KeyboardInterrupt in the main thread as usual (the run's checkpoints stay intact,
 the epoch in progress is lost).
+
+A signal handler's exception is raised wherever the main thread happens to be, and Python drops
+one raised inside a garbage-collection callback or a `__del__` (JAX registers a gc callback), with
+an "Exception ignored in ..." traceback on stderr. While the handlers are in place, such a dropped
+KeyboardInterrupt of a second request is not printed but delivered again (`_thread.interrupt_main`,
+from a timer) once the main thread is back where it can be raised.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import signal
+import sys
 import threading
 
 from resnet_jax.errors import Interrupted, say
@@ -35,6 +43,7 @@ def saving_on(stop: threading.Event, signals=(signal.SIGINT,), end_bar: bool = F
 
     def request_stop(signum, frame):
         if stop.is_set():  # a second request: give up at once (checkpoints stay intact)
+            given_up.append(signum)
             raise KeyboardInterrupt
         stop.set()
         say(
@@ -42,10 +51,21 @@ def saving_on(stop: threading.Event, signals=(signal.SIGINT,), end_bar: bool = F
             "device call... (again to stop at once)"
         )
 
+    def deliver_again(unraisable, hook=sys.unraisablehook):
+        if given_up and isinstance(unraisable.exc_value, KeyboardInterrupt):
+            # raised again by the handler once the main thread is out of here (a signal that
+            # arrived now would be handled, and dropped, inside this hook)
+            threading.Timer(0.05, _thread.interrupt_main, (given_up[-1],)).start()
+        else:
+            hook(unraisable)
+
+    given_up = []
     request_stop.stop = stop
     before = {s: signal.signal(s, request_stop) for s in signals}
+    hook_before, sys.unraisablehook = sys.unraisablehook, deliver_again
     try:
         yield
     finally:
+        sys.unraisablehook = hook_before
         for s, handler in before.items():
             signal.signal(s, handler)
