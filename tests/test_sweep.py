@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -80,6 +81,12 @@ def test_welchs_interval_is_scipys_with_fixed_numbers():
     assert found["df"] == pytest.approx(4.9965, abs=1e-4)
     assert summaries.welch([0.5, 0.5], [0.6, 0.6])["ci95"] == pytest.approx([0.1, 0.1])  # no spread: a point
     assert summaries.welch([0.5], [0.6, 0.7])["ci95"] is None  # one seed: no interval
+    # One setting without spread: the other's alone (se^2 = 0.01/3, df = 2, t = 4.3027), and no
+    # warning of scipy's about a cancellation reaches the user's console.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = summaries.welch([0.2, 0.2, 0.2], [0.1, 0.3, 0.2])
+    assert found["ci95"] == pytest.approx([-0.24841, 0.24841], abs=1e-5)
 
 
 def test_the_summary_holds_the_runs_statistics_and_a_choice_made_on_validation(swept):
