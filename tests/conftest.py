@@ -22,18 +22,18 @@ os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 from resnet_jax import process, tuning  # noqa: E402
 
-# XLA:CPU programs compiled at LLVM's optimization level 0 for the whole test session (the
-# subprocesses inherit it): the suite is mostly compiles of small models, ~40 % of its time in
-# XLA's backend, which this halves (a tiny train step: 3.6-4.5 -> 1.6-2.2 s to compile, 12.5 ->
-# 18-22 ms a step on an AMD EPYC, Zen 3: docs/performance.md). Numbers differ from level 2's by float rounding
-# (3.9e-7 in the parameters after 6 tiny steps); every test compares runs compiled alike. On a GPU
-# (benchmarks/gpu.sh runs the gpu tests) XLA's defaults stay.
+# XLA:CPU programs compiled for the tests' speed for the whole test session (the subprocesses
+# inherit it): the suite is mostly compiles of small models. LLVM's optimization level 0 halves
+# XLA's backend time (a tiny train step: 3.6-4.5 -> 1.6-2.2 s to compile, 12.5 -> 18-22 ms a step
+# on an AMD EPYC, Zen 3), and XLA's older elemental emitters instead of its fusion emitters cut a
+# tiny run's compile again, 2.3 -> 0.8 s (docs/performance.md). Numbers differ from the defaults'
+# by float rounding (3.9e-7 in the parameters after 6 tiny steps); every test compares runs
+# compiled alike. On a GPU (benchmarks/gpu.sh runs the gpu tests) XLA's defaults stay.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 if tuning.detect_platform() == "cpu" and "xla_backend_optimization_level" not in os.environ.get(
     "XLA_FLAGS", ""
 ):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    ).strip()
+    os.environ["XLA_FLAGS"] = " ".join((os.environ.get("XLA_FLAGS", ""), *TEST_XLA_FLAGS)).strip()
 
 # This process as train.py sets itself up, before JAX starts: malloc, the compilation cache, and
 # one CPU device (JAX's default; the tests that split the CPU run processes of their own).
