@@ -6,6 +6,7 @@
 # and the PyTorch peer (TORCH_PEER=1; measured on an H200 already, so off by default).
 #
 #     bash benchmarks/gpu.sh [OUT_DIR]          # default OUT_DIR: benchmarks/results
+#     DRY_RUN=1 bash benchmarks/gpu.sh          # its figures go to a temporary folder, not results
 #
 # Every figure is one JSON line in OUT_DIR/gpu.jsonl (fields what, device_kind, dtype, batch_size
 # and the figure); logs go beside it; a short table is printed last. Each part has its own time
@@ -13,7 +14,9 @@
 # ends in time whatever hangs. Needs no TensorFlow: the data is a CIFAR-shaped synthetic archive
 # written here (timing does not depend on the pixels).
 set -u
-OUT=$(realpath -m "${1:-benchmarks/results}")
+DEFAULT_OUT=benchmarks/results
+[ "${DRY_RUN:-0}" = 1 ] && DEFAULT_OUT=$(mktemp -d)/results  # a CPU's figures never join the GPU's
+OUT=$(realpath -m "${1:-$DEFAULT_OUT}")
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
