@@ -22,23 +22,21 @@ from conftest import (
 import resnet_jax as rj
 
 
+def seeds_flags(spec):
+    """The multi-run of these tests: 3 epochs of the seeds `spec`, one after another."""
+    return ["--epochs", "3", "--seeds", spec, "--workers", "1"]
+
+
+def seeds(workdir, archive, spec="0,1"):
+    """train.py's multi-run of `spec` (seeds_flags) on the tiny recipe."""
+    return train("--workdir", workdir, "--data_dir", archive, *seeds_flags(spec), *TINY)
+
+
 @pytest.fixture(scope="module")
 def two_seeds(archive, tmp_path_factory):
     """`--seeds 0,1` of the tiny recipe, 3 epochs, uninterrupted; and `--seed 1` alone."""
     root = tmp_path_factory.mktemp("many")
-    many = train(
-        "--workdir",
-        str(root / "many"),
-        "--data_dir",
-        archive,
-        "--epochs",
-        "3",
-        "--seeds",
-        "0,1",
-        "--workers",
-        "1",
-        *TINY,
-    )
+    many = seeds(str(root / "many"), archive)
     train("--workdir", str(root / "single"), "--data_dir", archive, "--epochs", "3", "--seed", "1", *TINY)
     return many, str(root / "many"), str(root / "single")
 
@@ -76,19 +74,7 @@ def test_the_summary_says_each_seed_and_mean_and_sd(two_seeds):
 def test_the_same_command_again_trains_nothing(two_seeds, archive):
     _, workdir, _ = two_seeds
     before = sorted(os.listdir(os.path.join(workdir, "seed_0", "checkpoints")))
-    out = train(
-        "--workdir",
-        workdir,
-        "--data_dir",
-        archive,
-        "--epochs",
-        "3",
-        "--seeds",
-        "0-1",
-        "--workers",
-        "1",
-        *TINY,
-    ).stdout
+    out = seeds(workdir, archive, "0-1").stdout
     assert out.count("is finished") == 2 and "Epoch 1/3" not in out and "± " in out
     assert sorted(os.listdir(os.path.join(workdir, "seed_0", "checkpoints"))) == before
 
@@ -97,24 +83,12 @@ def test_the_same_command_again_trains_nothing(two_seeds, archive):
 def test_a_sigkill_then_the_same_command_ends_as_an_uninterrupted_multi_run(two_seeds, archive, tmp_path):
     _, reference, _ = two_seeds
     workdir = str(tmp_path / "many")
-    proc = start(workdir, archive, "--epochs", "3", "--seeds", "0,1", "--workers", "1")
+    proc = start(workdir, archive, *seeds_flags("0,1"))
     second = os.path.join(workdir, "seed_1", "metrics.jsonl")
     assert wait_for(lambda: os.path.exists(second))  # seed 0 done, seed 1 started
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    out = train(
-        "--workdir",
-        workdir,
-        "--data_dir",
-        archive,
-        "--epochs",
-        "3",
-        "--seeds",
-        "0,1",
-        "--workers",
-        "1",
-        *TINY,
-    ).stdout
+    out = seeds(workdir, archive).stdout
     assert "is finished" in out  # seed 0 is not trained again
     for seed in (0, 1):
         assert_same_run(os.path.join(workdir, f"seed_{seed}"), os.path.join(reference, f"seed_{seed}"))
