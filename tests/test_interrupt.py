@@ -90,7 +90,6 @@ def test_a_second_request_dropped_by_python_is_delivered_again_and_not_printed(c
     Python with an "Exception ignored in" traceback: the second request must still stop the
     call, and print nothing of the kind."""
     import gc
-    import time
 
     stop = threading.Event()
 
