@@ -17,8 +17,9 @@ DIGITS = rj.Config(
 
 
 def digits_dataset(n_test=357, seed=0, scale=4, channels=3):
-    """Digits upsampled `scale` times (8x8 -> 32x32 by default; 2: 16x16, a quarter of the
-    pixels for the tests that only need a real dataset to learn), `channels` copies of the gray.
+    """Digits upsampled `scale` times (8x8 -> 32x32 by default, CIFAR's shape; 1: the 8x8 digits
+    as they are, for the tests that only need a real dataset to learn), `channels` copies of the
+    gray.
     1,440 training images: 45 batches of 32, no partial batch (one program less to compile)."""
     from sklearn.datasets import load_digits
 
