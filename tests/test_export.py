@@ -76,7 +76,7 @@ def test_each_format_reloads_without_resnet_jax_and_predicts_as_predict(trained,
     assert saved == record and saved["format"] == format
     assert saved["input"] == {"shape": [None, 32, 32, 3], "dtype": "uint8", "what": "raw images, NHWC, 0-255"}
     assert saved["output"]["shape"] == [None, 10] and len(saved["class_names"]) == 10
-    assert saved["source"]["workdir"] == workdir and saved["source"]["step"] == 7
+    assert saved["source"]["workdir"] == workdir and saved["source"]["step"] == 6
     assert saved["jax_version"] == jax.__version__ and "6 months" in saved["compatibility"]
 
 

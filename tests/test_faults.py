@@ -38,10 +38,10 @@ DISK = [  # (site, writes that succeed first, flags, what the line names, last c
     ("disk:lock", 0, [], "the lock file", None),
     ("disk:run.json", 0, [], "run.json", None),
     ("disk:holdout.json", 0, ["--val_split", "20"], "holdout.json", None),
-    ("disk:metrics.jsonl", 1, [], "metrics.jsonl", r"epoch 1 \(step 7\)"),
+    ("disk:metrics.jsonl", 1, [], "metrics.jsonl", r"epoch 1 \(step 6\)"),
     ("disk:curves.png", 0, [], "curves.png", r"epoch \d \(step \d+\)"),  # drawn in the background
-    ("disk:checkpoint", 1, [], "the checkpoint of step 14", r"epoch 1 \(step 7\)"),
-    ("disk:checkpoint_async", 1, [], "a checkpoint (in the background)", r"epoch 2 \(step 14\)"),
+    ("disk:checkpoint", 1, [], "the checkpoint of step 12", r"epoch 1 \(step 6\)"),
+    ("disk:checkpoint_async", 1, [], "a checkpoint (in the background)", r"epoch 2 \(step 12\)"),
 ]
 
 

@@ -52,7 +52,7 @@ def test_sigint_saves_raises_interrupted_and_calling_again_resumes_exactly(full_
     interrupted = [line for line in first if line.startswith("Interrupted")]
     assert len(interrupted) == 1, first
     assert re.fullmatch(
-        r"Interrupted: stopped (at epoch 2, step \d/7|after epoch \d); the state is saved in "
+        r"Interrupted: stopped (at epoch 2, step \d/6|after epoch \d); the state is saved in "
         + re.escape(os.path.join(workdir, "checkpoints"))
         + r": call it again to resume\n",
         interrupted[0],

@@ -176,7 +176,7 @@ BAD = [  # (extra args, what stderr says); each run on a copy of a 2-epoch run
     (["--quiet", "--verbose", "1"], "contradict"),
     (["--dtype", "float16"], "dtype must be one of"),
     (["--dataset", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
-    (["--batch_size", "1000"], "larger than the 100 training images"),
+    (["--batch_size", "1000"], "larger than the 96 training images"),
     (["--num_filters", "8"], "different model"),
     (["--seed", "3"], "different data or seed"),
     (["--data_dir", "/no/such/dir"], "does not exist"),

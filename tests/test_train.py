@@ -15,7 +15,7 @@ def test_console_story_like_the_seed_log(full_run):
     for epoch in (1, 2, 3):
         assert f"Epoch {epoch}/3\nLearning rate: 0.001\n" in out
     lines = re.findall(
-        r"^7/7 \[=+\] - \d+s \d+ms/step - loss: \d\.\d{4} - acc: \d\.\d{4} - "
+        r"^6/6 \[=+\] - \d+s \d+ms/step - loss: \d\.\d{4} - acc: \d\.\d{4} - "
         r"val_loss: \d\.\d{4} - val_acc: \d\.\d{4}$",
         out,
         re.M,
@@ -44,9 +44,9 @@ def test_metrics_checkpoints_and_pictures(full_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(workdir, "tensorboard")))
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
-    assert steps[-1] == 3 * 7  # latest kept
+    assert steps[-1] == 3 * 6  # latest kept
     best_epoch = max(range(3), key=lambda i: (rows[i]["val_acc"], -i)) + 1
-    assert best_epoch * 7 in steps  # best kept
+    assert best_epoch * 6 in steps  # best kept
 
 
 @pytest.mark.slow
@@ -99,7 +99,7 @@ def test_help_lists_every_config_field_with_defaults():
         (["--workdir", "/proc/no/such/dir"], "cannot create workdir"),
         (["--eval_only"], "holds no resnet_jax run"),
         (["--dataset", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
-        (["--batch_size", "1000"], "larger than the 100 training images"),
+        (["--batch_size", "1000"], "larger than the 96 training images"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, archive, tmp_path):

@@ -87,11 +87,11 @@ def test_start_up_says_what_will_run_before_epoch_1(full_run):
     head = out[: out.index("Epoch 1/3")]
     for expected in (
         "Data: cifar10 (archive:",
-        "100 train / 40 test images of 32x32x3, 10 classes",
+        "96 train / 40 test images of 32x32x3, 10 classes",
         "Model: ResNet v1, 4 filters, blocks 1,1,1:",
         "parameters +",
         "Devices: 1 x cpu (cpu), batch 16 (16 per device), float32",
-        "Steps per epoch: 7; workdir",
+        "Steps per epoch: 6; workdir",
         "Compiling the train step",
         "Compiled in",
     ):
@@ -184,7 +184,7 @@ def test_eval_only_names_the_checkpoint(full_run, archive):
     out = train("--workdir", workdir, "--data_dir", archive, "--eval_only").stdout
     assert re.search(rf"Evaluating the best checkpoint of {re.escape(workdir)}: epoch \d \(step \d+\)", out)
     out = train("--workdir", workdir, "--data_dir", archive, "--eval_only", "--which", "latest").stdout
-    assert f"Evaluating the latest checkpoint of {workdir}: epoch 3 (step 21)" in out
+    assert f"Evaluating the latest checkpoint of {workdir}: epoch 3 (step 18)" in out
 
 
 @pytest.mark.slow
@@ -197,7 +197,7 @@ def test_eval_only_says_when_a_state_is_mid_epoch(archive, tmp_path):
     proc.wait(timeout=300)
     out.thread.join()
     out = train("--workdir", workdir, "--data_dir", archive, "--eval_only", "--which", "latest").stdout
-    assert re.search(r"latest checkpoint of .*: epoch 2, step \d+/50, mid-epoch \(step \d+\)", out), out
+    assert re.search(r"latest checkpoint of .*: epoch 2, step \d+/48, mid-epoch \(step \d+\)", out), out
     assert (
         "Resuming"
         in train_on(
