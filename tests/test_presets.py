@@ -204,7 +204,7 @@ def test_preset_through_the_command_line(archive, tmp_path):
     out = train_on(
         workdir,
         archive,
-        *"--preset resnet20v2 --epochs 1 --batch_size 20 --num_filters 4".split(),  # one call shape
+        *"--preset resnet20v2 --epochs 1 --batch_size 24 --num_filters 4".split(),  # one call shape
     ).stdout
     assert "Model: ResNet v2, 4 filters, blocks 2,2,2 (preset resnet20v2)" in out
     with open(os.path.join(workdir, "run.json")) as f:
