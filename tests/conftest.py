@@ -173,18 +173,10 @@ def without_seconds(rows):
 def archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
     # 96 train: 6 batches of 16, no partial batch (one train program less to compile in every
-    # run: ~0.9 s a process, 2.4 s cold); tests/test_device_calls.py and the partial_archive
-    # stories keep the last partial batch covered.
+    # run: ~0.9 s a process, 2.4 s cold); the last partial batch has its own tests
+    # (test_device_calls: the epoch plan, and a stop and resume across it; parallel_worker.py's
+    # 62 images on two processes; test_compile_once).
     write_cifar(root, rows=(20, 20, 20, 20, 16), test_rows=40)
-    return str(root)
-
-
-@pytest.fixture(scope="session")
-def partial_archive(tmp_path_factory):
-    """100 train images: 6 batches of 16 and the last, partial, batch of 4 (the seed's 50,000
-    images end in one too), for the stories of a stop and resume across it."""
-    root = tmp_path_factory.mktemp("cifar-partial")
-    write_cifar(root, rows=(20, 20, 20, 20, 20), test_rows=40)
     return str(root)
 
 
