@@ -9,7 +9,7 @@ import jax
 
 from resnet_jax.errors import UserError
 from resnet_jax.model.memo import per_process
-from resnet_jax.model.steps import TrainState, check_image_shape, jitted_init
+from resnet_jax.model.steps import TrainState, check_image_shape, initial_arrays
 
 
 def template(model, tx, config, image_shape) -> TrainState:
@@ -21,10 +21,8 @@ def template(model, tx, config, image_shape) -> TrainState:
 
 @per_process(maxsize=16)
 def _shapes(model, tx, image_shape: tuple) -> dict:
-    """The initial state's arrays, abstract: traced once per model, optimizer and shape in a
-    process, by the jitted initialisation that `steps.init_state` then lowers without tracing it
-    again (JAX keeps a jitted function's trace for the same input types)."""
-    return jax.eval_shape(jitted_init(model, tx, image_shape), jax.eval_shape(lambda: jax.random.key(0)))
+    """The initial state's arrays, abstract: traced once per model, optimizer and shape in a process."""
+    return jax.eval_shape(initial_arrays(model, tx, image_shape), jax.eval_shape(lambda: jax.random.key(0)))
 
 
 def state_tree(state) -> list:

@@ -72,18 +72,16 @@ def init_state(model, tx, config: Config, rng: jax.Array, image_shape) -> TrainS
     """The initial state of `model` and `tx`, computed on the host CPU on every platform (one
     small compile there instead of many small GPU kernels; the same numbers whatever the
     accelerator); the training loop places it on the devices."""
-    init = jitted_init(model, tx, check_image_shape(image_shape))
-    # The key committed to the host CPU runs the program there (not jax.default_device, which
-    # would make the call's trace context differ from the template's, and trace it again).
-    arrays = init(jax.device_put(rng, jax.local_devices(backend="cpu")[0]))
+    init = _jitted_init(model, tx, check_image_shape(image_shape))
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        arrays = init(jax.device_put(rng))
     return TrainState(**arrays, apply_fn=model.apply, tx=tx, config=config)
 
 
 @per_process(maxsize=16)
-def jitted_init(model, tx, image_shape):
+def _jitted_init(model, tx, image_shape):
     """The jitted initialisation, one per (model, optimizer, shape) in this process: a second run
-    of them compiles nothing, and the checkpoint template's trace of it (checkpoint.layout) is
-    the one its first call lowers."""
+    of them compiles nothing."""
     return jax.jit(
         initial_arrays(model, tx, image_shape), compiler_options={"xla_backend_optimization_level": 0}
     )
