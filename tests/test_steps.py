@@ -16,6 +16,14 @@ def state(tiny_config):
     return rj.create_train_state(tiny_config, jax.random.key(0), (32, 32, 3), steps_per_epoch=10)
 
 
+def test_a_new_state_is_not_committed_to_the_host_cpu(state):
+    """init_state computes on the host CPU, but its arrays stay uncommitted: a notebook's
+    jax.jit(train_step) places them with its inputs (on a GPU, arrays committed to the CPU would
+    refuse the GPU's images: "incompatible devices")."""
+    leaves = jax.tree.leaves((state.step, state.params, state.batch_stats, state.opt_state))
+    assert leaves and not any(leaf.committed for leaf in leaves)
+
+
 def log_softmax(z):
     z = z - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
