@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from conftest import ENV, ROOT, TINY, assert_same_run, random_dataset, run_json, train, wait_for
+from conftest import metrics as epochs_of
 from own_parts import CNN
 
 import resnet_jax as rj
@@ -73,11 +74,6 @@ def test_the_notebook_sweep_with_workers_equals_one_after_another(tmp_path):
     assert [len(history) for _, history in results] == [1, 1] and results[0][0].config.seed == 1
 
 
-def lines_in(path: str) -> int:
-    with open(path) as f:
-        return sum(1 for _ in f)
-
-
 def children(pid: int) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in found]
@@ -98,11 +94,11 @@ def test_a_stop_saves_every_workers_run_and_a_killed_worker_is_one_line(archive,
     assert proc.returncode == 130 and len(lines) == 1 and "Run the same command to resume" in lines[0], err
     assert all(run_json(os.path.join(workdir, f))["test"] is None for f in FOLDERS)
     # a worker killed: the parent stops the other, names the run, exit 3; nothing is lost
-    epochs = {m: lines_in(m) for m in metrics}
+    epochs = {f: len(epochs_of(os.path.join(workdir, f))) for f in FOLDERS}
     proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert wait_for(lambda: len(children(proc.pid)) == 2, 120)
     # the workers are training (resumed): an epoch more in a run (not a fixed sleep)
-    assert wait_for(lambda: any(lines_in(m) > epochs[m] for m in metrics), 120)
+    assert wait_for(lambda: any(len(epochs_of(os.path.join(workdir, f))) > epochs[f] for f in FOLDERS), 120)
     os.kill(children(proc.pid)[0], signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     lines = [line for line in err.splitlines() if line.strip()]
