@@ -46,7 +46,9 @@ def run_figure(history, lr_epochs=()):
         lr = history[-1].get("lr")
         rate = "" if lr is None else f", lr {lr:g}"
         axes[1].set_title(f"accuracy (last val_acc {history[-1]['val_acc']:.4f}{rate})")
-    fig.tight_layout()
+    # Fixed margins, wide enough for tick labels of six characters (0.0012): tight_layout would
+    # draw the figure once more to measure them, a third of a picture's time (redrawn every epoch).
+    fig.subplots_adjust(left=0.07, right=0.985, bottom=0.146, top=0.909, wspace=0.14)
     return fig
 
 
