@@ -34,12 +34,12 @@ def test_a_second_run_of_the_same_shapes_compiles_nothing(archive, tmp_path):
     # compiles the same evaluation program, found in `folder` unless the setting is obeyed).
     own = tmp_path / "jax-cache"
     env_jax = dict(env, JAX_COMPILATION_CACHE_DIR=str(own))
-    train("--workdir", str(tmp_path / "a"), "--eval_only", env=env_jax)
+    evaluated = train("--workdir", str(tmp_path / "a"), "--eval_only", env=env_jax).stdout
     assert entries(own) and entries(folder) == first  # JAX's own setting wins
 
     # Damaged entries (bytes flipped in half of them, the others truncated): one warning line,
-    # the programs compiled again, the same result.
-    evaluated = train("--workdir", str(tmp_path / "a"), "--eval_only", env=env).stdout  # cached in `folder`
+    # the programs compiled again, the same result as that evaluation's (the evaluation program
+    # in `folder` is the training run's: `first` holds it).
     for i, name in enumerate(sorted(os.listdir(folder))):
         path = folder / name
         data = bytearray(path.read_bytes())
