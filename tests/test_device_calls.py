@@ -108,21 +108,30 @@ class StopAt:
         return self.asked >= self.n
 
 
+# 7 steps an epoch, the last a partial batch of 4 (as the seed's 50,000 images end): calls of 2, 2,
+# 2, 1; the uninterrupted run, once for the three stops below.
+QUEUED = dataclasses.replace(
+    rj.presets.tiny(batch_size=8, eval_batch_size=16), device_loop="scan", steps_per_call=2, epochs=2
+)
+
+
+@pytest.fixture(scope="module")
+def queued_reference(tmp_path_factory):
+    reference = str(tmp_path_factory.mktemp("queued") / "reference")
+    rj.train_and_evaluate(QUEUED, reference, random_dataset(n_train=52), verbosity=0)
+    return reference
+
+
 @pytest.mark.parametrize("asked", [1, 2, 5])
-def test_calls_queued_ahead_stop_and_resume_exactly(tiny_config, tmp_path, asked):
+def test_calls_queued_ahead_stop_and_resume_exactly(queued_reference, tmp_path, asked):
     # The scan loop keeps one call queued behind the one it reads (calls.Pace.ahead). A stop
     # request mid-epoch reads what is in flight, saves, and the resumed run equals an
     # uninterrupted one: metrics and the final state, bit for bit.
     from conftest import assert_same_run
 
-    config = dataclasses.replace(tiny_config, device_loop="scan", steps_per_call=2, epochs=2)
-    # 7 steps an epoch, the last a partial batch of 4 (as the seed's 50,000 images end): calls of
-    # 2, 2, 2, 1
     ds = random_dataset(n_train=52)
-    reference = str(tmp_path / "reference")
-    rj.train_and_evaluate(config, reference, ds, verbosity=0)
     workdir = str(tmp_path / "stopped")
     with pytest.raises(rj.errors.Interrupted, match=r"stopped at epoch 1, step \d/7"):
-        rj.train_and_evaluate(config, workdir, ds, verbosity=0, stop=StopAt(asked))
-    rj.train_and_evaluate(config, workdir, ds, verbosity=0)
-    assert_same_run(workdir, reference)
+        rj.train_and_evaluate(QUEUED, workdir, ds, verbosity=0, stop=StopAt(asked))
+    rj.train_and_evaluate(QUEUED, workdir, ds, verbosity=0)
+    assert_same_run(workdir, queued_reference)
