@@ -10,8 +10,6 @@ import resnet_jax as rj
 
 pytestmark = pytest.mark.slow  # end-to-end: the whole file
 
-pytest.importorskip("sklearn")
-
 
 def test_digits_reach_95_percent_and_predict_agrees(tmp_path, compiled_as_users_compile):
     ds = digits_dataset(scale=1, channels=1)  # 8x8x1, as scikit-learn has them
