@@ -228,9 +228,13 @@ def compiled_as_users_compile(monkeypatch):
     monkeypatch.setattr(jax.stages.Lowered, "compile", at_level_2)
 
 
+# The in-process tests' tiny Config (frozen: one value shared by the fixture and module fixtures).
+TINY_CONFIG = rj.presets.tiny(batch_size=8, eval_batch_size=16)
+
+
 @pytest.fixture
 def tiny_config():
-    return rj.presets.tiny(batch_size=8, eval_batch_size=16)
+    return TINY_CONFIG
 
 
 def random_dataset(n_train=64, n_test=24, shape=(32, 32, 3), classes=10, seed=0):

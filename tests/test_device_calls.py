@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_dataset
+from conftest import TINY_CONFIG, random_dataset
 
 import resnet_jax as rj
 from resnet_jax.device import batches, parallel, programs
@@ -110,9 +110,7 @@ class StopAt:
 
 # 7 steps an epoch, the last a partial batch of 4 (as the seed's 50,000 images end): calls of 2, 2,
 # 2, 1; the uninterrupted run, once for the three stops below.
-QUEUED = dataclasses.replace(
-    rj.presets.tiny(batch_size=8, eval_batch_size=16), device_loop="scan", steps_per_call=2, epochs=2
-)
+QUEUED = dataclasses.replace(TINY_CONFIG, device_loop="scan", steps_per_call=2, epochs=2)
 
 
 @pytest.fixture(scope="module")
