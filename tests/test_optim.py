@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -81,3 +82,25 @@ def test_optimizer_applies_schedule_per_step():
         ref, unit_state = unit.update(g, unit_state, params)
         rate = 1e-3 if k < 6 else 5e-4
         np.testing.assert_allclose(u, rate * ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, fields",
+    [
+        ("seed", {}),
+        ("resnet20v2", {}),
+        ("tiny", {}),
+        ("seed", {"learning_rate": 3e-3, "lr_epochs": (3, 5, 7), "lr_factors": (0.3, 0.7, 1.9)}),
+        ("seed", {"learning_rate": 0.1, "lr_epochs": (1, 2), "lr_factors": (0.5, 0.1)}),
+        ("seed", {"lr_epochs": (), "lr_factors": ()}),
+    ],
+)
+def test_the_printed_rate_is_optaxs_schedule_in_float64_to_the_bit(name, fields):
+    """lr_for_epoch, in plain Python, equals optax's piecewise_constant_schedule evaluated under
+    float64 exactly, for every epoch of the run and past its last boundary."""
+    config = rj.preset(name, **fields)
+    sched = rj.model.optim.schedule(config, 1)
+    with jax.enable_x64(True):
+        for epoch in range(1, max((config.epochs, *config.lr_epochs)) + 3):
+            want = float(jax.device_get(sched(epoch - 1)))
+            assert rj.model.optim.lr_for_epoch(config, epoch) == want, (epoch, want)
