@@ -57,6 +57,26 @@ def test_a_second_run_evaluation_and_prediction_compile_nothing(tmp_path):
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
 
 
+def test_runs_that_differ_in_their_optimizer_share_the_evaluation(tmp_path):
+    """The evaluation never reads the optimizer: a run at another learning rate compiles its own
+    train step (optax bakes the rate into it) but not the evaluation, and evaluates as an
+    evaluation compiled for it alone does."""
+    ds = random_dataset(n_train=40, n_test=16, shape=(10, 10, 3))
+    config = rj.presets.tiny(batch_size=8, epochs=1, num_filters=5)  # shapes no other test uses
+    with compiles() as first:
+        rj.train_and_evaluate(config, str(tmp_path / "a"), ds, verbosity=0)
+    assert any("evaluate" in n for n in first), first
+    other = dataclasses.replace(config, learning_rate=3e-3)
+    with compiles() as second:
+        state, history = rj.train_and_evaluate(other, str(tmp_path / "b"), ds, verbosity=0)
+    assert any("train_chunk" in n for n in second), second
+    assert not any("evaluate" in n for n in second), second
+    from resnet_jax.device import programs
+
+    programs.forget()  # an evaluation compiled afresh for this run: the same numbers
+    assert rj.evaluate(state, ds)[1] == history[-1]["val_acc"]
+
+
 class BatchNormCNN(nn.Module):
     """A convolution, BatchNorm (statistics in the state) and a dense head: seconds less to compile."""
 

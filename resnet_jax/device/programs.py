@@ -130,6 +130,14 @@ def for_programs(state):
     return state.replace(config=program_config(state.config))
 
 
+def for_evaluation(state):
+    """The state as the evaluation takes it: `for_programs`'s, without the optimizer (its
+    transformation and its state), which the evaluation never reads: runs of one model that
+    differ only in their optimizer (another learning rate, another schedule) share one compiled
+    evaluation, and the call does not pass the optimizer's arrays."""
+    return for_programs(state).replace(tx=None, opt_state=None)
+
+
 def signature(*args):
     leaves, tree = jax.tree.flatten(args)
     return tree, tuple(
@@ -194,18 +202,18 @@ def make_evaluate(config, mesh):
 
 
 class Evaluation:
-    """A compiled evaluation, called with any state of its shapes (`for_programs` applied)."""
+    """A compiled evaluation, called with any state of its shapes (`for_evaluation` applied)."""
 
     def __init__(self, compiled):
         self.compiled = compiled
 
     def __call__(self, state, data):
-        return self.compiled(for_programs(state), data)
+        return self.compiled(for_evaluation(state), data)
 
 
 def evaluate_program(config, mesh, evaluate, state, data):
     """The evaluation as a `compile_all` job (its result: call it through `Evaluation`)."""
-    state = for_programs(state)
+    state = for_evaluation(state)
     what = (("evaluate",), mesh, eval_batch(config, mesh), signature(state, data))
     return what, lambda: evaluate.lower(state, data)
 
