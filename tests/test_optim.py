@@ -104,3 +104,22 @@ def test_the_printed_rate_is_optaxs_schedule_in_float64_to_the_bit(name, fields)
         for epoch in range(1, max((config.epochs, *config.lr_epochs)) + 3):
             want = float(jax.device_get(sched(epoch - 1)))
             assert rj.model.optim.lr_for_epoch(config, epoch) == want, (epoch, want)
+
+
+def test_every_setting_shares_one_init_equal_to_its_own_chains():
+    """make_optimizer's transformations share one `init` (the initialisation compiles once
+    whatever the rate), and it initialises as the chain of each one's own settings does."""
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2, jnp.bfloat16)}
+    configs = [(rj.Config(), 10), (rj.presets.tiny(learning_rate=0.3, adam_b1=0.8, adam_eps=1e-5), 7)]
+    made = [rj.model.optim.make_optimizer(c, spe) for c, spe in configs]
+    assert made[0].init is made[1].init and made[0].update is not made[1].update
+    for (config, spe), tx in zip(configs, made):
+        own = optax.chain(
+            rj.model.optim.scale_by_keras_adam(config.adam_b1, config.adam_b2, config.adam_eps),
+            optax.scale_by_learning_rate(rj.model.optim.schedule(config, spe)),
+        )
+        got, want = tx.init(params), own.init(params)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)

@@ -15,14 +15,17 @@ from resnet_jax.model.steps import TrainState, check_image_shape, initial_arrays
 def template(model, tx, config, image_shape) -> TrainState:
     """The state's structure, shapes and dtypes without computing it (jax.eval_shape): what a
     checkpoint of this model and optimizer is restored into."""
-    shapes = _shapes(model, tx, check_image_shape(image_shape))
+    shapes = _shapes(model, tx.init, check_image_shape(image_shape))
     return TrainState(**shapes, apply_fn=model.apply, tx=tx, config=config)
 
 
 @per_process(maxsize=16)
-def _shapes(model, tx, image_shape: tuple) -> dict:
-    """The initial state's arrays, abstract: traced once per model, optimizer and shape in a process."""
-    return jax.eval_shape(initial_arrays(model, tx, image_shape), jax.eval_shape(lambda: jax.random.key(0)))
+def _shapes(model, opt_init, image_shape: tuple) -> dict:
+    """The initial state's arrays, abstract: traced once per model, optimizer's init and shape in
+    a process."""
+    return jax.eval_shape(
+        initial_arrays(model, opt_init, image_shape), jax.eval_shape(lambda: jax.random.key(0))
+    )
 
 
 def state_tree(state) -> list:

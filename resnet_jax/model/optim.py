@@ -87,7 +87,15 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 
 @functools.lru_cache(maxsize=32)
 def _optimizer(b1, b2, eps, learning_rate, lr_epochs, lr_factors, steps_per_epoch):
-    return optax.chain(
+    chain = optax.chain(
         scale_by_keras_adam(b1, b2, eps),
         optax.scale_by_learning_rate(_schedule(learning_rate, lr_epochs, lr_factors, steps_per_epoch)),
     )
+    # One init for every setting (it reads none of them: zero moments, zero counts), so the
+    # initialisation is one program whatever the rate (steps.init_state: one compile, not one a
+    # sweep's setting).
+    return chain._replace(init=_INIT)
+
+
+# The init of every `_optimizer`: (KerasAdamState of zeros, ScaleByScheduleState(count=0)).
+_INIT = optax.chain(scale_by_keras_adam(), optax.scale_by_learning_rate(_schedule(1e-3, (), (), 1))).init

@@ -50,8 +50,9 @@ def check_image_shape(image_shape) -> tuple:
     return image_shape
 
 
-def initial_arrays(model, tx, image_shape):
-    """rng -> the initial state's arrays (step, params, batch_stats, opt_state, pixel_mean)."""
+def initial_arrays(model, opt_init, image_shape):
+    """rng -> the initial state's arrays (step, params, batch_stats, opt_state, pixel_mean);
+    `opt_init` is the optimizer's `init` (the library's optimizers share one: optim.make_optimizer)."""
 
     def init(rng):
         x = jnp.zeros((1,) + image_shape, jnp.float32)
@@ -61,7 +62,7 @@ def initial_arrays(model, tx, image_shape):
             step=jnp.zeros([], jnp.int32),
             params=params,
             batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(params),
+            opt_state=opt_init(params),
             pixel_mean=jnp.zeros(image_shape, jnp.float32),
         )
 
@@ -72,18 +73,18 @@ def init_state(model, tx, config: Config, rng: jax.Array, image_shape) -> TrainS
     """The initial state of `model` and `tx`, computed on the host CPU on every platform (one
     small compile there instead of many small GPU kernels; the same numbers whatever the
     accelerator); the training loop places it on the devices."""
-    init = _jitted_init(model, tx, check_image_shape(image_shape))
+    init = _jitted_init(model, tx.init, check_image_shape(image_shape))
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         arrays = init(jax.device_put(rng))
     return TrainState(**arrays, apply_fn=model.apply, tx=tx, config=config)
 
 
 @per_process(maxsize=16)
-def _jitted_init(model, tx, image_shape):
-    """The jitted initialisation, one per (model, optimizer, shape) in this process: a second run
-    of them compiles nothing."""
+def _jitted_init(model, opt_init, image_shape):
+    """The jitted initialisation, one per (model, optimizer's init, shape) in this process: a
+    second run of them, or a run at another rate, compiles nothing."""
     return jax.jit(
-        initial_arrays(model, tx, image_shape), compiler_options={"xla_backend_optimization_level": 0}
+        initial_arrays(model, opt_init, image_shape), compiler_options={"xla_backend_optimization_level": 0}
     )
 
 
