@@ -66,7 +66,7 @@ def resolve(config, image_shape, steps_per_epoch: int, platform, *, model=None, 
         variables = _check_model(model, image_shape, config.num_classes)
     else:  # the library's ResNet, checked by its tests: its variables' shapes only (one trace)
         model = resnet.from_config(config, materialize=platform.materialize)
-        variables = _abstract_variables(model, image_shape)
+        variables = resnet.abstract_variables(model, image_shape)
     own_optimizer = optimizer is not None
     tx = (
         optim.make_optimizer(config, steps_per_epoch)
@@ -144,17 +144,6 @@ def _check_model(model, image_shape, num_classes: int) -> dict:
     return variables
 
 
-def _init_abstract(model, key, x):
-    return jax.eval_shape(lambda k, x: model.init({"params": k, "dropout": k}, x, train=False), key, x)
-
-
-@per_process(maxsize=32)
-def _abstract_variables(model, image_shape: tuple):
-    """The model's variables, abstract, for a batch of 2: once per model and image shape."""
-    x = jax.ShapeDtypeStruct((2,) + image_shape, jnp.float32)
-    return _init_abstract(model, jax.eval_shape(lambda: jax.random.key(0)), x)
-
-
 @per_process(maxsize=32)
 def _traced(model, image_shape: tuple):
     """(variables, inference logits, training logits) of a batch of 2, abstract: traced once per
@@ -162,7 +151,7 @@ def _traced(model, image_shape: tuple):
     x = jax.ShapeDtypeStruct((2,) + image_shape, jnp.float32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     try:
-        variables = _init_abstract(model, key, x)
+        variables = resnet.abstract_variables(model, image_shape)
         logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
         trained = jax.eval_shape(
             lambda v, k, x: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": k})[0],

@@ -216,13 +216,24 @@ def step_flops(config, image_shape=(32, 32, 3), model=None) -> float:
 
 
 @per_process(maxsize=32)
+def abstract_variables(model, image_shape: tuple):
+    """A model's variables, abstract (jax.eval_shape of its init on a batch of 2): traced once per
+    model and image shape in a process, for the FLOP count, the run's parts and the check of a
+    model you bring."""
+    x = jax.ShapeDtypeStruct((2,) + image_shape, jnp.float32)
+    return jax.eval_shape(
+        lambda k, x: model.init({"params": k, "dropout": k}, x, train=False),
+        jax.eval_shape(lambda: jax.random.key(0)),
+        x,
+    )
+
+
+@per_process(maxsize=32)
 def _traced_flops(model, image_shape: tuple) -> float:
     """forward_flops of one model and image shape, traced once in a process (train.py and a
     notebook's run ask for it several times: the CPU split, the advice, the start lines)."""
     x = jax.ShapeDtypeStruct((1,) + image_shape, jnp.float32)
-    variables = jax.eval_shape(
-        lambda k, x: model.init(k, x, train=False), jax.eval_shape(lambda: jax.random.key(0)), x
-    )
+    variables = abstract_variables(model, image_shape)
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
     return float(_jaxpr_flops(jaxpr.jaxpr))
 
