@@ -18,6 +18,7 @@ import dataclasses
 import os
 import platform as host
 import tempfile
+import threading
 import warnings
 
 from resnet_jax.errors import say, warn
@@ -68,7 +69,8 @@ _PROCESS: dict = {}
 
 def applied() -> dict:
     """What resnet_jax set in this process (empty before `setup`): see `setup`."""
-    return {k: v for k, v in _PROCESS.items() if k not in ("said", "per_run", "machine_cores")}
+    hidden = ("said", "per_run", "machine_cores", "machine", "compiles")
+    return {k: v for k, v in _PROCESS.items() if k not in hidden}
 
 
 def setup(*, cpu_devices="auto", malloc=True, compilation_cache=True):
@@ -103,7 +105,8 @@ def _pin_a_worker(name: str, environ=None):
     """A sweep's worker (WORKER_CORES set by its parent) starts JAX with every core, as a run
     alone does, then keeps all its threads on its share of them. XLA:CPU sizes its thread pool,
     and with it how a computation is split (and so its rounding), when the backend starts:
-    pinned afterwards, a worker's run is the run alone bit for bit (pinned before, not)."""
+    pinned afterwards, a worker's run is the run alone bit for bit (pinned before, not), its
+    compiles given the whole machine (`compiling_as_alone`)."""
     environ = os.environ if environ is None else environ
     share = environ.get(WORKER_CORES)
     if not share or name != "cpu" or not hasattr(os, "sched_setaffinity"):
@@ -111,11 +114,10 @@ def _pin_a_worker(name: str, environ=None):
     import jax
 
     _PROCESS["machine_cores"] = cores()
+    _PROCESS["machine"] = os.sched_getaffinity(0)  # given back to it while it compiles
     jax.devices()  # the backend and its thread pool, sized for the whole machine
     mine = {int(c) for c in share.split(",")}
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            os.sched_setaffinity(int(tid), mine)
+    _pin_threads(mine)
     _PROCESS["pinned"] = sorted(mine)
 
 
@@ -135,6 +137,41 @@ def _before_jax_starts(name: str, chosen):
     n = chosen.cpu_devices if chosen is not None else cores()
     jax.config.update("jax_num_cpu_devices", n)
     _PROCESS.update(cpu_devices=n, per_run=chosen is None)
+
+
+@contextlib.contextmanager
+def compiling_as_alone():
+    """Inside, a pinned worker compiles as a run alone on the machine does. XLA:CPU splits a
+    program's loops by the cores its threads may run on when it compiles (their affinity then,
+    not when the backend started): pinned, a worker compiled other programs than the run alone
+    (a loss 2.5060144662857056 for 2.5060143868128457), so its threads have the whole machine
+    while any compile runs (compiles may overlap: the last one out pins them again). Elsewhere
+    it does nothing."""
+    machine = _PROCESS.get("machine")
+    if not machine:
+        yield
+        return
+    with _COMPILES:
+        _PROCESS["compiles"] = _PROCESS.get("compiles", 0) + 1
+        if _PROCESS["compiles"] == 1:
+            _pin_threads(machine)
+    try:
+        yield
+    finally:
+        with _COMPILES:
+            _PROCESS["compiles"] -= 1
+            if not _PROCESS["compiles"]:
+                _pin_threads(set(_PROCESS["pinned"]))
+
+
+_COMPILES = threading.Lock()  # guards _PROCESS["compiles"], the compiles running in a pinned worker
+
+
+def _pin_threads(cpus) -> None:
+    """Every thread of this process (those starting meanwhile inherit their parent's) on `cpus`."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
 
 
 def note() -> str | None:

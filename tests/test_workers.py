@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 from conftest import ENV, ROOT, TINY, assert_same_run, random_dataset, run_json, train, wait_for
@@ -13,7 +14,7 @@ from conftest import metrics as epochs_of
 from own_parts import CNN
 
 import resnet_jax as rj
-from resnet_jax import tuning
+from resnet_jax import process, tuning
 from resnet_jax.runs import workers
 
 SWEEP = ["--sweep", "learning_rate=0.001,0.003", "--seeds", "0", "--epochs", "2"]
@@ -42,11 +43,48 @@ def test_how_many_workers_the_machine_can_feed():
     assert workers.count(5, cpu, [tiny], (32, 32, 3), {}, runs=2) == 2  # never more than the runs
 
 
+def test_a_pinned_worker_compiles_with_the_whole_machine_and_is_pinned_again_after(monkeypatch):
+    """XLA:CPU splits a program by the cores its threads may use when it compiles: while any
+    compile runs (they may overlap), every thread of a pinned worker has the whole machine, those
+    started meanwhile included; after the last, its share again."""
+    machine = os.sched_getaffinity(0)
+    share = {min(machine)}
+    monkeypatch.setitem(process._PROCESS, "machine", machine)
+    monkeypatch.setitem(process._PROCESS, "pinned", sorted(share))
+    release = threading.Event()
+    waiting = threading.Thread(target=release.wait)
+    waiting.start()
+    affinity = lambda thread: os.sched_getaffinity(thread.native_id)
+    try:
+        process._pin_threads(share)
+        first, second = process.compiling_as_alone(), process.compiling_as_alone()
+        first.__enter__()
+        assert affinity(waiting) == os.sched_getaffinity(0) == machine
+        second.__enter__()
+        started = threading.Thread(target=release.wait)
+        started.start()
+        first.__exit__(None, None, None)  # the other compile still runs
+        assert affinity(waiting) == affinity(started) == machine
+        second.__exit__(None, None, None)
+        assert affinity(waiting) == affinity(started) == os.sched_getaffinity(0) == share
+        monkeypatch.delitem(process._PROCESS, "machine")  # not a pinned worker: nothing changes
+        with process.compiling_as_alone():
+            assert os.sched_getaffinity(0) == share
+        assert os.sched_getaffinity(0) == share
+    finally:
+        release.set()
+        process._pin_threads(machine)
+
+
 @pytest.mark.slow
 def test_workers_train_each_run_as_it_trains_alone_with_one_console(archive, tmp_path):
     alone, together = str(tmp_path / "alone"), str(tmp_path / "together")
     train("--workdir", alone, "--data_dir", archive, *TINY, *SWEEP, "--workers", "1")
-    out = train("--workdir", together, "--data_dir", archive, *TINY, *SWEEP, "--workers", "2", env=ENV).stdout
+    # a compilation cache of their own: the workers compile every program themselves, pinned
+    own_cache = dict(ENV, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    out = train(
+        "--workdir", together, "--data_dir", archive, *TINY, *SWEEP, "--workers", "2", env=own_cache
+    ).stdout
     assert "2 at once (workers" in out.splitlines()[0], out
     for folder in FOLDERS:
         assert_same_run(os.path.join(together, folder), os.path.join(alone, folder))

@@ -162,7 +162,7 @@ def compile_all(jobs, threads: int):
     todo = [i for i, exe in found.items() if exe is None]
     if todo:
         with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(todo)))) as pool:
-            for i, exe in zip(todo, pool.map(lambda i: jobs[i][1]().compile(), todo)):
+            for i, exe in zip(todo, pool.map(lambda i: _compile(jobs[i][1]), todo)):
                 found[i] = exe
     for i, (what, _) in enumerate(jobs):
         _COMPILED[what] = found[i]
@@ -170,6 +170,12 @@ def compile_all(jobs, threads: int):
     while len(_COMPILED) > _KEEP:
         _COMPILED.popitem(last=False)
     return [found[i] for i in range(len(jobs))]
+
+
+def _compile(lower):
+    lowered = lower()
+    with process.compiling_as_alone():  # a pinned worker's program is the run alone's
+        return lowered.compile()
 
 
 def compiled(kind: str | None = None) -> dict:

@@ -6,8 +6,9 @@ claim its runs through each run's workdir lock, as two shell commands sharing a 
 do: no scheduler of their own. Each starts JAX on the whole machine, as a run alone does (a
 run's devices, and XLA:CPU's thread pool, which decides how a computation is split and so its
 rounding, are the run alone's), then keeps its threads on its share of the cores
-(resnet_jax.process, RESNET_JAX_WORKER_CORES): a worker's run is that run alone bit for bit
-(pinned before JAX starts, the numbers changed: docs/performance.md).
+(resnet_jax.process, RESNET_JAX_WORKER_CORES), except while it compiles (XLA:CPU also splits a
+program by the cores it may use then): a worker's run is that run alone bit for bit (pinned
+before JAX starts, or while compiling, the numbers changed: docs/performance.md).
 
 The parent trains nothing. It prints one console (each run's start and result, then the table),
 writes the summary once, on Ctrl-C or SIGTERM stops its workers (each saves, as a run does),
