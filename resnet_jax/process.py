@@ -69,7 +69,7 @@ _PROCESS: dict = {}
 
 def applied() -> dict:
     """What resnet_jax set in this process (empty before `setup`): see `setup`."""
-    hidden = ("said", "per_run", "machine_cores", "machine", "compiles")
+    hidden = ("said", "per_run", "machine", "compiles")
     return {k: v for k, v in _PROCESS.items() if k not in hidden}
 
 
@@ -113,8 +113,8 @@ def _pin_a_worker(name: str, environ=None):
         return
     import jax
 
-    _PROCESS["machine_cores"] = cores()
-    _PROCESS["machine"] = os.sched_getaffinity(0)  # given back to it while it compiles
+    # the machine's cores: what its runs decide by, and given back to it while it compiles
+    _PROCESS["machine"] = os.sched_getaffinity(0)
     jax.devices()  # the backend and its thread pool, sized for the whole machine
     mine = {int(c) for c in share.split(",")}
     _pin_threads(mine)
@@ -248,8 +248,8 @@ def current() -> Platform:
     name = jax.default_backend()
     per_run = _PROCESS.get("per_run", False)
     platform = decide(name, cpu_devices="auto" if per_run or name != "cpu" else jax.local_device_count())
-    if _PROCESS.get("machine_cores"):  # a pinned worker decides as a run alone on the machine
-        platform = dataclasses.replace(platform, cores=_PROCESS["machine_cores"])
+    if _PROCESS.get("machine"):  # a pinned worker decides as a run alone on the machine
+        platform = dataclasses.replace(platform, cores=len(_PROCESS["machine"]))
     if platform.name == "gpu":
         warm_gpu_libraries()
     return platform
